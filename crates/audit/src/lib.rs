@@ -1,0 +1,335 @@
+//! The audit log's rules: what an event holds, how it is encoded canonically, how each event
+//! is chained to its predecessor, and how a chain is verified. No IO: the store persists events,
+//! this crate says whether they are intact.
+//!
+//! Canonical encoding (version 1) of the event with sequence number `seq`, as hashed:
+//!
+//! ```text
+//! "remit-audit-v1\n"
+//! u64 big-endian   seq
+//! 32 bytes         prev_hash (all zero for the first event)
+//! i64 big-endian   time_ms (milliseconds since the Unix epoch)
+//! field            kind
+//! field            actor
+//! optional field   agent
+//! optional field   task
+//! optional field   decision
+//! field            detail, as canonical JSON (object keys sorted by their UTF-8 bytes, no
+//!                  insignificant white space, strings escaped as serde_json escapes them)
+//! ```
+//!
+//! where `field` is a u32 big-endian byte length followed by the UTF-8 bytes, and `optional
+//! field` is the byte `0` when absent or the byte `1` followed by a `field`. The event's
+//! `hash` is SHA-256 of that encoding. Because `seq` and `prev_hash` are inside the hash,
+//! an edit, a deletion, an insertion or a reordering breaks the chain at the first event
+//! touched, and [`ChainVerifier`] names that sequence number.
+
+use std::fmt::Write as _;
+
+use aws_lc_rs::digest;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A SHA-256 digest.
+pub type Hash = [u8; 32];
+
+/// The `prev_hash` of the first event.
+pub const GENESIS: Hash = [0; 32];
+
+const DOMAIN: &[u8] = b"remit-audit-v1\n";
+
+/// Event kinds written by remit. Kinds are open strings so that old logs stay readable.
+pub mod kinds {
+    pub const AGENT_REGISTERED: &str = "agent.registered";
+    pub const AGENT_DISABLED: &str = "agent.disabled";
+    pub const OPERATOR_CREATED: &str = "operator.created";
+    pub const OPERATOR_ACTION: &str = "operator.action";
+    pub const TASK_GRANTED: &str = "task.granted";
+    pub const TASK_REFUSED: &str = "task.refused";
+    pub const TASK_COMPLETED: &str = "task.completed";
+    pub const TASK_REVOKED: &str = "task.revoked";
+    pub const REVOCATION: &str = "revocation";
+    pub const KEY_CREATED: &str = "key.created";
+    pub const KEY_ROTATED: &str = "key.rotated";
+    pub const CALL_DECISION: &str = "call.decision";
+}
+
+/// What the writer of an event supplies; the chain adds `seq`, `prev_hash` and `hash`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventBody {
+    pub time_ms: i64,
+    pub kind: String,
+    /// Who caused the event: an operator (`operator:<id>`), an agent's SPIFFE ID, or `remit`.
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// Structured detail. Never holds a secret: callers put ids and digests here, not tokens.
+    #[serde(default)]
+    pub detail: Value,
+}
+
+impl EventBody {
+    pub fn new(time_ms: i64, kind: &str, actor: impl Into<String>) -> EventBody {
+        EventBody {
+            time_ms,
+            kind: kind.to_string(),
+            actor: actor.into(),
+            agent: None,
+            task: None,
+            decision: None,
+            detail: Value::Object(Default::default()),
+        }
+    }
+
+    pub fn agent(mut self, agent: impl Into<String>) -> Self {
+        self.agent = Some(agent.into());
+        self
+    }
+
+    pub fn task(mut self, task: impl Into<String>) -> Self {
+        self.task = Some(task.into());
+        self
+    }
+
+    pub fn decision(mut self, decision: impl Into<String>) -> Self {
+        self.decision = Some(decision.into());
+        self
+    }
+
+    pub fn detail(mut self, detail: Value) -> Self {
+        self.detail = detail;
+        self
+    }
+}
+
+/// An event as stored: its body, its place in the chain and its hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub body: EventBody,
+    #[serde(with = "hex_hash")]
+    pub prev_hash: Hash,
+    #[serde(with = "hex_hash")]
+    pub hash: Hash,
+}
+
+impl Event {
+    /// Chains `body` after the event with `prev_hash` at position `seq`.
+    pub fn seal(seq: u64, prev_hash: Hash, body: EventBody) -> Event {
+        let hash = hash_event(seq, &prev_hash, &body);
+        Event {
+            seq,
+            body,
+            prev_hash,
+            hash,
+        }
+    }
+}
+
+/// The canonical encoding described in the crate documentation.
+pub fn canonical_bytes(seq: u64, prev_hash: &Hash, body: &EventBody) -> Vec<u8> {
+    let mut detail = String::new();
+    canonical_json(&body.detail, &mut detail);
+    let mut out = Vec::with_capacity(128 + body.kind.len() + body.actor.len() + detail.len());
+    out.extend_from_slice(DOMAIN);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(prev_hash);
+    out.extend_from_slice(&body.time_ms.to_be_bytes());
+    field(&mut out, &body.kind);
+    field(&mut out, &body.actor);
+    optional_field(&mut out, body.agent.as_deref());
+    optional_field(&mut out, body.task.as_deref());
+    optional_field(&mut out, body.decision.as_deref());
+    field(&mut out, &detail);
+    out
+}
+
+/// SHA-256 of the canonical encoding.
+pub fn hash_event(seq: u64, prev_hash: &Hash, body: &EventBody) -> Hash {
+    let digest = digest::digest(&digest::SHA256, &canonical_bytes(seq, prev_hash, body));
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    hash
+}
+
+fn field(out: &mut Vec<u8>, text: &str) {
+    // Bodies are bounded far below 4 GiB by the request limits; saturate rather than wrap.
+    let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn optional_field(out: &mut Vec<u8>, text: Option<&str>) {
+    match text {
+        None => out.push(0),
+        Some(text) => {
+            out.push(1);
+            field(out, text);
+        }
+    }
+}
+
+/// JSON with object keys sorted and no white space, whatever map type serde_json was built with.
+pub fn canonical_json(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push('{');
+            for (i, (key, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                canonical_json(value, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(item, out);
+            }
+            out.push(']');
+        }
+        other => {
+            let _ = write!(out, "{other}");
+        }
+    }
+}
+
+/// Why a chain failed verification, at which event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("audit chain broken at sequence number {seq}: {reason}")]
+pub struct ChainBreak {
+    /// The first sequence number that is not what an intact chain would hold there.
+    pub seq: u64,
+    pub reason: BreakReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BreakReason {
+    #[error(
+        "expected sequence number {expected}, found {found} (an event was deleted, inserted or moved)"
+    )]
+    Sequence { expected: u64, found: u64 },
+    #[error("its previous-hash does not match the hash of the event before it")]
+    PrevHash,
+    #[error("its content does not match its hash (the event was edited)")]
+    Content,
+}
+
+/// Walks events in the order they are stored and reports the first one that breaks the chain.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    next_seq: u64,
+    prev_hash: Hash,
+    checked: u64,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        ChainVerifier {
+            next_seq: 1,
+            prev_hash: GENESIS,
+            checked: 0,
+        }
+    }
+}
+
+impl ChainVerifier {
+    /// Checks one event. After a break, the verifier's state is unspecified: stop there.
+    pub fn push(&mut self, event: &Event) -> Result<(), ChainBreak> {
+        let expected = self.next_seq;
+        if event.seq != expected {
+            // A missing or extra event shows as the first position holding the wrong number.
+            let seq = expected.min(event.seq);
+            return Err(ChainBreak {
+                seq,
+                reason: BreakReason::Sequence {
+                    expected,
+                    found: event.seq,
+                },
+            });
+        }
+        if event.prev_hash != self.prev_hash {
+            return Err(ChainBreak {
+                seq: event.seq,
+                reason: BreakReason::PrevHash,
+            });
+        }
+        if hash_event(event.seq, &event.prev_hash, &event.body) != event.hash {
+            return Err(ChainBreak {
+                seq: event.seq,
+                reason: BreakReason::Content,
+            });
+        }
+        self.prev_hash = event.hash;
+        self.next_seq += 1;
+        self.checked += 1;
+        Ok(())
+    }
+
+    /// How many events have verified so far.
+    pub fn checked(&self) -> u64 {
+        self.checked
+    }
+
+    /// The hash of the last verified event (the chain head).
+    pub fn head(&self) -> Hash {
+        self.prev_hash
+    }
+}
+
+/// Verifies a whole slice of events, starting from the genesis.
+pub fn verify(events: &[Event]) -> Result<u64, ChainBreak> {
+    let mut verifier = ChainVerifier::default();
+    events.iter().try_for_each(|e| verifier.push(e))?;
+    Ok(verifier.checked())
+}
+
+/// Lowercase hexadecimal, for hashes in JSON and SQL.
+pub fn to_hex(hash: &Hash) -> String {
+    let mut out = String::with_capacity(64);
+    for byte in hash {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+pub fn from_hex(text: &str) -> Option<Hash> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
+        let pair = std::str::from_utf8(chunk).ok()?;
+        hash[i] = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(hash)
+}
+
+mod hex_hash {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(hash: &super::Hash, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::to_hex(hash))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::Hash, D::Error> {
+        let text = String::deserialize(d)?;
+        super::from_hex(&text).ok_or_else(|| D::Error::custom("expected 64 hexadecimal digits"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

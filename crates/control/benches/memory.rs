@@ -1,0 +1,221 @@
+//! Memory of a node that holds 100,000 active tasks, every one of them used once (so that
+//! their state and verified tokens sit in the call path's caches), and 10,000 revocations in
+//! its index: the resident set of this process before and after, read from /proc.
+//!
+//! `cargo bench -p control --bench memory`
+
+#![allow(clippy::expect_used, reason = "a benchmark stops at its first failure")]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use audit::{EventBody, kinds};
+use control::clock::{Clock, SystemClock};
+use control::{Authority, CallAttempt, Operator, Settings};
+use credentials::{AgentKeyPair, Confirmation, TaskClaims};
+use model::{ActionClass, Scope, ScopeSet, TaskId, TaskStatus};
+use store::{RevocationKind, TaskRecord};
+
+const TASKS: usize = 100_000;
+const REVOCATIONS: usize = 10_000;
+const CONCURRENCY: usize = 64;
+const BASE: &str = "http://127.0.0.1:8470";
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut settings = Settings::local(format!(
+        "sqlite://{}",
+        dir.path().join("memory.db").display()
+    ));
+    settings.public_url = BASE.into();
+    let clock = Arc::new(SystemClock);
+    let authority = Authority::open(settings, clock.clone())
+        .await
+        .expect("authority");
+    let admin = Operator::local("bench");
+    let key = AgentKeyPair::generate_ed25519().expect("key");
+    let agent = authority
+        .register_agent(
+            &admin,
+            "memory-bot",
+            "bench@example.org",
+            &[key.public().to_jwk()],
+        )
+        .await
+        .expect("agent");
+    let baseline = rss_kib();
+    println!(
+        "baseline after start-up: {:.1} MiB",
+        baseline as f64 / 1024.0
+    );
+
+    // 100,000 tasks granted (written as the grant path writes them) and their tokens.
+    let started = Instant::now();
+    let now = clock.now();
+    let scopes = ScopeSet(vec![Scope::new("github", &["read_issue"], &["acme/*"])]);
+    let mut tokens = Vec::with_capacity(TASKS);
+    let mut writes = Vec::new();
+    for i in 0..TASKS {
+        let mut random = [0u8; 16];
+        random[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        random[8..].copy_from_slice(&(now as u64).to_be_bytes());
+        let id = TaskId::from_random(random);
+        let jti = format!("jti-{i}");
+        let record = TaskRecord {
+            id: id.clone(),
+            agent: agent.name.clone(),
+            owner: agent.owner.clone(),
+            intent: "memory benchmark".into(),
+            scopes: scopes.clone(),
+            obo: None,
+            parent: None,
+            depth: 0,
+            status: TaskStatus::Active,
+            created_at: now,
+            expires_at: now + 3600,
+            budget: 10,
+            calls_used: 0,
+            token_jti: jti.clone(),
+            jkt: key.public().thumbprint().to_string(),
+        };
+        let claims = TaskClaims {
+            iss: BASE.into(),
+            sub: agent.spiffe_id.to_string(),
+            aud: BASE.into(),
+            iat: now,
+            nbf: now,
+            exp: now + 3600,
+            jti,
+            task: id.to_string(),
+            scope: scopes.clone(),
+            cnf: Confirmation {
+                jkt: key.public().thumbprint().to_string(),
+            },
+            act: None,
+            obo: None,
+        };
+        tokens.push(
+            authority
+                .keys()
+                .sign(&claims)
+                .expect("token")
+                .expose()
+                .clone(),
+        );
+        let store = Arc::clone(authority.store());
+        let event = EventBody::new(now * 1000, kinds::TASK_GRANTED, agent.spiffe_id.as_str())
+            .task(id.as_str());
+        writes.push(tokio::spawn(async move {
+            store.insert_task(&record, event).await
+        }));
+        if writes.len() == 1_000 {
+            for write in writes.drain(..) {
+                write.await.expect("join").expect("insert");
+            }
+        }
+    }
+    for write in writes {
+        write.await.expect("join").expect("insert");
+    }
+    println!(
+        "{TASKS} tasks written in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // 10,000 revocations (of other tokens), applied to the index.
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..REVOCATIONS {
+        let authority = Arc::clone(&authority);
+        let admin = admin.clone();
+        handles.push(tokio::spawn(async move {
+            authority
+                .revoke(
+                    &admin,
+                    RevocationKind::Token,
+                    &format!("revoked-jti-{i}"),
+                    "memory benchmark",
+                )
+                .await
+        }));
+        if handles.len() == 500 {
+            for handle in handles.drain(..) {
+                handle.await.expect("join").expect("revoke");
+            }
+        }
+    }
+    for handle in handles {
+        handle.await.expect("join").expect("revoke");
+    }
+    println!(
+        "{REVOCATIONS} revocations in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Use every task once so that its state and verified token are cached.
+    let started = Instant::now();
+    let tokens = Arc::new(tokens);
+    let key = Arc::new(key);
+    let mut handles = Vec::new();
+    for worker in 0..CONCURRENCY {
+        let authority = Arc::clone(&authority);
+        let tokens = Arc::clone(&tokens);
+        let key = Arc::clone(&key);
+        let clock = clock.clone();
+        handles.push(tokio::spawn(async move {
+            let url = format!("{BASE}/http/github/read_issue");
+            let mut allowed = 0usize;
+            for i in (worker..TASKS).step_by(CONCURRENCY) {
+                let token = &tokens[i];
+                let proof = key
+                    .sign_proof("POST", &url, Some(token), clock.now(), &format!("m-{i}"))
+                    .expect("proof");
+                let attempt = CallAttempt {
+                    token,
+                    proof: Some(&proof),
+                    bearer_allowed: false,
+                    method: "POST",
+                    url: &url,
+                    tool: "github",
+                    action: "read_issue",
+                    resource: "acme/api",
+                    class: ActionClass::Read,
+                    sensitivity: &[],
+                };
+                allowed += usize::from(authority.authorize(&attempt).await.is_allow());
+            }
+            allowed
+        }));
+    }
+    let mut allowed = 0;
+    for handle in handles {
+        allowed += handle.await.expect("worker");
+    }
+    println!(
+        "{allowed} of {TASKS} first calls allowed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(allowed, TASKS, "every task's first call should be allowed");
+
+    let after = rss_kib();
+    println!(
+        "tasks cached: {}, revocations indexed: {}",
+        authority.cached_tasks(),
+        authority.revocation_count()
+    );
+    println!(
+        "RSS: {:.1} MiB with {TASKS} active tasks (all used) and {REVOCATIONS} revocations; {:.1} MiB above the start-up baseline",
+        after as f64 / 1024.0,
+        (after.saturating_sub(baseline)) as f64 / 1024.0
+    );
+}

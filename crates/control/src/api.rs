@@ -1,0 +1,605 @@
+//! The admin and grant API over HTTP. Handlers are thin: they authenticate the caller, decode
+//! the body and call [`Authority`]. One function turns every error into a status and a
+//! `{"error","message"}` body; nothing internal reaches a client.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use model::{AgentStatus, ScopeSet, TaskStatus};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use store::{AgentRecord, AuditFilter, RevocationKind, TaskRecord};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::authority::{Authority, Grant, TaskRequest, VerifyReport};
+use crate::error::{Error, ErrorKind};
+use crate::operators::Operator;
+
+type AppState = Arc<Authority>;
+
+/// Every route of the control plane.
+pub fn router(authority: Arc<Authority>) -> Router {
+    let body_limit = authority.settings().max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/openapi.json", get(openapi_json))
+        .route("/v1/agents", post(register_agent).get(list_agents))
+        .route("/v1/agents/{name}", get(show_agent))
+        .route("/v1/agents/{name}/disable", post(disable_agent))
+        .route("/v1/tasks", post(request_task))
+        .route("/v1/tasks/{id}", get(show_task))
+        .route("/v1/tasks/{id}/complete", post(complete_task))
+        .route("/v1/revocations", post(revoke))
+        .route("/v1/keys/rotate", post(rotate_keys))
+        .route("/v1/audit", get(audit_events))
+        .route("/v1/audit/verify", get(audit_verify))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(authority)
+}
+
+/// The OpenAPI document of this API, generated from the handlers below.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "remit", description = "Task-scoped credentials, policy checks and a hash-chained audit log for AI agents."),
+    paths(
+        healthz, jwks, register_agent, list_agents, show_agent, disable_agent, request_task, show_task,
+        complete_task, revoke, rotate_keys, audit_events, audit_verify
+    ),
+    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, Revoke, RevocationView, Rotated, AuditPage, VerifyReport)),
+    modifiers(&SecuritySchemes)
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "operator",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("remit_op_…")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "dpop",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "DPoP",
+                "A DPoP proof (RFC 9449) signed by the agent's key; with `Authorization: DPoP <task token>` where a token is needed",
+            ))),
+        );
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable snake_case code.
+    pub error: String,
+    /// One line for a human.
+    pub message: String,
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = match self.kind {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = if self.kind == ErrorKind::Internal {
+            tracing::error!("internal error: {}", self.message);
+            "internal error; the server log has the detail".to_string()
+        } else {
+            self.message
+        };
+        let mut body = json!({ "error": self.code, "message": message });
+        if let (Some(Value::Object(detail)), Value::Object(body)) = (self.detail, &mut body) {
+            for (key, value) in detail {
+                body.entry(key).or_insert(value);
+            }
+        }
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            let challenge = format!(
+                "DPoP error=\"invalid_token\", algs=\"ES256 EdDSA\", Bearer error=\"{}\"",
+                self.code
+            );
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
+        }
+        response
+    }
+}
+
+/// A JSON body decoded with remit's own errors (axum's rejections are plain text).
+struct JsonBody<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = Error;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Error> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    Error::new(
+                        ErrorKind::PayloadTooLarge,
+                        "body_too_large",
+                        "the request body is larger than remit accepts",
+                    )
+                } else {
+                    Error::bad_request("invalid_body", "the request body could not be read")
+                }
+            })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            Error::bad_request(
+                "invalid_json",
+                format!("the request body is not valid JSON for this call: {e}"),
+            )
+        })
+    }
+}
+
+/// The operator behind `Authorization: Bearer <operator token>`.
+struct OperatorAuth(Operator);
+
+impl FromRequestParts<AppState> for OperatorAuth {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, authority: &AppState) -> Result<Self, Error> {
+        let token = bearer(&parts.headers, "Bearer").ok_or_else(|| {
+            Error::unauthorized(
+                "operator_token_missing",
+                "the admin API needs `Authorization: Bearer <operator token>`; hint: create one with `remit operator create --role admin`",
+            )
+        })?;
+        Ok(OperatorAuth(authority.authenticate_operator(token).await?))
+    }
+}
+
+/// The value of `Authorization: <scheme> <value>`, scheme compared case-insensitively.
+fn bearer<'a>(headers: &'a HeaderMap, scheme: &str) -> Option<&'a str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (given, rest) = value.split_once(' ')?;
+    given.eq_ignore_ascii_case(scheme).then(|| rest.trim())
+}
+
+fn dpop_header(headers: &HeaderMap) -> Result<Option<&str>, Error> {
+    let mut values = headers.get_all("dpop").iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Error::bad_request(
+            "proof_malformed",
+            "send exactly one `DPoP` header",
+        ));
+    }
+    first
+        .to_str()
+        .map(Some)
+        .map_err(|_| Error::bad_request("proof_malformed", "the `DPoP` header is not valid text"))
+}
+
+fn query<T: DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, Error> {
+    Query::<T>::try_from_uri(uri).map(|q| q.0).map_err(|e| {
+        Error::bad_request(
+            "invalid_query",
+            format!("invalid query string: {}", e.body_text()),
+        )
+    })
+}
+
+async fn not_found() -> Error {
+    Error::not_found("not_found", "no such route; see /openapi.json")
+}
+
+async fn method_not_allowed() -> Error {
+    Error::new(
+        ErrorKind::MethodNotAllowed,
+        "method_not_allowed",
+        "this route does not take that method; see /openapi.json",
+    )
+}
+
+/// Liveness and store reachability.
+#[utoipa::path(get, path = "/healthz", responses(
+    (status = 200, description = "remit and its store are up"),
+    (status = 503, description = "the store cannot be reached", body = ErrorBody)))]
+async fn healthz(State(authority): State<AppState>) -> Result<axum::Json<Value>, Error> {
+    authority.store().ping().await?;
+    Ok(axum::Json(
+        json!({ "status": "ok", "store": authority.store().kind() }),
+    ))
+}
+
+/// The public keys that verify task tokens: a SPIFFE bundle (JWK Set, `use: jwt-svid`).
+#[utoipa::path(get, path = "/.well-known/jwks.json", responses((status = 200, description = "JWK Set")))]
+async fn jwks(State(authority): State<AppState>) -> impl IntoResponse {
+    let bundle = authority
+        .keys()
+        .bundle(authority.settings().sync_interval.as_secs().max(60));
+    ([(header::CACHE_CONTROL, "max-age=60")], axum::Json(bundle))
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    axum::Json(openapi())
+}
+
+/// An agent as the API shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AgentView {
+    pub name: String,
+    pub spiffe_id: String,
+    pub owner: String,
+    #[schema(value_type = String, example = "active")]
+    pub status: AgentStatus,
+    /// Registered public JWKs.
+    pub keys: Vec<Value>,
+    pub created_at: i64,
+}
+
+impl From<AgentRecord> for AgentView {
+    fn from(agent: AgentRecord) -> AgentView {
+        AgentView {
+            name: agent.name.to_string(),
+            spiffe_id: agent.spiffe_id.to_string(),
+            owner: agent.owner.to_string(),
+            status: agent.status,
+            keys: agent.keys,
+            created_at: agent.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterAgent {
+    #[schema(example = "triage-bot")]
+    pub name: String,
+    /// The accountable owner, required.
+    #[schema(example = "alice@example.org")]
+    pub owner: String,
+    /// Public JWKs (P-256 `EC` or Ed25519 `OKP`), 1 to 8.
+    pub keys: Vec<Value>,
+}
+
+/// Register an agent; answers with its SPIFFE ID.
+#[utoipa::path(post, path = "/v1/agents", request_body = RegisterAgent, security(("operator" = [])), responses(
+    (status = 201, body = AgentView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn register_agent(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    JsonBody(body): JsonBody<RegisterAgent>,
+) -> Result<(StatusCode, axum::Json<AgentView>), Error> {
+    let agent = authority
+        .register_agent(&operator, &body.name, &body.owner, &body.keys)
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(agent.into())))
+}
+
+/// List agents.
+#[utoipa::path(get, path = "/v1/agents", security(("operator" = [])), responses((status = 200, body = [AgentView])))]
+async fn list_agents(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+) -> Result<axum::Json<Vec<AgentView>>, Error> {
+    let agents = authority.list_agents(&operator).await?;
+    Ok(axum::Json(
+        agents.into_iter().map(AgentView::from).collect(),
+    ))
+}
+
+/// Show one agent.
+#[utoipa::path(get, path = "/v1/agents/{name}", security(("operator" = [])), params(("name" = String, Path)),
+    responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)))]
+async fn show_agent(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    Path(name): Path<String>,
+) -> Result<axum::Json<AgentView>, Error> {
+    Ok(axum::Json(
+        authority.get_agent(&operator, &name).await?.into(),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisableAgent {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Disable an agent: no new tasks, and its current credentials die on their next use.
+#[utoipa::path(post, path = "/v1/agents/{name}/disable", security(("operator" = [])), params(("name" = String, Path)),
+    request_body = DisableAgent, responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)))]
+async fn disable_agent(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<AgentView>, Error> {
+    let body: DisableAgent = if body.is_empty() {
+        DisableAgent::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            Error::bad_request(
+                "invalid_json",
+                format!("the request body is not valid JSON for this call: {e}"),
+            )
+        })?
+    };
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "disabled by an operator".to_string());
+    Ok(axum::Json(
+        authority
+            .disable_agent(&operator, &name, &reason)
+            .await?
+            .into(),
+    ))
+}
+
+/// Request a task: the agent proves its key with a DPoP proof (`htm` POST, `htu` this URL).
+#[utoipa::path(post, path = "/v1/tasks", request_body = TaskRequest, security(("dpop" = [])), responses(
+    (status = 201, body = Grant), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    (status = 403, description = "refused by policy; `policies` and `reasons` name why", body = ErrorBody)))]
+async fn request_task(
+    State(authority): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<TaskRequest>,
+) -> Result<
+    (
+        StatusCode,
+        [(header::HeaderName, &'static str); 1],
+        axum::Json<Grant>,
+    ),
+    Error,
+> {
+    let proof = dpop_header(&headers)?;
+    let grant = authority.request_task(proof, body).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(grant),
+    ))
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    pub id: String,
+    pub agent: String,
+    pub owner: String,
+    pub intent: String,
+    pub scopes: ScopeSet,
+    pub on_behalf_of: Option<String>,
+    pub parent: Option<String>,
+    pub depth: u32,
+    #[schema(value_type = String, example = "active")]
+    pub status: TaskStatus,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub budget: u32,
+    pub calls_used: u32,
+}
+
+impl From<TaskRecord> for TaskView {
+    fn from(task: TaskRecord) -> TaskView {
+        TaskView {
+            id: task.id.to_string(),
+            agent: task.agent.to_string(),
+            owner: task.owner.to_string(),
+            intent: task.intent,
+            scopes: task.scopes,
+            on_behalf_of: task.obo,
+            parent: task.parent.map(|p| p.to_string()),
+            depth: task.depth,
+            status: task.status,
+            created_at: task.created_at,
+            expires_at: task.expires_at,
+            budget: task.budget,
+            calls_used: task.calls_used,
+        }
+    }
+}
+
+/// Show a task.
+#[utoipa::path(get, path = "/v1/tasks/{id}", security(("operator" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = TaskView), (status = 404, body = ErrorBody)))]
+async fn show_task(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    Path(id): Path<String>,
+) -> Result<axum::Json<TaskView>, Error> {
+    Ok(axum::Json(authority.get_task(&operator, &id).await?.into()))
+}
+
+/// End a task; its tokens stop working. Needs `Authorization: DPoP <task token>` and a proof.
+#[utoipa::path(post, path = "/v1/tasks/{id}/complete", security(("dpop" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = TaskView), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn complete_task(
+    State(authority): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<axum::Json<TaskView>, Error> {
+    let token = bearer(&headers, "DPoP").ok_or_else(|| {
+        Error::unauthorized(
+            "token_missing",
+            "completing a task needs `Authorization: DPoP <task token>`",
+        )
+    })?;
+    let proof = dpop_header(&headers)?;
+    Ok(axum::Json(
+        authority.complete_task(&id, token, proof).await?.into(),
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Revoke {
+    /// `token` (by `jti`), `task`, `agent` or `owner`.
+    #[schema(example = "task")]
+    pub kind: String,
+    pub target: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RevocationView {
+    pub seq: i64,
+    pub kind: String,
+    pub target: String,
+    pub reason: String,
+    pub created_at: i64,
+}
+
+/// Revoke a token, a task (with every task delegated from it), an agent or an owner. The
+/// next call on this node is denied.
+#[utoipa::path(post, path = "/v1/revocations", request_body = Revoke, security(("operator" = [])),
+    responses((status = 201, body = RevocationView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    JsonBody(body): JsonBody<Revoke>,
+) -> Result<(StatusCode, axum::Json<RevocationView>), Error> {
+    let kind = RevocationKind::parse(&body.kind).ok_or_else(|| {
+        Error::bad_request(
+            "invalid_kind",
+            format!(
+                "unknown revocation kind `{}`: expected `token`, `task`, `agent` or `owner`",
+                body.kind
+            ),
+        )
+    })?;
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "revoked by an operator".to_string());
+    let revocation = authority
+        .revoke(&operator, kind, &body.target, &reason)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(RevocationView {
+            seq: revocation.seq,
+            kind: revocation.kind.as_str().to_string(),
+            target: revocation.target,
+            reason: revocation.reason,
+            created_at: revocation.created_at,
+        }),
+    ))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Rotated {
+    pub kid: String,
+}
+
+/// Rotate the token signing key. The old key stays published until its tokens have expired.
+#[utoipa::path(post, path = "/v1/keys/rotate", security(("operator" = [])), responses((status = 200, body = Rotated)))]
+async fn rotate_keys(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+) -> Result<axum::Json<Rotated>, Error> {
+    Ok(axum::Json(Rotated {
+        kid: authority.rotate_keys(&operator).await?,
+    }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    agent: Option<String>,
+    task: Option<String>,
+    after: Option<u64>,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+    limit: Option<u32>,
+    newest: Option<bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    /// Events in sequence order, each with `seq`, `prev_hash` and `hash`.
+    pub events: Vec<Value>,
+}
+
+/// Audit events, filtered by agent (SPIFFE ID or name), task, sequence and time.
+#[utoipa::path(get, path = "/v1/audit", security(("operator" = [])), params(
+    ("agent" = Option<String>, Query), ("task" = Option<String>, Query), ("after" = Option<u64>, Query),
+    ("since_ms" = Option<i64>, Query), ("until_ms" = Option<i64>, Query), ("limit" = Option<u32>, Query),
+    ("newest" = Option<bool>, Query, description = "the newest matching events instead of the oldest")),
+    responses((status = 200, body = AuditPage), (status = 403, body = ErrorBody)))]
+async fn audit_events(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    uri: axum::http::Uri,
+) -> Result<axum::Json<AuditPage>, Error> {
+    let q: AuditQuery = query(&uri)?;
+    let agent = q.agent.map(|agent| {
+        if agent.starts_with("spiffe://") {
+            agent
+        } else {
+            format!(
+                "spiffe://{}/agent/{agent}",
+                authority.settings().trust_domain
+            )
+        }
+    });
+    let filter = AuditFilter {
+        agent,
+        task: q.task,
+        after_seq: q.after,
+        since_ms: q.since_ms,
+        until_ms: q.until_ms,
+        limit: q.limit.unwrap_or(100),
+        newest: q.newest.unwrap_or(false),
+    };
+    let events = authority.audit_events(&operator, &filter).await?;
+    let events = events
+        .iter()
+        .map(|e| serde_json::to_value(e).unwrap_or(Value::Null))
+        .collect();
+    Ok(axum::Json(AuditPage { events }))
+}
+
+/// Walk the hash chain and report the first broken sequence number, if any.
+#[utoipa::path(get, path = "/v1/audit/verify", security(("operator" = [])), responses((status = 200, body = VerifyReport)))]
+async fn audit_verify(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+) -> Result<axum::Json<VerifyReport>, Error> {
+    Ok(axum::Json(authority.verify_audit(&operator).await?))
+}

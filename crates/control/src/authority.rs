@@ -1,0 +1,783 @@
+//! The grant path and the admin operations: the one place that turns a validated request into
+//! store writes, audit events and credentials. The HTTP API and the command line both call it,
+//! so they cannot drift apart.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use audit::{ChainVerifier, EventBody, kinds};
+use credentials::{AgentKey, Confirmation, ProofCheck, ProofVerifier, TaskClaims, TokenVerifier};
+use model::{
+    AgentName, AgentStatus, DecisionReport, Owner, Role, ScopeSet, Secret, SpiffeId, TaskId,
+    TaskStatus,
+};
+use policy::PolicyEngine;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use store::{
+    AgentRecord, AuditFilter, NewRevocation, OperatorRecord, Revocation, RevocationKind, Store,
+    TaskRecord,
+};
+
+use crate::check::{TaskCache, TokenCache};
+use crate::clock::Clock;
+use crate::error::{Error, ErrorKind, Result};
+use crate::keyring::KeyRing;
+use crate::operators::{self, Operator};
+use crate::random;
+use crate::revocation::RevocationIndex;
+use crate::settings::Settings;
+
+const MAX_KEYS_PER_AGENT: usize = 8;
+const MAX_INTENT_LEN: usize = 1024;
+const MAX_REASON_LEN: usize = 1024;
+
+/// The control plane: settings, store, policy, keys and the in-memory indexes of one node.
+#[derive(Debug)]
+pub struct Authority {
+    pub(crate) settings: Settings,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) policy: ArcSwap<PolicyEngine>,
+    pub(crate) keys: KeyRing,
+    pub(crate) proofs: ProofVerifier,
+    pub(crate) revocations: RevocationIndex,
+    pub(crate) tokens: TokenCache,
+    pub(crate) tasks: TaskCache,
+}
+
+/// What an agent sends to `POST /v1/tasks`.
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRequest {
+    /// The requesting agent's name; the DPoP proof must be signed by one of its keys.
+    #[schema(value_type = String, example = "triage-bot")]
+    pub agent: AgentName,
+    /// What the agent means to do, in a sentence. Policy and the audit log see it.
+    pub intent: String,
+    pub scopes: ScopeSet,
+    /// Lifetime in seconds (default 300, at most the configured maximum).
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+    /// How many tool calls the task may make.
+    #[serde(default)]
+    pub budget: Option<u32>,
+    /// The user the agent acts for, if any.
+    #[serde(default)]
+    pub on_behalf_of: Option<String>,
+}
+
+/// A granted task and its token.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Grant {
+    #[schema(value_type = String)]
+    pub task_id: TaskId,
+    /// Compact JWS (ES256), a SPIFFE JWT-SVID bound to the proving key (`cnf.jkt`).
+    #[schema(value_type = String)]
+    #[serde(
+        serialize_with = "crate::secret_serde::serialize",
+        deserialize_with = "crate::secret_serde::deserialize"
+    )]
+    pub token: Secret<String>,
+    /// Always `DPoP`: present it as `Authorization: DPoP <token>` with a fresh proof.
+    pub token_type: String,
+    pub expires_at: i64,
+    pub expires_in: i64,
+    #[schema(value_type = String)]
+    pub spiffe_id: SpiffeId,
+    pub scopes: ScopeSet,
+    pub budget: u32,
+}
+
+/// The result of walking the audit chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VerifyReport {
+    pub ok: bool,
+    /// Events that verified before the first break (all of them when `ok`).
+    pub checked: u64,
+    /// Hash of the last verified event.
+    pub head: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_bad_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Authority {
+    /// Opens the store, loads policy and keys, and catches up with revocations.
+    pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Arc<Authority>> {
+        let store = store::open(&settings.store_url).await?;
+        let policy = match &settings.policy_dir {
+            Some(dir) => load_policies(dir)?,
+            None => crate::examples::engine()?,
+        };
+        Self::with_parts(settings, store, policy, clock).await
+    }
+
+    pub async fn with_parts(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        policy: PolicyEngine,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Authority>> {
+        let now = clock.now();
+        let verifier = TokenVerifier::new(
+            settings.issuer(),
+            settings.audience(),
+            settings.max_skew_seconds,
+        );
+        let keys = KeyRing::load_or_create(store.as_ref(), verifier, now).await?;
+        let proofs = ProofVerifier::new(
+            settings.proofs.max_age_seconds,
+            settings.proofs.max_future_seconds,
+            settings.proofs.replay_capacity,
+        );
+        let authority = Authority {
+            settings,
+            store,
+            clock,
+            policy: ArcSwap::from_pointee(policy),
+            keys,
+            proofs,
+            revocations: RevocationIndex::default(),
+            tokens: TokenCache::default(),
+            tasks: TaskCache::default(),
+        };
+        authority
+            .revocations
+            .catch_up(authority.store.as_ref())
+            .await?;
+        Ok(Arc::new(authority))
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    pub fn policy(&self) -> Arc<PolicyEngine> {
+        self.policy.load_full()
+    }
+
+    /// Replaces the policy set atomically; requests in flight finish on the old one.
+    pub fn swap_policy(&self, engine: PolicyEngine) {
+        self.policy.store(Arc::new(engine));
+    }
+
+    /// One round of catching up with what other processes wrote: revocations, keys, and
+    /// forgetting expired cache entries. Called periodically by `serve`.
+    pub async fn sync(&self) -> Result<()> {
+        let now = self.now();
+        self.revocations.catch_up(self.store.as_ref()).await?;
+        self.keys.reload(self.store.as_ref(), now).await?;
+        self.tokens.purge_expired(now);
+        self.tasks.purge_expired(now);
+        Ok(())
+    }
+
+    /// Runs [`Authority::sync`] every `sync_interval` until the process ends.
+    pub fn spawn_sync(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let authority = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(authority.settings.sync_interval);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                if let Err(error) = authority.sync().await {
+                    tracing::warn!(code = error.code, "catch-up with the store failed: {error}");
+                }
+            }
+        })
+    }
+
+    fn event(&self, kind: &str, actor: impl Into<String>) -> EventBody {
+        EventBody::new(self.clock.now_ms(), kind, actor)
+    }
+
+    // Operators.
+
+    /// Creates an operator and returns its token, which is shown once and stored hashed.
+    pub async fn create_operator(
+        &self,
+        actor: &Operator,
+        name: &str,
+        role: Role,
+    ) -> Result<(OperatorRecord, Secret<String>)> {
+        actor.require(&[])?;
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(Error::bad_request(
+                "invalid_name",
+                format!("invalid operator name `{name}`: 1 to 128 printable characters"),
+            ));
+        }
+        let token = Secret::new(random::hex_id::<32>(operators::TOKEN_PREFIX)?);
+        let record = OperatorRecord {
+            id: random::hex_id::<6>("op_")?,
+            name: name.to_string(),
+            role,
+            token_hash: operators::token_hash(token.expose()),
+            created_at: self.now(),
+            disabled: false,
+        };
+        let event = self
+            .event(kinds::OPERATOR_CREATED, actor.actor())
+            .detail(json!({ "id": record.id, "name": record.name, "role": role }));
+        self.store.insert_operator(&record, event).await?;
+        Ok((record, token))
+    }
+
+    /// Finds the operator a bearer token belongs to. The lookup is by SHA-256 of a 256-bit
+    /// random token, so its timing tells an attacker nothing about valid tokens.
+    pub async fn authenticate_operator(&self, token: &str) -> Result<Operator> {
+        operators::check_token_shape(token)?;
+        let found = self
+            .store
+            .operator_by_token_hash(&operators::token_hash(token))
+            .await?;
+        match found {
+            Some(record) if !record.disabled => Ok(Operator {
+                id: record.id,
+                name: record.name,
+                role: record.role,
+            }),
+            _ => Err(Error::unauthorized(
+                "operator_token_invalid",
+                "the operator token is not valid",
+            )),
+        }
+    }
+
+    // Agents.
+
+    pub async fn register_agent(
+        &self,
+        actor: &Operator,
+        name: &str,
+        owner: &str,
+        keys: &[serde_json::Value],
+    ) -> Result<AgentRecord> {
+        actor.require(&[])?;
+        let name: AgentName = name.parse()?;
+        let owner: Owner = owner.parse()?;
+        if keys.is_empty() || keys.len() > MAX_KEYS_PER_AGENT {
+            return Err(Error::bad_request(
+                "invalid_key",
+                format!(
+                    "an agent needs 1 to {MAX_KEYS_PER_AGENT} public keys (P-256 or Ed25519 JWKs)"
+                ),
+            ));
+        }
+        let keys = keys
+            .iter()
+            .map(AgentKey::from_jwk)
+            .collect::<Result<Vec<_>, _>>()?;
+        let record = AgentRecord {
+            spiffe_id: SpiffeId::for_agent(&self.settings.trust_domain, &name),
+            name,
+            owner,
+            status: AgentStatus::Active,
+            keys: keys.iter().map(AgentKey::to_jwk).collect(),
+            created_at: self.now(),
+        };
+        let thumbprints: Vec<_> = keys.iter().map(|k| k.thumbprint().to_string()).collect();
+        let event = self
+            .event(kinds::AGENT_REGISTERED, actor.actor())
+            .agent(record.spiffe_id.as_str())
+            .detail(json!({ "name": record.name, "owner": record.owner, "keys": thumbprints }));
+        self.store.insert_agent(&record, event).await?;
+        Ok(record)
+    }
+
+    pub async fn list_agents(&self, actor: &Operator) -> Result<Vec<AgentRecord>> {
+        actor.require(&[Role::Auditor, Role::Approver])?;
+        Ok(self.store.list_agents().await?)
+    }
+
+    pub async fn get_agent(&self, actor: &Operator, name: &str) -> Result<AgentRecord> {
+        actor.require(&[Role::Auditor, Role::Approver])?;
+        let name: AgentName = name.parse()?;
+        self.store
+            .get_agent(&name)
+            .await?
+            .ok_or_else(|| Error::not_found("agent_not_found", format!("no agent named `{name}`")))
+    }
+
+    /// Disables an agent: no new tasks, and every credential it holds dies on its next use.
+    pub async fn disable_agent(
+        &self,
+        actor: &Operator,
+        name: &str,
+        reason: &str,
+    ) -> Result<AgentRecord> {
+        actor.require(&[])?;
+        let mut agent = self.get_agent(actor, name).await?;
+        let event = self
+            .event(kinds::AGENT_DISABLED, actor.actor())
+            .agent(agent.spiffe_id.as_str())
+            .detail(json!({ "reason": reason }));
+        self.store
+            .set_agent_status(&agent.name, AgentStatus::Disabled, event)
+            .await?;
+        self.revoke(
+            actor,
+            RevocationKind::Agent,
+            agent.name.as_str(),
+            &format!("agent disabled: {reason}"),
+        )
+        .await?;
+        agent.status = AgentStatus::Disabled;
+        Ok(agent)
+    }
+
+    // Tasks.
+
+    /// The grant path: authenticate the agent by its proof, ask policy, record, sign.
+    pub async fn request_task(&self, proof: Option<&str>, request: TaskRequest) -> Result<Grant> {
+        let now = self.now();
+        let limits = self.settings.tasks;
+        let ttl = request.ttl_seconds.unwrap_or(limits.default_ttl_seconds);
+        let budget = request.budget.unwrap_or(limits.default_budget);
+        validate_text("intent", &request.intent, MAX_INTENT_LEN)?;
+        request.scopes.validate()?;
+        if !(1..=limits.max_ttl_seconds).contains(&ttl) {
+            return Err(Error::bad_request(
+                "invalid_ttl",
+                format!(
+                    "`ttl_seconds` must be between 1 and {} (the configured maximum), not {ttl}",
+                    limits.max_ttl_seconds
+                ),
+            ));
+        }
+        if !(1..=limits.max_budget).contains(&budget) {
+            return Err(Error::bad_request(
+                "invalid_budget",
+                format!(
+                    "`budget` must be between 1 and {}, not {budget}",
+                    limits.max_budget
+                ),
+            ));
+        }
+        let obo = match &request.on_behalf_of {
+            Some(user) => Some(user.parse::<Owner>().map_err(|_| {
+                Error::bad_request(
+                    "invalid_obo",
+                    format!(
+                        "invalid `on_behalf_of` `{user}`: a user identity such as an email address"
+                    ),
+                )
+            })?),
+            None => None,
+        };
+
+        let agent = self.store.get_agent(&request.agent).await?.ok_or_else(|| {
+            Error::unauthorized(
+                "agent_unknown",
+                format!("no agent named `{}` is registered", request.agent),
+            )
+        })?;
+        let proof = proof.ok_or_else(|| {
+            Error::unauthorized(
+                "proof_missing",
+                "a task request needs a `DPoP` proof header signed by the agent's registered key",
+            )
+        })?;
+        let htu = self.settings.url_of("/v1/tasks");
+        let check = ProofCheck {
+            method: "POST",
+            url: &htu,
+            access_token: None,
+            expected_jkt: None,
+            now,
+        };
+        let verified = self
+            .proofs
+            .verify(proof, &check)
+            .map_err(|e| Error::unauthorized(e.code(), e.to_string()))?;
+        let registered = agent
+            .keys
+            .iter()
+            .filter_map(|jwk| AgentKey::from_jwk(jwk).ok())
+            .any(|key| constant_time_eq(key.thumbprint(), &verified.jkt));
+        if !registered {
+            return Err(Error::unauthorized(
+                "proof_key_unknown",
+                format!(
+                    "the proof is not signed by a key registered for agent `{}`",
+                    agent.name
+                ),
+            ));
+        }
+        if agent.status != AgentStatus::Active {
+            return Err(Error::forbidden(
+                "agent_not_active",
+                format!("agent `{}` is {}", agent.name, agent.status),
+            ));
+        }
+
+        let report = self.decide_task(&agent, &request, ttl, budget, obo.as_ref(), now);
+        if !report.is_allow() {
+            let event = self
+                .event(kinds::TASK_REFUSED, agent.spiffe_id.as_str())
+                .agent(agent.spiffe_id.as_str())
+                .decision(report.decision.as_str())
+                .detail(json!({
+                    "intent": request.intent,
+                    "scopes": request.scopes,
+                    "ttl_seconds": ttl,
+                    "budget": budget,
+                    "policies": report.policies,
+                    "reasons": report.reasons,
+                }));
+            self.store.append_events(vec![event]).await?;
+            return Err(refusal(&report));
+        }
+
+        let task_id = TaskId::from_random(random::bytes::<16>()?);
+        let jti = random::hex_id::<16>("")?;
+        let expires_at = now + ttl;
+        let record = TaskRecord {
+            id: task_id.clone(),
+            agent: agent.name.clone(),
+            owner: agent.owner.clone(),
+            intent: request.intent.clone(),
+            scopes: request.scopes.clone(),
+            obo: obo.as_ref().map(|o| o.to_string()),
+            parent: None,
+            depth: 0,
+            status: TaskStatus::Active,
+            created_at: now,
+            expires_at,
+            budget,
+            calls_used: 0,
+            token_jti: jti.clone(),
+            jkt: verified.jkt.clone(),
+        };
+        let claims = TaskClaims {
+            iss: self.settings.issuer().to_string(),
+            sub: agent.spiffe_id.to_string(),
+            aud: self.settings.audience().to_string(),
+            iat: now,
+            nbf: now,
+            exp: expires_at,
+            jti,
+            task: task_id.to_string(),
+            scope: request.scopes.clone(),
+            cnf: Confirmation {
+                jkt: verified.jkt.clone(),
+            },
+            act: None,
+            obo: record.obo.clone(),
+        };
+        let token = self.keys.sign(&claims)?;
+        let event = self
+            .event(kinds::TASK_GRANTED, agent.spiffe_id.as_str())
+            .agent(agent.spiffe_id.as_str())
+            .task(task_id.as_str())
+            .decision("allow")
+            .detail(json!({
+                "intent": record.intent,
+                "scopes": record.scopes,
+                "expires_at": expires_at,
+                "budget": budget,
+                "obo": record.obo,
+                "jkt": record.jkt,
+                "jti": claims.jti,
+                "kid": self.keys.current_kid(),
+                "policies": report.policies,
+            }));
+        self.store.insert_task(&record, event).await?;
+        Ok(Grant {
+            task_id,
+            token,
+            token_type: "DPoP".to_string(),
+            expires_at,
+            expires_in: ttl,
+            spiffe_id: agent.spiffe_id,
+            scopes: request.scopes,
+            budget,
+        })
+    }
+
+    fn decide_task(
+        &self,
+        agent: &AgentRecord,
+        request: &TaskRequest,
+        ttl: i64,
+        budget: u32,
+        obo: Option<&Owner>,
+        now: i64,
+    ) -> DecisionReport {
+        let engine = self.policy.load();
+        let facts = policy::AgentFacts {
+            name: agent.name.as_str(),
+            spiffe_id: agent.spiffe_id.as_str(),
+            owner: agent.owner.as_str(),
+        };
+        let mut allowed = DecisionReport::allow(Vec::new(), Vec::new());
+        for scope in &request.scopes.0 {
+            let report = engine.decide_task(&policy::TaskRequest {
+                agent: facts,
+                tool: &scope.tool,
+                actions: &scope.actions,
+                resources: &scope.resources,
+                intent: &request.intent,
+                ttl_seconds: ttl,
+                budget: i64::from(budget),
+                obo: obo.map(Owner::as_str),
+                delegated: false,
+                depth: 0,
+                now,
+            });
+            if !report.is_allow() {
+                return report;
+            }
+            allowed.policies.extend(report.policies);
+            allowed.reasons.extend(report.reasons);
+        }
+        allowed.policies.sort();
+        allowed.policies.dedup();
+        allowed
+    }
+
+    pub async fn get_task(&self, actor: &Operator, id: &str) -> Result<TaskRecord> {
+        actor.require(&[Role::Auditor, Role::Approver])?;
+        let id: TaskId = id.parse()?;
+        self.store
+            .get_task(&id)
+            .await?
+            .ok_or_else(|| Error::not_found("task_not_found", format!("no task `{id}`")))
+    }
+
+    /// Ends a task at its agent's request. The caller proves possession of the task token.
+    pub async fn complete_task(
+        &self,
+        id: &str,
+        token: &str,
+        proof: Option<&str>,
+    ) -> Result<TaskRecord> {
+        let now = self.now();
+        let id: TaskId = id.parse()?;
+        let claims = self
+            .keys
+            .verifier()
+            .verify(token, now)
+            .map_err(|e| Error::unauthorized(e.code(), e.to_string()))?;
+        let proof = proof.ok_or_else(|| {
+            Error::unauthorized("proof_missing", "completing a task needs a `DPoP` proof")
+        })?;
+        let htu = self.settings.url_of(&format!("/v1/tasks/{id}/complete"));
+        let check = ProofCheck {
+            method: "POST",
+            url: &htu,
+            access_token: Some(token),
+            expected_jkt: Some(&claims.cnf.jkt),
+            now,
+        };
+        self.proofs
+            .verify(proof, &check)
+            .map_err(|e| Error::unauthorized(e.code(), e.to_string()))?;
+        if claims.task != id.as_str() {
+            return Err(Error::forbidden(
+                "task_mismatch",
+                format!("the token is for task `{}`, not `{id}`", claims.task),
+            ));
+        }
+        let event = self
+            .event(kinds::TASK_COMPLETED, claims.sub.as_str())
+            .agent(claims.sub.as_str())
+            .task(id.as_str());
+        let finished = self
+            .store
+            .finish_task(&id, TaskStatus::Completed, event)
+            .await?;
+        if finished.is_none() {
+            let task = self.store.get_task(&id).await?;
+            let status = task.map_or(TaskStatus::Expired, |t| t.status);
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "task_not_active",
+                format!("task `{id}` is already {status}"),
+            ));
+        }
+        // The feed carries the end of the task to every node; this node applies it now.
+        let revocation = NewRevocation {
+            kind: RevocationKind::Task,
+            target: id.to_string(),
+            reason: "task completed".to_string(),
+            created_at: now,
+        };
+        let event = self
+            .event(kinds::REVOCATION, claims.sub.as_str())
+            .agent(claims.sub.as_str())
+            .task(id.as_str())
+            .detail(json!({
+                "kind": "task", "target": id, "reason": "task completed",
+            }));
+        let (revocation, _) = self.store.insert_revocation(&revocation, event).await?;
+        self.revocations.apply(&revocation);
+        self.store
+            .get_task(&id)
+            .await?
+            .ok_or_else(|| Error::not_found("task_not_found", format!("no task `{id}`")))
+    }
+
+    // Revocation.
+
+    /// Revokes a token (by `jti`), a task (and its descendants), an agent or an owner. Applied
+    /// to this node before returning, so the very next call is denied.
+    pub async fn revoke(
+        &self,
+        actor: &Operator,
+        kind: RevocationKind,
+        target: &str,
+        reason: &str,
+    ) -> Result<Revocation> {
+        actor.require(&[])?;
+        validate_text("reason", reason, MAX_REASON_LEN)?;
+        let now = self.now();
+        let mut event = self.event(kinds::REVOCATION, actor.actor());
+        match kind {
+            RevocationKind::Token => validate_text("token id", target, 128)?,
+            RevocationKind::Task => {
+                let id: TaskId = target.parse()?;
+                let task =
+                    self.store.get_task(&id).await?.ok_or_else(|| {
+                        Error::not_found("task_not_found", format!("no task `{id}`"))
+                    })?;
+                event = event
+                    .task(id.as_str())
+                    .agent(SpiffeId::for_agent(&self.settings.trust_domain, &task.agent).as_str());
+            }
+            RevocationKind::Agent => {
+                let name: AgentName = target.parse()?;
+                let agent = self.store.get_agent(&name).await?.ok_or_else(|| {
+                    Error::not_found("agent_not_found", format!("no agent named `{name}`"))
+                })?;
+                event = event.agent(agent.spiffe_id.as_str());
+            }
+            RevocationKind::Owner => {
+                target.parse::<Owner>()?;
+            }
+        }
+        let revocation = NewRevocation {
+            kind,
+            target: target.to_string(),
+            reason: reason.to_string(),
+            created_at: now,
+        };
+        let event = event.detail(json!({ "kind": kind, "target": target, "reason": reason }));
+        let (revocation, _) = self.store.insert_revocation(&revocation, event).await?;
+        self.revocations.apply(&revocation);
+        if kind == RevocationKind::Task {
+            let id: TaskId = target.parse()?;
+            let event = self
+                .event(kinds::TASK_REVOKED, actor.actor())
+                .task(id.as_str())
+                .detail(json!({ "reason": reason }));
+            self.store
+                .finish_task(&id, TaskStatus::Revoked, event)
+                .await?;
+        }
+        Ok(revocation)
+    }
+
+    // Keys.
+
+    pub async fn rotate_keys(&self, actor: &Operator) -> Result<String> {
+        actor.require(&[])?;
+        let publish_for = self.settings.tasks.max_ttl_seconds + self.settings.max_skew_seconds;
+        self.keys
+            .rotate(self.store.as_ref(), &actor.actor(), self.now(), publish_for)
+            .await
+    }
+
+    // Audit.
+
+    pub async fn audit_events(
+        &self,
+        actor: &Operator,
+        filter: &AuditFilter,
+    ) -> Result<Vec<audit::Event>> {
+        actor.require(&[Role::Auditor])?;
+        Ok(self.store.query_events(filter).await?)
+    }
+
+    /// Walks the whole chain from the first event and reports the first break.
+    pub async fn verify_audit(&self, actor: &Operator) -> Result<VerifyReport> {
+        actor.require(&[Role::Auditor])?;
+        let mut verifier = ChainVerifier::default();
+        let mut after = 0;
+        loop {
+            let page = self.store.events_after(after, 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for event in &page {
+                if let Err(broken) = verifier.push(event) {
+                    return Ok(VerifyReport {
+                        ok: false,
+                        checked: verifier.checked(),
+                        head: audit::to_hex(&verifier.head()),
+                        first_bad_seq: Some(broken.seq),
+                        reason: Some(broken.reason.to_string()),
+                    });
+                }
+            }
+        }
+        Ok(VerifyReport {
+            ok: true,
+            checked: verifier.checked(),
+            head: audit::to_hex(&verifier.head()),
+            first_bad_seq: None,
+            reason: None,
+        })
+    }
+}
+
+/// Loads and validates the Cedar schema and policies in `dir`.
+pub fn load_policies(dir: &Path) -> Result<PolicyEngine> {
+    PolicyEngine::load_dir(dir).map_err(|e| Error::bad_request("invalid_policy", e.to_string()))
+}
+
+fn validate_text(what: &str, text: &str, max: usize) -> Result<()> {
+    if text.trim().is_empty()
+        || text.len() > max
+        || text.chars().any(|c| c.is_control() && c != '\n')
+    {
+        return Err(Error::bad_request(
+            "invalid_text",
+            format!("`{what}` must be 1 to {max} bytes of printable text"),
+        ));
+    }
+    Ok(())
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
+/// A 403 naming the policies that refused and why.
+pub(crate) fn refusal(report: &DecisionReport) -> Error {
+    let why = if report.reasons.is_empty() {
+        "no policy permits it".to_string()
+    } else {
+        report.reasons.join("; ")
+    };
+    Error::forbidden("task_refused", format!("policy refused the task: {why}")).with_detail(json!({
+        "decision": report.decision,
+        "policies": report.policies,
+        "reasons": report.reasons,
+    }))
+}

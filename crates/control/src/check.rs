@@ -1,0 +1,490 @@
+//! The call-path decision: the library function the gateway calls for every tool call. It runs
+//! DESIGN.md's steps 1 to 8 in order — token, proof, revocation, task state and budget, scope,
+//! Cedar, durable audit — and fails closed: any error is a denial with its reason.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use audit::kinds;
+use aws_lc_rs::digest;
+use credentials::{ProofCheck, TaskClaims};
+use model::{ActionClass, Decision, DecisionReport, SpiffeId, TaskId, TaskStatus};
+use parking_lot::RwLock;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::authority::Authority;
+use crate::error::Error;
+use crate::revocation::RevocationQuery;
+
+/// Verified tokens kept by hash until they expire, so a token's signature is checked once.
+const TOKEN_CACHE_CAPACITY: usize = 100_000;
+/// Longest ancestor chain walked when loading a delegated task.
+const MAX_CHAIN: usize = 16;
+/// Longest token accepted before any parsing.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// One tool call as the gateway sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct CallAttempt<'a> {
+    /// The task token from `Authorization: DPoP …` (or `Bearer …`).
+    pub token: &'a str,
+    /// The `DPoP` header, if any.
+    pub proof: Option<&'a str>,
+    /// The tool accepts bearer task tokens (no proof): declared per tool, off by default.
+    pub bearer_allowed: bool,
+    /// HTTP method and public URL of the request, for the proof's `htm` and `htu`.
+    pub method: &'a str,
+    pub url: &'a str,
+    pub tool: &'a str,
+    pub action: &'a str,
+    pub resource: &'a str,
+    pub class: ActionClass,
+    pub sensitivity: &'a [String],
+}
+
+/// How the caller proved possession.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProofMode {
+    Dpop,
+    Bearer,
+}
+
+/// The answer for one call, already recorded in the audit log.
+#[derive(Clone, Debug, Serialize)]
+pub struct CallVerdict {
+    pub report: DecisionReport,
+    /// `allowed`, or the stable code of the first check that failed.
+    pub code: &'static str,
+    pub message: String,
+    pub task: Option<String>,
+    pub agent: Option<String>,
+    pub mode: Option<ProofMode>,
+    /// Sequence number of the audit event recording this decision (absent when the store
+    /// could not be reached, in which case the call is denied).
+    pub audit_seq: Option<u64>,
+    /// Time spent deciding (steps 1 to 7), in microseconds.
+    pub decision_micros: u64,
+}
+
+impl CallVerdict {
+    pub fn is_allow(&self) -> bool {
+        self.report.decision == Decision::Allow
+    }
+}
+
+struct Denial {
+    code: &'static str,
+    message: String,
+    report: Option<DecisionReport>,
+}
+
+impl Denial {
+    fn new(code: &'static str, message: impl Into<String>) -> Denial {
+        Denial {
+            code,
+            message: message.into(),
+            report: None,
+        }
+    }
+}
+
+impl From<Error> for Denial {
+    fn from(error: Error) -> Denial {
+        Denial::new(error.code, error.message)
+    }
+}
+
+/// What the call path needs to know about a task beyond its token, loaded once per node.
+#[derive(Debug)]
+pub(crate) struct TaskState {
+    owner: String,
+    intent: String,
+    obo: Option<String>,
+    depth: u32,
+    status: TaskStatus,
+    expires_at: i64,
+    budget: u32,
+    used: AtomicU32,
+    /// The task followed by its ancestors, nearest first.
+    chain: Vec<String>,
+}
+
+impl TaskState {
+    /// Takes one call from the budget; false when none is left.
+    fn consume(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                (used < self.budget).then_some(used + 1)
+            })
+            .is_ok()
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct TaskCache(RwLock<HashMap<String, Arc<TaskState>>>);
+
+impl TaskCache {
+    pub(crate) fn purge_expired(&self, now: i64) {
+        self.0.write().retain(|_, task| task.expires_at > now);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.read().len()
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct TokenCache(RwLock<HashMap<[u8; 32], Arc<TaskClaims>>>);
+
+impl TokenCache {
+    fn get(&self, hash: &[u8; 32]) -> Option<Arc<TaskClaims>> {
+        self.0.read().get(hash).cloned()
+    }
+
+    fn insert(&self, hash: [u8; 32], claims: Arc<TaskClaims>, now: i64) {
+        let mut map = self.0.write();
+        if map.len() >= TOKEN_CACHE_CAPACITY {
+            map.retain(|_, c| c.exp > now);
+        }
+        if map.len() < TOKEN_CACHE_CAPACITY {
+            map.insert(hash, claims);
+        }
+    }
+
+    pub(crate) fn purge_expired(&self, now: i64) {
+        self.0.write().retain(|_, c| c.exp > now);
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, bytes).as_ref());
+    out
+}
+
+impl Authority {
+    /// Decides one tool call and records the decision durably before returning. Anything
+    /// but `Decision::Allow` means: do not forward.
+    pub async fn authorize(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
+        let started = Instant::now();
+        let now = self.now();
+        let mut verdict = match self.decide(attempt, now).await {
+            Ok((claims, mode, report)) => CallVerdict {
+                code: if report.is_allow() {
+                    "allowed"
+                } else if report.decision == Decision::ApprovalRequired {
+                    "approval_required"
+                } else {
+                    "policy_denied"
+                },
+                message: if report.is_allow() {
+                    "allowed".to_string()
+                } else {
+                    denial_sentence(&report)
+                },
+                report,
+                task: Some(claims.task.clone()),
+                agent: Some(claims.sub.clone()),
+                mode: Some(mode),
+                audit_seq: None,
+                decision_micros: 0,
+            },
+            Err((denial, claims)) => CallVerdict {
+                report: denial
+                    .report
+                    .unwrap_or_else(|| DecisionReport::deny(denial.message.clone())),
+                code: denial.code,
+                message: denial.message,
+                task: claims.as_ref().map(|c| c.task.clone()),
+                agent: claims.as_ref().map(|c| c.sub.clone()),
+                mode: None,
+                audit_seq: None,
+                decision_micros: 0,
+            },
+        };
+        verdict.decision_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+
+        let mut event = audit::EventBody::new(
+            self.clock.now_ms(),
+            kinds::CALL_DECISION,
+            verdict
+                .agent
+                .clone()
+                .unwrap_or_else(|| "unauthenticated".to_string()),
+        )
+        .decision(verdict.report.decision.as_str())
+        .detail(json!({
+            "tool": attempt.tool,
+            "action": attempt.action,
+            "resource": attempt.resource,
+            "class": attempt.class,
+            "code": verdict.code,
+            "mode": verdict.mode,
+            "policies": verdict.report.policies,
+            "reasons": verdict.report.reasons,
+        }));
+        if let Some(agent) = &verdict.agent {
+            event = event.agent(agent.clone());
+        }
+        if let Some(task) = &verdict.task {
+            event = event.task(task.clone());
+        }
+        // Step 8: the decision is durable before anything is forwarded. If it cannot be
+        // written, nothing is forwarded.
+        match self.store.append_events(vec![event]).await {
+            Ok(events) => verdict.audit_seq = events.first().map(|e| e.seq),
+            Err(error) => {
+                tracing::warn!("audit write failed, denying the call: {error}");
+                verdict.report =
+                    DecisionReport::deny("the audit log cannot be written, so the call is refused");
+                verdict.code = "store_unavailable";
+                verdict.message =
+                    "the store cannot be reached, so remit refuses (fails closed)".to_string();
+                return verdict;
+            }
+        }
+        // The budget is enforced from memory; its count is persisted off the call path.
+        if verdict.is_allow()
+            && let Some(task) = verdict
+                .task
+                .as_deref()
+                .and_then(|t| t.parse::<TaskId>().ok())
+        {
+            let store = Arc::clone(&self.store);
+            tokio::spawn(async move {
+                if let Err(error) = store.add_task_calls(&task, 1).await {
+                    tracing::warn!(task = %task, "could not persist the call count: {error}");
+                }
+            });
+        }
+        verdict
+    }
+
+    /// Steps 1 to 7. Returns the claims whenever the token verified, for the audit record.
+    async fn decide(
+        &self,
+        attempt: &CallAttempt<'_>,
+        now: i64,
+    ) -> Result<(Arc<TaskClaims>, ProofMode, DecisionReport), (Denial, Option<Arc<TaskClaims>>)>
+    {
+        // 1. The token, verified once and then cached by its hash until it expires.
+        if attempt.token.len() > MAX_TOKEN_BYTES {
+            return Err((
+                Denial::new("token_oversized", "the token is larger than remit accepts"),
+                None,
+            ));
+        }
+        let hash = sha256(attempt.token.as_bytes());
+        let claims = match self.tokens.get(&hash) {
+            Some(claims) => {
+                let skew = self.settings.max_skew_seconds;
+                if now > claims.exp + skew {
+                    return Err((
+                        Denial::new("token_expired", "the token has expired"),
+                        Some(claims),
+                    ));
+                }
+                claims
+            }
+            None => {
+                let claims = self
+                    .keys
+                    .verifier()
+                    .verify(attempt.token, now)
+                    .map_err(|e| (Denial::new(e.code(), e.to_string()), None))?;
+                let claims = Arc::new(claims);
+                self.tokens.insert(hash, Arc::clone(&claims), now);
+                claims
+            }
+        };
+        let fail = |denial: Denial| (denial, Some(Arc::clone(&claims)));
+
+        // 2. The proof of possession, bound to the token's key and to this request.
+        let mode = match attempt.proof {
+            Some(proof) => {
+                let check = ProofCheck {
+                    method: attempt.method,
+                    url: attempt.url,
+                    access_token: Some(attempt.token),
+                    expected_jkt: Some(&claims.cnf.jkt),
+                    now,
+                };
+                self.proofs
+                    .verify(proof, &check)
+                    .map_err(|e| fail(Denial::new(e.code(), e.to_string())))?;
+                ProofMode::Dpop
+            }
+            None if attempt.bearer_allowed => ProofMode::Bearer,
+            None => {
+                return Err(fail(Denial::new(
+                    "proof_missing",
+                    "a `DPoP` proof signed by the token's key is required",
+                )));
+            }
+        };
+
+        // 3 and 4. Revocation of the token, its task chain, its agent or owner; task state.
+        let task = self
+            .task_state(&claims.task)
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let (_, agent_name) = claims
+            .sub
+            .parse::<SpiffeId>()
+            .map_err(|_| {
+                fail(Denial::new(
+                    "token_malformed",
+                    "the token's subject is not an agent SPIFFE ID",
+                ))
+            })?
+            .parts();
+        let query = RevocationQuery {
+            token_jti: &claims.jti,
+            task_chain: &task.chain,
+            agent: agent_name.as_str(),
+            owner: &task.owner,
+            issued_at: claims.iat,
+        };
+        if let Some(revoked) = self.revocations.check(&query) {
+            let message = format!("revoked: {} `{}`", revoked.kind.as_str(), revoked.target);
+            return Err(fail(Denial::new("revoked", message)));
+        }
+        if task.status != TaskStatus::Active {
+            return Err(fail(Denial::new(
+                "task_not_active",
+                format!("task `{}` is {}", claims.task, task.status),
+            )));
+        }
+        if now >= task.expires_at {
+            return Err(fail(Denial::new(
+                "task_expired",
+                format!("task `{}` has expired", claims.task),
+            )));
+        }
+
+        // 6. Scope: the call must lie inside the token's scopes.
+        if !claims
+            .scope
+            .permits(attempt.tool, attempt.action, attempt.resource)
+        {
+            let message = format!(
+                "`{}` on `{}` of tool `{}` is outside the task's scopes",
+                attempt.action, attempt.resource, attempt.tool
+            );
+            return Err(fail(Denial::new("out_of_scope", message)));
+        }
+
+        // 7. Policy, with the task's context.
+        let engine = self.policy.load();
+        let report = engine.decide_call(&policy::CallRequest {
+            agent: policy::AgentFacts {
+                name: agent_name.as_str(),
+                spiffe_id: &claims.sub,
+                owner: &task.owner,
+            },
+            tool: attempt.tool,
+            action: attempt.action,
+            resource: attempt.resource,
+            class: attempt.class,
+            sensitivity: attempt.sensitivity,
+            task: &claims.task,
+            intent: &task.intent,
+            obo: task.obo.as_deref(),
+            depth: i64::from(task.depth),
+            approved: false,
+            bearer: mode == ProofMode::Bearer,
+            now,
+        });
+        // 4. The budget is taken only by a call that is otherwise allowed.
+        if report.is_allow() && !task.consume() {
+            return Err(fail(Denial::new(
+                "budget_exhausted",
+                format!(
+                    "task `{}` has used all {} calls of its budget",
+                    claims.task, task.budget
+                ),
+            )));
+        }
+        if !report.is_allow() {
+            let denial = Denial {
+                code: "policy_denied",
+                message: denial_sentence(&report),
+                report: Some(report),
+            };
+            let denial = if denial
+                .report
+                .as_ref()
+                .is_some_and(|r| r.decision == Decision::ApprovalRequired)
+            {
+                Denial {
+                    code: "approval_required",
+                    ..denial
+                }
+            } else {
+                denial
+            };
+            return Err(fail(denial));
+        }
+        Ok((Arc::clone(&claims), mode, report))
+    }
+
+    /// The task's state on this node, loaded from the store on first sight.
+    async fn task_state(&self, task: &str) -> Result<Arc<TaskState>, Error> {
+        if let Some(state) = self.tasks.0.read().get(task) {
+            return Ok(Arc::clone(state));
+        }
+        let id: TaskId = task.parse()?;
+        let record = self
+            .store
+            .get_task(&id)
+            .await?
+            .ok_or_else(|| Error::unauthorized("task_unknown", format!("no task `{id}`")))?;
+        let mut chain = vec![record.id.to_string()];
+        let mut parent = record.parent.clone();
+        while let Some(id) = parent {
+            if chain.len() >= MAX_CHAIN {
+                return Err(Error::forbidden(
+                    "delegation_too_deep",
+                    "the task's delegation chain is too long",
+                ));
+            }
+            chain.push(id.to_string());
+            parent = self.store.get_task(&id).await?.and_then(|t| t.parent);
+        }
+        let state = Arc::new(TaskState {
+            owner: record.owner.to_string(),
+            intent: record.intent,
+            obo: record.obo,
+            depth: record.depth,
+            status: record.status,
+            expires_at: record.expires_at,
+            budget: record.budget,
+            used: AtomicU32::new(record.calls_used),
+            chain,
+        });
+        let mut tasks = self.tasks.0.write();
+        Ok(Arc::clone(tasks.entry(task.to_string()).or_insert(state)))
+    }
+
+    /// How many tasks this node holds in memory (for the memory benchmark and metrics).
+    pub fn cached_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// How many revocations this node holds in memory.
+    pub fn revocation_count(&self) -> usize {
+        self.revocations.len()
+    }
+}
+
+fn denial_sentence(report: &DecisionReport) -> String {
+    if report.reasons.is_empty() {
+        "policy denies this call".to_string()
+    } else {
+        format!("policy denies this call: {}", report.reasons.join("; "))
+    }
+}

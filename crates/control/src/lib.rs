@@ -1,0 +1,23 @@
+//! The control plane: the grant path (agents, tasks, keys, revocation, audit queries), the
+//! admin API over HTTP, and the call-path decision the gateway asks for every tool call.
+
+pub mod api;
+mod authority;
+mod check;
+pub mod clock;
+mod error;
+mod examples;
+mod keyring;
+mod operators;
+mod random;
+mod revocation;
+mod secret_serde;
+pub mod settings;
+
+pub use authority::{Authority, Grant, TaskRequest, VerifyReport, load_policies};
+pub use check::{CallAttempt, CallVerdict, ProofMode};
+pub use error::{Error, ErrorKind, Result};
+pub use examples::{EXAMPLE_POLICIES, engine as example_policies};
+pub use keyring::KeyRing;
+pub use operators::Operator;
+pub use settings::Settings;

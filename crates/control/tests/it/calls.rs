@@ -1,0 +1,391 @@
+//! The call-path decision: each step denies on its own, the very next call after a
+//! revocation is denied, and every decision is in the audit log without secrets.
+
+use control::clock::Clock;
+use model::{ActionClass, Decision};
+use serde_json::json;
+use store::RevocationKind;
+
+use crate::harness::{BASE, Harness, unique};
+
+#[tokio::test]
+async fn inside_the_scope_allowed_outside_denied() {
+    let h = Harness::new().await;
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+
+    let verdict = h
+        .call(&agent, &grant, "read_issue", ActionClass::Read)
+        .await;
+    assert_eq!(
+        (verdict.report.decision, verdict.code),
+        (Decision::Allow, "allowed")
+    );
+    assert_eq!(verdict.report.policies, vec!["call.read"]);
+    assert!(verdict.audit_seq.is_some());
+
+    let verdict = h
+        .call(&agent, &grant, "delete_repo", ActionClass::Admin)
+        .await;
+    assert_eq!(
+        (verdict.report.decision, verdict.code),
+        (Decision::Deny, "out_of_scope")
+    );
+
+    let url = format!("{BASE}/http/github/read_issue");
+    let token = grant.token.expose();
+    let proof = agent
+        .key
+        .sign_proof("POST", &url, Some(token), h.now(), &unique("p"))
+        .unwrap();
+    let verdict = h
+        .attempt(
+            token,
+            Some(&proof),
+            &url,
+            "github",
+            "read_issue",
+            "other-org/api",
+            ActionClass::Read,
+        )
+        .await;
+    assert_eq!(
+        verdict.code, "out_of_scope",
+        "a resource outside the patterns is out of scope"
+    );
+}
+
+#[tokio::test]
+async fn each_revocation_kind_bites_on_the_next_call() {
+    for kind in [
+        RevocationKind::Token,
+        RevocationKind::Task,
+        RevocationKind::Agent,
+        RevocationKind::Owner,
+    ] {
+        let h = Harness::new().await;
+        let agent = h.agent("triage-bot", "alice@example.org").await;
+        let grant = h.grant(&agent).await;
+        assert_eq!(
+            h.call(&agent, &grant, "read_issue", ActionClass::Read)
+                .await
+                .report
+                .decision,
+            Decision::Allow
+        );
+
+        let claims = h
+            .authority
+            .keys()
+            .verifier()
+            .verify(grant.token.expose(), h.now())
+            .unwrap();
+        let target = match kind {
+            RevocationKind::Token => claims.jti.clone(),
+            RevocationKind::Task => grant.task_id.to_string(),
+            RevocationKind::Agent => "triage-bot".to_string(),
+            RevocationKind::Owner => "alice@example.org".to_string(),
+        };
+        h.authority
+            .revoke(&h.admin, kind, &target, "incident")
+            .await
+            .unwrap();
+
+        let verdict = h
+            .call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await;
+        assert_eq!(
+            (verdict.report.decision, verdict.code),
+            (Decision::Deny, "revoked"),
+            "{kind:?}"
+        );
+        assert!(verdict.message.contains(&target), "{}", verdict.message);
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_written_by_another_process_arrives_with_the_catch_up() {
+    let h = Harness::new().await;
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    // Another process (the CLI) writes to the same store; this node learns of it on sync.
+    let revocation = store::NewRevocation {
+        kind: RevocationKind::Task,
+        target: grant.task_id.to_string(),
+        reason: "from the CLI".into(),
+        created_at: h.now(),
+    };
+    let event = audit::EventBody::new(h.clock.now_ms(), audit::kinds::REVOCATION, "operator:local");
+    h.authority
+        .store()
+        .insert_revocation(&revocation, event)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .report
+            .decision,
+        Decision::Allow
+    );
+    h.authority.sync().await.unwrap();
+    assert_eq!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .code,
+        "revoked"
+    );
+}
+
+#[tokio::test]
+async fn a_disabled_agent_loses_its_tasks() {
+    let h = Harness::new().await;
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    h.authority
+        .disable_agent(&h.admin, "triage-bot", "compromised")
+        .await
+        .unwrap();
+    assert_eq!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .code,
+        "revoked"
+    );
+}
+
+#[tokio::test]
+async fn budget_and_expiry_end_a_task() {
+    let h = Harness::new().await;
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let scopes = json!([{ "tool": "github", "actions": ["read_issue"] }]);
+    let grant = h
+        .request(&agent, scopes.clone(), Some(60), Some(2))
+        .await
+        .unwrap();
+    assert!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+    assert!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+    let verdict = h
+        .call(&agent, &grant, "read_issue", ActionClass::Read)
+        .await;
+    assert_eq!(
+        (verdict.report.decision, verdict.code),
+        (Decision::Deny, "budget_exhausted")
+    );
+
+    let grant = h.request(&agent, scopes, Some(60), None).await.unwrap();
+    h.clock.advance_seconds(59);
+    assert!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+    h.clock.advance_seconds(1);
+    let verdict = h
+        .call(&agent, &grant, "read_issue", ActionClass::Read)
+        .await;
+    assert_eq!(verdict.report.decision, Decision::Deny);
+    assert_eq!(verdict.code, "task_expired");
+    h.clock.advance_seconds(60);
+    let verdict = h
+        .call(&agent, &grant, "read_issue", ActionClass::Read)
+        .await;
+    assert_eq!(
+        verdict.code, "token_expired",
+        "past the skew the cached token itself is refused"
+    );
+}
+
+#[tokio::test]
+async fn the_proof_is_bound_to_key_request_and_moment() {
+    let h = Harness::new().await;
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let thief = h.agent("thief-bot", "mallory@example.org").await;
+    let grant = h.grant(&agent).await;
+    let token = grant.token.expose();
+    let url = format!("{BASE}/http/github/read_issue");
+    let call = |proof: Option<String>| {
+        let h = &h;
+        let url = url.clone();
+        async move {
+            h.attempt(
+                token,
+                proof.as_deref(),
+                &url,
+                "github",
+                "read_issue",
+                "acme/api",
+                ActionClass::Read,
+            )
+            .await
+        }
+    };
+
+    assert_eq!(call(None).await.code, "proof_missing");
+    let stolen = thief
+        .key
+        .sign_proof("POST", &url, Some(token), h.now(), &unique("p"))
+        .unwrap();
+    assert_eq!(call(Some(stolen)).await.code, "proof_key_mismatch");
+    let elsewhere = agent
+        .key
+        .sign_proof(
+            "POST",
+            &format!("{BASE}/http/github/other"),
+            Some(token),
+            h.now(),
+            &unique("p"),
+        )
+        .unwrap();
+    assert_eq!(call(Some(elsewhere)).await.code, "proof_wrong_url");
+    let proof = agent
+        .key
+        .sign_proof("POST", &url, Some(token), h.now(), &unique("p"))
+        .unwrap();
+    assert!(call(Some(proof.clone())).await.is_allow());
+    assert_eq!(call(Some(proof)).await.code, "proof_replayed");
+    let stale = agent
+        .key
+        .sign_proof("POST", &url, Some(token), h.now() - 120, &unique("p"))
+        .unwrap();
+    assert_eq!(call(Some(stale)).await.code, "proof_iat_too_old");
+}
+
+#[tokio::test]
+async fn identity_infrastructure_changes_need_approval() {
+    let h = Harness::new().await;
+    let agent = h.agent("ops-bot", "alice@example.org").await;
+    let scopes = json!([{ "tool": "iam", "actions": ["list_roles", "attach_policy"] }]);
+    let grant = h.request(&agent, scopes, None, None).await.unwrap();
+    let url = format!("{BASE}/http/iam/x");
+    let token = grant.token.expose();
+    let proof = agent
+        .key
+        .sign_proof("POST", &url, Some(token), h.now(), &unique("p"))
+        .unwrap();
+    let read = h
+        .attempt(
+            token,
+            Some(&proof),
+            &url,
+            "iam",
+            "list_roles",
+            "roles",
+            ActionClass::Read,
+        )
+        .await;
+    assert!(read.is_allow(), "{read:?}");
+    let proof = agent
+        .key
+        .sign_proof("POST", &url, Some(token), h.now(), &unique("p"))
+        .unwrap();
+    let write = h
+        .attempt(
+            token,
+            Some(&proof),
+            &url,
+            "iam",
+            "attach_policy",
+            "roles/admin",
+            ActionClass::Write,
+        )
+        .await;
+    assert_eq!(
+        (write.report.decision, write.code),
+        (Decision::ApprovalRequired, "approval_required")
+    );
+    assert_eq!(write.report.policies, vec!["call.approve-identity"]);
+}
+
+#[tokio::test]
+async fn every_decision_is_audited_and_no_secret_reaches_the_log() {
+    let h = Harness::new().await;
+    let (_, operator_token) = h
+        .authority
+        .create_operator(&h.admin, "ops", model::Role::Admin)
+        .await
+        .unwrap();
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    h.call(&agent, &grant, "read_issue", ActionClass::Read)
+        .await;
+    h.call(&agent, &grant, "delete_repo", ActionClass::Admin)
+        .await;
+    h.attempt(
+        "not-a-token",
+        None,
+        BASE,
+        "github",
+        "read_issue",
+        "acme/api",
+        ActionClass::Read,
+    )
+    .await;
+    h.authority
+        .revoke(
+            &h.admin,
+            RevocationKind::Task,
+            grant.task_id.as_str(),
+            "done",
+        )
+        .await
+        .unwrap();
+
+    let filter = store::AuditFilter {
+        limit: 1000,
+        ..Default::default()
+    };
+    let events = h.authority.audit_events(&h.admin, &filter).await.unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.body.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "key.created",
+            "operator.created",
+            "agent.registered",
+            "task.granted",
+            "call.decision",
+            "call.decision",
+            "call.decision",
+            "revocation",
+            "task.revoked",
+        ]
+    );
+    let codes: Vec<_> = events
+        .iter()
+        .filter(|e| e.body.kind == "call.decision")
+        .map(|e| e.body.detail["code"].clone())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            json!("allowed"),
+            json!("out_of_scope"),
+            json!("token_malformed")
+        ]
+    );
+
+    let log = serde_json::to_string(&events).unwrap();
+    let token = grant.token.expose();
+    let signature = token.rsplit('.').next().unwrap();
+    for secret in [
+        token.as_str(),
+        signature,
+        operator_token.expose().as_str(),
+        agent.key.to_private_jwk().expose().as_str(),
+    ] {
+        assert!(!log.contains(secret), "a secret reached the audit log");
+    }
+    let private: serde_json::Value =
+        serde_json::from_str(agent.key.to_private_jwk().expose()).unwrap();
+    assert!(!log.contains(private["d"].as_str().unwrap()));
+    assert!(h.authority.verify_audit(&h.admin).await.unwrap().ok);
+}

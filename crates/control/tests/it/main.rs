@@ -1,0 +1,10 @@
+//! Integration tests of the control plane: the grant path and the call-path decision against a
+//! real SQLite file (and PostgreSQL where a test needs a network store), and the HTTP API
+//! in-process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test support fails loudly")]
+
+mod api;
+mod calls;
+mod harness;
+mod tasks;

@@ -1,0 +1,317 @@
+//! One function per subcommand. Admin commands open the store directly and act as the local
+//! operator: whoever can open the store already holds everything it protects.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use control::clock::SystemClock;
+use control::{Authority, Operator, Settings};
+use model::Role;
+use store::{AuditFilter, RevocationKind};
+
+use crate::cli::{
+    AgentCommand, AuditCommand, Cli, Command, Global, KeysCommand, OperatorCommand, PolicyCommand,
+    RevokeKind, RoleArg,
+};
+use crate::config::{Overrides, RawConfig};
+use crate::demo;
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging();
+            let overrides = Overrides {
+                listen: args.listen,
+                public_url: args.public_url,
+                trust_domain: args.trust_domain,
+                ..overrides(&cli.global)
+            };
+            serve(settings(&cli.global, &overrides)?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => demo::run().await,
+        Command::Policy(command) => policy(command),
+        command => {
+            let authority = open(&cli.global).await?;
+            let operator =
+                Operator::local(&std::env::var("USER").unwrap_or_else(|_| "unknown".to_string()));
+            admin(&authority, &operator, command).await
+        }
+    }
+}
+
+/// Prints an error as one plain line (plus a hint line when the message carries one).
+pub fn print_error(error: &anyhow::Error) {
+    let text = format!("{error:#}");
+    match text.split_once("; hint: ") {
+        Some((message, hint)) => eprintln!("error: {message}\nhint: {hint}"),
+        None => eprintln!("error: {text}"),
+    }
+}
+
+fn overrides(global: &Global) -> Overrides {
+    Overrides {
+        store: global.store.clone(),
+        policies: global.policies.clone(),
+        ..Overrides::default()
+    }
+}
+
+fn settings(global: &Global, overrides: &Overrides) -> Result<Settings> {
+    RawConfig::load(global.config.as_deref())?.settle(overrides)
+}
+
+async fn open(global: &Global) -> Result<Arc<Authority>> {
+    let settings = settings(global, &overrides(global))?;
+    let store_url = settings.store_url.clone();
+    Authority::open(settings, Arc::new(SystemClock))
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("cannot open the store `{}`", redact_url(&store_url)))
+}
+
+/// A store URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(at)) if at > scheme.len() + 3 => {
+            let credentials = &rest[..at - scheme.len() - 3];
+            let user = credentials.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:[redacted]@{}", &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(crate::cli::env::LOG)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn serve(settings: Settings) -> Result<()> {
+    let listen = settings.listen;
+    let store_url = redact_url(&settings.store_url);
+    let authority = Authority::open(settings, Arc::new(SystemClock))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on `{listen}`"))?;
+    let sync = authority.spawn_sync();
+    tracing::info!(
+        "remit listening on {} (public URL {}, store {store_url}, {} policies, signing key {})",
+        listener.local_addr()?,
+        authority.settings().public_url,
+        authority.policy().policy_count(),
+        authority.keys().current_kid(),
+    );
+    let app = control::api::router(Arc::clone(&authority));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    sync.abort();
+    tracing::info!("remit stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn admin(authority: &Authority, operator: &Operator, command: Command) -> Result<ExitCode> {
+    let fail = |e: control::Error| anyhow!("{e}");
+    match command {
+        Command::Operator(OperatorCommand::Create { role, name }) => {
+            let role = match role {
+                RoleArg::Admin => Role::Admin,
+                RoleArg::Approver => Role::Approver,
+                RoleArg::Auditor => Role::Auditor,
+            };
+            let (record, token) = authority
+                .create_operator(operator, &name, role)
+                .await
+                .map_err(fail)?;
+            println!(
+                "operator {} ({}, role {})",
+                record.id, record.name, record.role
+            );
+            println!("token: {}", token.expose());
+            eprintln!("this token is shown once; remit keeps only its hash");
+        }
+        Command::Agent(AgentCommand::Create { name, owner, keys }) => {
+            let mut jwks = Vec::with_capacity(keys.len());
+            for path in &keys {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read key file `{}`", path.display()))?;
+                let jwk: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| anyhow!("key file `{}` is not a JSON JWK: {e}; hint: it should hold one public JWK object", path.display()))?;
+                jwks.push(jwk);
+            }
+            let agent = authority
+                .register_agent(operator, &name, &owner, &jwks)
+                .await
+                .map_err(fail)?;
+            println!("{}", agent.spiffe_id);
+        }
+        Command::Agent(AgentCommand::List) => {
+            for agent in authority.list_agents(operator).await.map_err(fail)? {
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    agent.name, agent.status, agent.owner, agent.spiffe_id
+                );
+            }
+        }
+        Command::Agent(AgentCommand::Show { name }) => {
+            let agent = authority.get_agent(operator, &name).await.map_err(fail)?;
+            print_json(&control::api::AgentView::from(agent))?;
+        }
+        Command::Agent(AgentCommand::Disable { name, reason }) => {
+            let agent = authority
+                .disable_agent(operator, &name, &reason)
+                .await
+                .map_err(fail)?;
+            println!("agent {} disabled", agent.name);
+        }
+        Command::Keys(KeysCommand::Rotate) => {
+            let kid = authority.rotate_keys(operator).await.map_err(fail)?;
+            println!(
+                "new signing key {kid}; the previous key stays published until its tokens have expired"
+            );
+        }
+        Command::Revoke(args) => {
+            let kind = match args.kind {
+                RevokeKind::Token => RevocationKind::Token,
+                RevokeKind::Task => RevocationKind::Task,
+                RevokeKind::Agent => RevocationKind::Agent,
+                RevokeKind::Owner => RevocationKind::Owner,
+            };
+            let revocation = authority
+                .revoke(operator, kind, &args.target, &args.reason)
+                .await
+                .map_err(fail)?;
+            println!(
+                "revoked {} {} (revocation #{})",
+                revocation.kind.as_str(),
+                revocation.target,
+                revocation.seq
+            );
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let report = authority.verify_audit(operator).await.map_err(fail)?;
+            if let Some(seq) = report.first_bad_seq {
+                eprintln!(
+                    "error: audit chain broken at sequence number {seq}: {}",
+                    report.reason.as_deref().unwrap_or("unknown reason")
+                );
+                eprintln!("{} events verified before it", report.checked);
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "audit chain intact: {} events, head {}",
+                report.checked, report.head
+            );
+        }
+        Command::Audit(AuditCommand::Tail { count, agent, task }) => {
+            let agent = agent.map(|a| {
+                if a.starts_with("spiffe://") {
+                    a
+                } else {
+                    format!("spiffe://{}/agent/{a}", authority.settings().trust_domain)
+                }
+            });
+            let filter = AuditFilter {
+                agent,
+                task,
+                limit: count.clamp(1, 1000),
+                newest: true,
+                ..AuditFilter::default()
+            };
+            for event in authority
+                .audit_events(operator, &filter)
+                .await
+                .map_err(fail)?
+            {
+                println!("{}", serde_json::to_string(&event)?);
+            }
+        }
+        Command::Serve(_) | Command::Demo | Command::Policy(_) => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy(command: PolicyCommand) -> Result<ExitCode> {
+    match command {
+        PolicyCommand::Validate { dir } => {
+            let engine = policy::PolicyEngine::load_dir(&dir).map_err(|e| anyhow!("{e}"))?;
+            println!(
+                "{}: {} policies valid against the schema",
+                dir.display(),
+                engine.policy_count()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Test { dir } => {
+            let engine = policy::PolicyEngine::load_dir(&dir).map_err(|e| anyhow!("{e}"))?;
+            let tests = dir.join("tests");
+            let report = policy::run_policy_tests(&engine, &tests).map_err(|e| anyhow!("{e}"))?;
+            for failure in &report.failures {
+                println!(
+                    "FAIL {} / {}: expected {}, got {} ({})",
+                    failure.file,
+                    failure.case,
+                    failure.expected,
+                    failure.got,
+                    failure.reasons.join("; ")
+                );
+            }
+            println!("{} passed, {} failed", report.passed, report.failures.len());
+            Ok(if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_lose_their_password() {
+        assert_eq!(
+            redact_url("postgres://remit:s3cret@db:5432/remit"),
+            "postgres://remit:[redacted]@db:5432/remit"
+        );
+        assert_eq!(redact_url("sqlite://remit.db"), "sqlite://remit.db");
+    }
+}

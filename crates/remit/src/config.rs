@@ -1,0 +1,280 @@
+//! Configuration, in two stages: the raw form (`remit.toml` and command-line flags, every
+//! field optional) and the validated `control::Settings` built from it once at start-up. A
+//! bad value stops start-up with a message naming the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use control::Settings;
+use control::settings::{ProofLimits, TaskLimits};
+use serde::Deserialize;
+
+/// The file read when present in the working directory and no `--config` is given.
+pub const DEFAULT_CONFIG_FILE: &str = "remit.toml";
+pub const DEFAULT_STORE: &str = "sqlite://remit.db";
+
+/// `remit.toml` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub trust_domain: Option<String>,
+    pub public_url: Option<String>,
+    pub listen: Option<String>,
+    pub store: Option<String>,
+    pub policies: Option<PathBuf>,
+    pub max_skew_seconds: Option<i64>,
+    pub sync_interval_ms: Option<u64>,
+    pub max_body_bytes: Option<usize>,
+    #[serde(default)]
+    pub tasks: RawTasks,
+    #[serde(default)]
+    pub proofs: RawProofs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTasks {
+    pub default_ttl_seconds: Option<i64>,
+    pub max_ttl_seconds: Option<i64>,
+    pub default_budget: Option<u32>,
+    pub max_budget: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProofs {
+    pub max_age_seconds: Option<i64>,
+    pub max_future_seconds: Option<i64>,
+    pub replay_capacity: Option<usize>,
+}
+
+/// Flags that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub store: Option<String>,
+    pub listen: Option<String>,
+    pub public_url: Option<String>,
+    pub policies: Option<PathBuf>,
+    pub trust_domain: Option<String>,
+}
+
+impl RawConfig {
+    /// Reads `--config FILE`, or `remit.toml` when it exists, or nothing.
+    pub fn load(path: Option<&Path>) -> Result<RawConfig> {
+        let (path, required) = match path {
+            Some(path) => (path.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        if !required && !path.exists() {
+            return Ok(RawConfig::default());
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read configuration `{}`", path.display()))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid configuration `{}`: {}",
+                path.display(),
+                one_line(&e.to_string())
+            )
+        })?;
+        // Relative policy paths are relative to the configuration file.
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(RawConfig {
+            policies: raw
+                .policies
+                .map(|p| if p.is_relative() { base.join(p) } else { p }),
+            ..raw
+        })
+    }
+
+    /// Applies the flags and validates everything.
+    pub fn settle(self, overrides: &Overrides) -> Result<Settings> {
+        let store = overrides
+            .store
+            .clone()
+            .or(self.store)
+            .unwrap_or_else(|| DEFAULT_STORE.to_string());
+        let mut settings = Settings::local(store);
+        if let Some(domain) = overrides.trust_domain.clone().or(self.trust_domain) {
+            settings.trust_domain = domain
+                .parse()
+                .map_err(|e| anyhow::anyhow!("`trust_domain`: {e}"))?;
+        }
+        if let Some(listen) = overrides.listen.clone().or(self.listen) {
+            settings.listen = listen.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!("`listen`: `{listen}` is not an address such as `127.0.0.1:8470`")
+            })?;
+        }
+        let public_url = overrides
+            .public_url
+            .clone()
+            .or(self.public_url)
+            .unwrap_or_else(|| format!("http://{}", settings.listen));
+        settings.public_url = check_public_url(&public_url, settings.listen)?;
+        settings.policy_dir = overrides.policies.clone().or(self.policies);
+        if let Some(dir) = &settings.policy_dir
+            && !dir.is_dir()
+        {
+            bail!(
+                "`policies`: `{}` is not a directory; hint: omit it to use the built-in example policies",
+                dir.display()
+            );
+        }
+
+        let defaults = TaskLimits::default();
+        let tasks = TaskLimits {
+            default_ttl_seconds: self
+                .tasks
+                .default_ttl_seconds
+                .unwrap_or(defaults.default_ttl_seconds),
+            max_ttl_seconds: self
+                .tasks
+                .max_ttl_seconds
+                .unwrap_or(defaults.max_ttl_seconds),
+            default_budget: self.tasks.default_budget.unwrap_or(defaults.default_budget),
+            max_budget: self.tasks.max_budget.unwrap_or(defaults.max_budget),
+        };
+        if tasks.max_ttl_seconds < 1 || tasks.max_ttl_seconds > 86_400 {
+            bail!(
+                "`tasks.max_ttl_seconds` must be between 1 and 86400, not {}",
+                tasks.max_ttl_seconds
+            );
+        }
+        if !(1..=tasks.max_ttl_seconds).contains(&tasks.default_ttl_seconds) {
+            bail!(
+                "`tasks.default_ttl_seconds` must be between 1 and `tasks.max_ttl_seconds` ({})",
+                tasks.max_ttl_seconds
+            );
+        }
+        if tasks.max_budget < 1 || !(1..=tasks.max_budget).contains(&tasks.default_budget) {
+            bail!(
+                "`tasks.default_budget` must be between 1 and `tasks.max_budget` ({})",
+                tasks.max_budget
+            );
+        }
+        settings.tasks = tasks;
+
+        let defaults = ProofLimits::default();
+        let proofs = ProofLimits {
+            max_age_seconds: self
+                .proofs
+                .max_age_seconds
+                .unwrap_or(defaults.max_age_seconds),
+            max_future_seconds: self
+                .proofs
+                .max_future_seconds
+                .unwrap_or(defaults.max_future_seconds),
+            replay_capacity: self
+                .proofs
+                .replay_capacity
+                .unwrap_or(defaults.replay_capacity),
+        };
+        if !(1..=600).contains(&proofs.max_age_seconds)
+            || !(0..=60).contains(&proofs.max_future_seconds)
+        {
+            bail!(
+                "`proofs.max_age_seconds` must be 1 to 600 and `proofs.max_future_seconds` 0 to 60"
+            );
+        }
+        if !(1_000..=100_000_000).contains(&proofs.replay_capacity) {
+            bail!("`proofs.replay_capacity` must be between 1000 and 100000000");
+        }
+        settings.proofs = proofs;
+
+        if let Some(skew) = self.max_skew_seconds {
+            if !(0..=300).contains(&skew) {
+                bail!("`max_skew_seconds` must be between 0 and 300, not {skew}");
+            }
+            settings.max_skew_seconds = skew;
+        }
+        if let Some(ms) = self.sync_interval_ms {
+            if !(10..=60_000).contains(&ms) {
+                bail!("`sync_interval_ms` must be between 10 and 60000, not {ms}");
+            }
+            settings.sync_interval = Duration::from_millis(ms);
+        }
+        if let Some(bytes) = self.max_body_bytes {
+            if !(1024..=16 * 1024 * 1024).contains(&bytes) {
+                bail!("`max_body_bytes` must be between 1024 and 16777216, not {bytes}");
+            }
+            settings.max_body_bytes = bytes;
+        }
+        Ok(settings)
+    }
+}
+
+/// The public URL must be absolute, without path, query or trailing slash; plain HTTP only
+/// for loopback, because tokens and proofs would otherwise cross the network in clear.
+fn check_public_url(url: &str, listen: SocketAddr) -> Result<String> {
+    let url = url.trim_end_matches('/');
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        anyhow::anyhow!(
+            "`public_url`: `{url}` is not an absolute URL such as `https://remit.example.org`"
+        )
+    })?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+        bail!(
+            "`public_url`: `{url}` must be scheme and host only, such as `https://remit.example.org`"
+        );
+    }
+    match scheme {
+        "https" => {}
+        "http" => {
+            let host = rest.rsplit_once(':').map_or(rest, |(host, _)| host);
+            let loopback_host =
+                matches!(host, "localhost" | "127.0.0.1" | "[::1]") || host.starts_with("127.");
+            if !loopback_host || !listen.ip().is_loopback() {
+                bail!(
+                    "`public_url`: plain HTTP is for loopback only; hint: serve behind a TLS-terminating proxy and set `public_url = \"https://…\"`"
+                );
+            }
+        }
+        other => bail!("`public_url`: scheme `{other}` is not `https` or `http`"),
+    }
+    Ok(url.to_string())
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settle(toml_text: &str) -> Result<Settings> {
+        let raw: RawConfig = toml::from_str(toml_text)?;
+        raw.settle(&Overrides::default())
+    }
+
+    #[test]
+    fn defaults_are_the_quick_start() {
+        let settings = settle("").unwrap();
+        assert_eq!(settings.store_url, DEFAULT_STORE);
+        assert_eq!(settings.public_url, "http://127.0.0.1:8470");
+        assert_eq!(settings.tasks.default_ttl_seconds, 300);
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let error = |text: &str| settle(text).unwrap_err().to_string();
+        assert!(error("listen = \"nowhere\"").contains("`listen`"));
+        assert!(error("[tasks]\nmax_ttl_seconds = 0").contains("`tasks.max_ttl_seconds`"));
+        assert!(error("public_url = \"http://remit.example.org\"").contains("loopback only"));
+        assert!(
+            error("public_url = \"https://remit.example.org/x\"").contains("scheme and host only")
+        );
+        assert!(error("trust_domain = \"Bad Domain\"").contains("`trust_domain`"));
+        assert!(toml::from_str::<RawConfig>("unknown = 1").is_err());
+    }
+
+    #[test]
+    fn https_public_url_allows_any_listener() {
+        let settings =
+            settle("listen = \"0.0.0.0:8470\"\npublic_url = \"https://remit.example.org/\"")
+                .unwrap();
+        assert_eq!(settings.public_url, "https://remit.example.org");
+    }
+}

@@ -1,0 +1,345 @@
+//! A scripted session with the real binary: bootstrap an operator, register an agent, serve,
+//! grant a task over HTTP, revoke it from the command line, read and verify the audit log,
+//! validate and test policies — and check that no secret reached the server's log.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use credentials::AgentKeyPair;
+use serde_json::{Value, json};
+
+use crate::support::{self, Server, ok, run};
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn request_task(
+    client: &reqwest::Client,
+    base: &str,
+    key: &AgentKeyPair,
+    jti: &str,
+) -> (u16, Value) {
+    let proof = key
+        .sign_proof("POST", &format!("{base}/v1/tasks"), None, now(), jti)
+        .unwrap();
+    let response = client
+        .post(format!("{base}/v1/tasks"))
+        .header("dpop", proof)
+        .json(&json!({
+            "agent": "triage-bot",
+            "intent": "triage new issues in acme/api",
+            "scopes": [{ "tool": "github", "actions": ["read_issue"], "resources": ["acme/*"] }],
+        }))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+async fn complete(
+    client: &reqwest::Client,
+    base: &str,
+    key: &AgentKeyPair,
+    task: &str,
+    token: &str,
+    jti: &str,
+) -> (u16, Value) {
+    let url = format!("{base}/v1/tasks/{task}/complete");
+    let proof = key
+        .sign_proof("POST", &url, Some(token), now(), jti)
+        .unwrap();
+    let response = client
+        .post(&url)
+        .header("authorization", format!("DPoP {token}"))
+        .header("dpop", proof)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+fn write_key(dir: &Path, key: &AgentKeyPair) -> String {
+    let path = dir.join("agent.jwk");
+    std::fs::write(&path, key.public().to_jwk().to_string()).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn a_scripted_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("remit.toml"),
+        "trust_domain = \"example.org\"\nsync_interval_ms = 50\n",
+    )
+    .unwrap();
+
+    // Bootstrap: an operator token, printed once.
+    let out = ok(
+        d,
+        &["operator", "create", "--role", "admin", "--name", "ci"],
+    );
+    let operator_token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap()
+        .to_string();
+    assert!(operator_token.starts_with("remit_op_"));
+
+    // Register an agent from its public JWK.
+    let key = AgentKeyPair::generate_p256().unwrap();
+    let key_file = write_key(d, &key);
+    let out = ok(
+        d,
+        &[
+            "agent",
+            "create",
+            "triage-bot",
+            "--owner",
+            "alice@example.org",
+            "--key",
+            &key_file,
+        ],
+    );
+    assert_eq!(out.trim(), "spiffe://example.org/agent/triage-bot");
+    assert!(ok(d, &["agent", "list"]).contains("triage-bot\tactive\talice@example.org"));
+    let shown: Value = serde_json::from_str(&ok(d, &["agent", "show", "triage-bot"])).unwrap();
+    assert_eq!(shown["owner"], "alice@example.org");
+
+    // Serve, and let the agent get a task over HTTP.
+    let server = Server::start(d, &[]);
+    let base = server.base.clone();
+    let client = reqwest::Client::new();
+    let (status, grant) = request_task(&client, &base, &key, "jti-1").await;
+    assert_eq!(status, 201, "{grant}");
+    let task = grant["task_id"].as_str().unwrap().to_string();
+    let token = grant["token"].as_str().unwrap().to_string();
+
+    // The admin API takes the operator token, not the agent's.
+    let agents = client
+        .get(format!("{base}/v1/agents"))
+        .bearer_auth(&operator_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(agents.status(), 200);
+    let refused = client
+        .get(format!("{base}/v1/agents"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    // Revoke from the command line while the server runs; the server catches up.
+    let out = ok(d, &["revoke", "task", &task, "--reason", "scripted"]);
+    assert!(out.starts_with(&format!("revoked task {task}")), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    let (status, body) = loop {
+        n += 1;
+        let (status, body) = complete(
+            &client,
+            &base,
+            &key,
+            &task,
+            &token,
+            &format!("complete-{n}"),
+        )
+        .await;
+        if status != 200 || Instant::now() > deadline {
+            break (status, body);
+        }
+    };
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "task_not_active");
+
+    // A second task, completed by its agent.
+    let (status, grant) = request_task(&client, &base, &key, "jti-2").await;
+    assert_eq!(status, 201);
+    let (status, done) = complete(
+        &client,
+        &base,
+        &key,
+        grant["task_id"].as_str().unwrap(),
+        grant["token"].as_str().unwrap(),
+        "c-2",
+    )
+    .await;
+    assert_eq!((status, &done["status"]), (200, &json!("completed")));
+
+    // Key rotation from the command line reaches the server's JWKS.
+    let out = ok(d, &["keys", "rotate"]);
+    assert!(out.starts_with("new signing key "), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let jwks: Value = client
+            .get(format!("{base}/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if jwks["keys"].as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotated key never reached the server: {jwks}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let log = server.stop();
+    assert!(log.contains("remit listening on"), "{log}");
+    for secret in [
+        operator_token.as_str(),
+        token.as_str(),
+        grant["token"].as_str().unwrap(),
+    ] {
+        assert!(!log.contains(secret), "a secret reached the server log");
+    }
+
+    // The audit log: tail, and a verified chain.
+    let tail = ok(d, &["audit", "tail", "-n", "3"]);
+    let events: Vec<Value> = tail
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3);
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64())
+    );
+    assert_eq!(events[2]["kind"], "key.rotated", "the newest event is last");
+    let by_task = ok(d, &["audit", "tail", "--task", &task, "-n", "100"]);
+    let kinds: Vec<String> = by_task
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(kinds, ["task.granted", "revocation", "task.revoked"]);
+    let verify = ok(d, &["audit", "verify"]);
+    assert!(verify.starts_with("audit chain intact: "), "{verify}");
+    let all = ok(d, &["audit", "tail", "-n", "1000"]);
+    assert!(!all.contains(&operator_token) && !all.contains(&token));
+
+    // Disable: the agent is refused new tasks.
+    ok(d, &["agent", "disable", "triage-bot"]);
+    assert!(ok(d, &["agent", "list"]).contains("triage-bot\tdisabled"));
+}
+
+#[test]
+fn mistakes_get_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let check = |args: &[&str], needle: &str| {
+        let run = run(d, args);
+        assert_eq!(run.status, 1, "remit {args:?}: {}", run.stderr);
+        let first = run.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("error: ") && first.contains(needle),
+            "remit {args:?}: {}",
+            run.stderr
+        );
+    };
+    check(
+        &[
+            "agent",
+            "create",
+            "Bad Name",
+            "--owner",
+            "alice@example.org",
+            "--key",
+            "missing.jwk",
+        ],
+        "missing.jwk",
+    );
+    std::fs::write(d.join("key.jwk"), "{\"kty\":\"RSA\"}").unwrap();
+    check(
+        &[
+            "agent",
+            "create",
+            "bot",
+            "--owner",
+            "alice@example.org",
+            "--key",
+            "key.jwk",
+        ],
+        "RSA",
+    );
+    std::fs::write(d.join("key.jwk"), "not json").unwrap();
+    check(
+        &[
+            "agent",
+            "create",
+            "bot",
+            "--owner",
+            "alice@example.org",
+            "--key",
+            "key.jwk",
+        ],
+        "not a JSON JWK",
+    );
+    check(&["agent", "show", "ghost"], "no agent named `ghost`");
+    check(&["revoke", "task", "nonsense"], "invalid task id");
+    check(
+        &["--store", "mysql://x", "agent", "list"],
+        "invalid store URL",
+    );
+    check(
+        &["--config", "nowhere.toml", "agent", "list"],
+        "nowhere.toml",
+    );
+    std::fs::write(d.join("bad.toml"), "listen = 5\n").unwrap();
+    check(&["--config", "bad.toml", "serve"], "bad.toml");
+    std::fs::write(d.join("bad.toml"), "[tasks]\nmax_ttl_seconds = -1\n").unwrap();
+    check(
+        &["--config", "bad.toml", "serve"],
+        "`tasks.max_ttl_seconds`",
+    );
+
+    // A bad policy stops validation naming the file and line.
+    let policies = d.join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let repo_policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    std::fs::copy(
+        repo_policies.join("remit.cedarschema"),
+        policies.join("remit.cedarschema"),
+    )
+    .unwrap();
+    std::fs::write(policies.join("bad.cedar"), "permit (principal, action, resource);\n\nforbid (principal, action == Action::\"wirte\", resource);\n").unwrap();
+    check(&["policy", "validate", "policies"], "bad.cedar:3");
+    let run = run(d, &["--policies", "policies", "serve"]);
+    assert_eq!(run.status, 1);
+    assert!(run.stderr.contains("bad.cedar:3"), "{}", run.stderr);
+}
+
+#[test]
+fn the_shipped_policies_validate_and_pass_their_tests() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = ok(&root, &["policy", "validate", "policies"]);
+    assert!(out.contains("policies valid against the schema"), "{out}");
+    let out = ok(&root, &["policy", "test", "policies"]);
+    assert!(out.trim_end().ends_with(" passed, 0 failed"), "{out}");
+}
+
+#[test]
+fn help_lists_every_command() {
+    let out = support::ok(Path::new("."), &["--help"]);
+    for command in [
+        "serve", "demo", "operator", "agent", "keys", "revoke", "audit", "policy",
+    ] {
+        assert!(out.contains(command), "{command} missing from --help");
+    }
+}

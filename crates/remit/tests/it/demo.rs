@@ -1,0 +1,34 @@
+//! `remit demo`, the README's first command, through the real binary.
+
+use crate::support;
+
+#[test]
+fn the_demo_behaves_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = support::run(dir.path(), &["demo"]);
+    assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
+    for step in [
+        "[ok  ]  1. register agent",
+        "[ok  ]  2. grant a task",
+        "[ok  ]  3. call github read_issue",
+        "[ok  ]  4. call github delete_repo",
+        "[ok  ]  5. revoke the task",
+        "[ok  ]  6. call github read_issue again",
+        "[ok  ]  7. verify the hash-chained audit log",
+        "every step behaved: 7 of 7",
+    ] {
+        assert!(
+            run.stdout.contains(step),
+            "missing `{step}` in:\n{}",
+            run.stdout
+        );
+    }
+    assert!(
+        run.stdout.contains("out_of_scope") && run.stdout.contains("revoked"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("FAIL"));
+    // The demo leaves nothing behind in the working directory.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

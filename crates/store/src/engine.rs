@@ -1,0 +1,1390 @@
+//! The one implementation of [`Store`], written once over a small [`Backend`] seam so that
+//! SQLite and PostgreSQL behave identically: the group-commit writer, the audit chain's
+//! sealing, the SQL both dialects share and defensive row decoding.
+//!
+//! Every write goes to one writer task per store. The writer takes whatever is queued (up to
+//! [`MAX_BATCH`] operations), runs it all in one transaction that holds the chain lock
+//! (`BEGIN IMMEDIATE` on SQLite, an advisory lock on PostgreSQL), reads the chain head
+//! inside that transaction, seals each event after it, commits once and only then answers.
+//! Each operation runs in its own savepoint so that one failure (a conflict, say) undoes
+//! only that operation and does not advance the chain.
+
+use std::fmt::{self, Display};
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use audit::{Event, EventBody, GENESIS, Hash};
+use model::{AgentName, AgentStatus, Secret, TaskId, TaskStatus, UnixSeconds};
+use serde::de::DeserializeOwned;
+use sqlx::pool::PoolConnection;
+use sqlx::{ColumnIndex, Decode, Row, Type};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    AgentRecord, AuditFilter, NewRevocation, OperatorRecord, Result, Revocation, RevocationKind,
+    SigningKeyRecord, Store, StoreError, TaskRecord,
+};
+
+/// Most operations one transaction carries. Bounds the time a batch holds the chain lock.
+pub(crate) const MAX_BATCH: usize = 512;
+
+/// Queued operations before callers wait to enqueue: back pressure instead of unbounded memory.
+const QUEUE: usize = 8192;
+
+/// Most rows `query_events` returns, and what a zero limit means.
+const QUERY_CAP: u32 = 1_000;
+const QUERY_DEFAULT: u32 = 100;
+
+/// Most rows one page of `events_after` or `revocations_after` returns, and what a zero limit
+/// means: pages large enough for fast verification and catch-up, small enough to hold.
+const PAGE_CAP: u32 = 10_000;
+const PAGE_DEFAULT: u32 = 1_000;
+
+/// Rows per multi-row `INSERT` into `audit_events`. A few fixed sizes keep the number of
+/// distinct statements (and so of prepared statements) small whatever the batch size.
+const EVENT_CHUNKS: [usize; 4] = [128, 32, 8, 1];
+
+/// A bind parameter, owned, so that one generic body can drive either backend's query type.
+#[derive(Debug)]
+pub(crate) enum Arg {
+    Text(String),
+    OptText(Option<String>),
+    Int(i64),
+    OptInt(Option<i64>),
+    Bytes(Vec<u8>),
+    Bool(bool),
+}
+
+/// What the engine needs from a connection: run a statement, fetch rows.
+#[async_trait]
+pub(crate) trait Conn: Send {
+    type Row: RowExt + Send;
+    /// Whether long statements should use `?` rather than `$n`. SQLite resolves each `$n`
+    /// by scanning every parameter name, which makes binding a many-row `INSERT` quadratic.
+    const ANONYMOUS_PARAMS: bool;
+    async fn execute(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error>;
+    async fn fetch_all(&mut self, sql: &str, args: Vec<Arg>)
+    -> Result<Vec<Self::Row>, sqlx::Error>;
+    async fn fetch_optional(
+        &mut self,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> Result<Option<Self::Row>, sqlx::Error>;
+}
+
+/// Binds owned [`Arg`]s to a concrete sqlx query.
+macro_rules! bind_args {
+    ($query:expr, $args:expr) => {{
+        let mut query = $query;
+        for arg in $args {
+            query = match arg {
+                $crate::engine::Arg::Text(value) => query.bind(value),
+                $crate::engine::Arg::OptText(value) => query.bind(value),
+                $crate::engine::Arg::Int(value) => query.bind(value),
+                $crate::engine::Arg::OptInt(value) => query.bind(value),
+                $crate::engine::Arg::Bytes(value) => query.bind(value),
+                $crate::engine::Arg::Bool(value) => query.bind(value),
+            };
+        }
+        query
+    }};
+}
+pub(crate) use bind_args;
+
+/// Implements [`Conn`] for a concrete sqlx connection type.
+macro_rules! impl_conn {
+    ($connection:ty, $row:ty, anonymous_params = $anonymous:literal) => {
+        #[async_trait::async_trait]
+        impl $crate::engine::Conn for $connection {
+            type Row = $row;
+            const ANONYMOUS_PARAMS: bool = $anonymous;
+
+            async fn execute(
+                &mut self,
+                sql: &str,
+                args: Vec<$crate::engine::Arg>,
+            ) -> Result<u64, sqlx::Error> {
+                let query = $crate::engine::bind_args!(sqlx::query(sql), args);
+                Ok(query.execute(&mut *self).await?.rows_affected())
+            }
+
+            async fn fetch_all(
+                &mut self,
+                sql: &str,
+                args: Vec<$crate::engine::Arg>,
+            ) -> Result<Vec<$row>, sqlx::Error> {
+                $crate::engine::bind_args!(sqlx::query(sql), args)
+                    .fetch_all(&mut *self)
+                    .await
+            }
+
+            async fn fetch_optional(
+                &mut self,
+                sql: &str,
+                args: Vec<$crate::engine::Arg>,
+            ) -> Result<Option<$row>, sqlx::Error> {
+                $crate::engine::bind_args!(sqlx::query(sql), args)
+                    .fetch_optional(&mut *self)
+                    .await
+            }
+        }
+    };
+}
+pub(crate) use impl_conn;
+
+/// What differs between the dialects. Everything else is shared SQL (`$n` placeholders work
+/// in both).
+#[async_trait]
+pub(crate) trait Backend: Send + Sync + 'static {
+    type Db: sqlx::Database<Connection = Self::Conn>;
+    type Conn: Conn + sqlx::Connection<Database = Self::Db>;
+
+    /// `sqlite` or `postgres`.
+    const KIND: &'static str;
+
+    fn pool(&self) -> &sqlx::Pool<Self::Db>;
+
+    /// Starts a write transaction that excludes every other writer of the same chain, in this
+    /// process or another.
+    async fn begin_write(&self, conn: &mut Self::Conn) -> Result<(), sqlx::Error>;
+}
+
+/// A [`Store`] over one backend, with its writer task.
+pub(crate) struct SqlStore<B: Backend> {
+    backend: Arc<B>,
+    writer: mpsc::Sender<Pending>,
+}
+
+impl<B: Backend> fmt::Debug for SqlStore<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("kind", &B::KIND)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> SqlStore<B> {
+    /// Starts the writer task on the current Tokio runtime. It ends when the store is dropped.
+    pub(crate) fn start(backend: B) -> SqlStore<B> {
+        let backend = Arc::new(backend);
+        let (writer, queue) = mpsc::channel(QUEUE);
+        let task = Writer {
+            backend: backend.clone(),
+            conn: None,
+        };
+        tokio::spawn(task.run(queue));
+        SqlStore { backend, writer }
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<Outcome> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Pending { op, reply })
+            .await
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    async fn read(&self) -> Result<PoolConnection<B::Db>> {
+        self.backend.pool().acquire().await.map_err(db_error)
+    }
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Unavailable("the store's writer task has stopped".to_string())
+}
+
+fn wrong_outcome() -> StoreError {
+    StoreError::Unavailable("the store's writer answered a different operation".to_string())
+}
+
+/// A state change (with its audit event) or an append, queued for the writer.
+#[derive(Debug)]
+enum WriteOp {
+    InsertAgent(AgentRecord, EventBody),
+    SetAgentStatus(AgentName, AgentStatus, EventBody),
+    InsertOperator(OperatorRecord, EventBody),
+    InsertSigningKey(SigningKeyRecord, EventBody),
+    RotateSigningKey {
+        new_key: SigningKeyRecord,
+        retired_at: UnixSeconds,
+        publish_until: UnixSeconds,
+        event: EventBody,
+    },
+    InsertTask(TaskRecord, EventBody),
+    FinishTask(TaskId, TaskStatus, EventBody),
+    AddTaskCalls(TaskId, u32),
+    InsertRevocation(NewRevocation, EventBody),
+    Append(Vec<EventBody>),
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Event(Event),
+    Finished(Option<Event>),
+    Done,
+    Revocation(Revocation, Event),
+    Events(Vec<Event>),
+}
+
+#[derive(Debug)]
+struct Pending {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<Outcome>>,
+}
+
+/// The chain head as read inside the current write transaction.
+#[derive(Clone, Copy, Debug)]
+struct Head {
+    seq: u64,
+    hash: Hash,
+}
+
+struct Writer<B: Backend> {
+    backend: Arc<B>,
+    /// Kept across batches to keep its prepared statements warm; dropped after a failure.
+    conn: Option<PoolConnection<B::Db>>,
+}
+
+impl<B: Backend> Writer<B> {
+    async fn run(mut self, mut queue: mpsc::Receiver<Pending>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        // `recv_many` waits for the first operation, then takes whatever else is queued:
+        // operations that arrive while a commit is in flight share the next one.
+        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            // Callers woken by the previous commit are runnable but may not have queued their
+            // next operation yet; one yield lets them, which roughly doubles the batch size
+            // under load and costs microseconds when idle.
+            tokio::task::yield_now().await;
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+            let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|p| (p.op, p.reply)).unzip();
+            match self.commit(ops).await {
+                Ok(results) => {
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        // A caller that gave up waiting is no reason to stop.
+                        let _ = reply.send(result);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, operations = replies.len(), "store write batch failed");
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one batch in one transaction. The outer error fails the whole batch; the inner
+    /// results are per operation and final only once the commit succeeded.
+    async fn commit(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self
+                .conn
+                .insert(self.backend.pool().acquire().await.map_err(db_error)?),
+        };
+        let result = transaction(&*self.backend, &mut **conn, ops).await;
+        if result.is_err() {
+            // The connection may be mid-transaction or broken: never reuse it.
+            if let Some(mut conn) = self.conn.take() {
+                conn.close_on_drop();
+            }
+        }
+        result
+    }
+}
+
+async fn transaction<B: Backend>(
+    backend: &B,
+    conn: &mut B::Conn,
+    ops: Vec<WriteOp>,
+) -> Result<Vec<Result<Outcome>>> {
+    backend.begin_write(conn).await.map_err(db_error)?;
+    let mut head = read_head(conn).await?;
+    let mut results = Vec::with_capacity(ops.len());
+    let mut ops = ops.into_iter().peekable();
+    while let Some(op) = ops.next() {
+        match op {
+            WriteOp::Append(bodies) => {
+                // Consecutive appends cannot conflict with anything, so they share one
+                // savepoint and multi-row inserts; on the rare failure each is retried alone.
+                let mut run = vec![bodies];
+                while let Some(WriteOp::Append(_)) = ops.peek() {
+                    if let Some(WriteOp::Append(bodies)) = ops.next() {
+                        run.push(bodies);
+                    }
+                }
+                append_run(conn, &mut head, run, &mut results).await?;
+            }
+            op => results.push(in_savepoint(conn, &mut head, op).await?),
+        }
+    }
+    conn.execute("COMMIT", vec![]).await.map_err(db_error)?;
+    Ok(results)
+}
+
+async fn read_head<C: Conn>(conn: &mut C) -> Result<Head> {
+    let row = conn
+        .fetch_optional(
+            "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+            vec![],
+        )
+        .await
+        .map_err(db_error)?;
+    let Some(row) = row else {
+        return Ok(Head {
+            seq: 0,
+            hash: GENESIS,
+        });
+    };
+    let fields = Fields::keyed_by_int(&row, "audit event", "seq")?;
+    Ok(Head {
+        seq: fields.u64("seq")?,
+        hash: fields.hash("hash")?,
+    })
+}
+
+/// Runs one operation in its own savepoint. `Err` means the transaction itself failed.
+async fn in_savepoint<C: Conn>(
+    conn: &mut C,
+    head: &mut Head,
+    op: WriteOp,
+) -> Result<Result<Outcome>> {
+    conn.execute("SAVEPOINT remit_op", vec![])
+        .await
+        .map_err(db_error)?;
+    let before = *head;
+    let outcome = apply(conn, head, op).await;
+    if outcome.is_err() {
+        *head = before;
+        conn.execute("ROLLBACK TO SAVEPOINT remit_op", vec![])
+            .await
+            .map_err(db_error)?;
+    }
+    conn.execute("RELEASE SAVEPOINT remit_op", vec![])
+        .await
+        .map_err(db_error)?;
+    Ok(outcome)
+}
+
+async fn append_run<C: Conn>(
+    conn: &mut C,
+    head: &mut Head,
+    run: Vec<Vec<EventBody>>,
+    results: &mut Vec<Result<Outcome>>,
+) -> Result<()> {
+    let sizes: Vec<usize> = run.iter().map(Vec::len).collect();
+    let before = *head;
+    conn.execute("SAVEPOINT remit_run", vec![])
+        .await
+        .map_err(db_error)?;
+    let events = seal(head, run.into_iter().flatten());
+    match insert_events(conn, &events).await {
+        Ok(()) => {
+            conn.execute("RELEASE SAVEPOINT remit_run", vec![])
+                .await
+                .map_err(db_error)?;
+            let mut events = events.into_iter();
+            for size in sizes {
+                results.push(Ok(Outcome::Events(events.by_ref().take(size).collect())));
+            }
+        }
+        Err(_) => {
+            *head = before;
+            conn.execute("ROLLBACK TO SAVEPOINT remit_run", vec![])
+                .await
+                .map_err(db_error)?;
+            conn.execute("RELEASE SAVEPOINT remit_run", vec![])
+                .await
+                .map_err(db_error)?;
+            let mut bodies = events.into_iter().map(|event| event.body);
+            for size in sizes {
+                let op = WriteOp::Append(bodies.by_ref().take(size).collect());
+                results.push(in_savepoint(conn, head, op).await?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Chains `bodies` after `head`, advancing it.
+fn seal(head: &mut Head, bodies: impl IntoIterator<Item = EventBody>) -> Vec<Event> {
+    bodies
+        .into_iter()
+        .map(|body| {
+            let event = Event::seal(head.seq + 1, head.hash, body);
+            *head = Head {
+                seq: event.seq,
+                hash: event.hash,
+            };
+            event
+        })
+        .collect()
+}
+
+async fn append_one<C: Conn>(conn: &mut C, head: &mut Head, body: EventBody) -> Result<Event> {
+    let mut events = seal(head, [body]);
+    insert_events(conn, &events).await?;
+    events.pop().ok_or_else(wrong_outcome)
+}
+
+async fn insert_events<C: Conn>(conn: &mut C, events: &[Event]) -> Result<()> {
+    let mut rest = events;
+    while !rest.is_empty() {
+        let rows = EVENT_CHUNKS
+            .into_iter()
+            .find(|&size| size <= rest.len())
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(rows);
+        let mut args = Vec::with_capacity(rows * 10);
+        for event in chunk {
+            event_args(event, &mut args)?;
+        }
+        conn.execute(insert_events_sql(rows, C::ANONYMOUS_PARAMS), args)
+            .await
+            .map_err(db_error)?;
+        rest = tail;
+    }
+    Ok(())
+}
+
+fn insert_events_sql(rows: usize, anonymous: bool) -> &'static str {
+    static NUMBERED: OnceLock<Vec<(usize, String)>> = OnceLock::new();
+    static ANONYMOUS: OnceLock<Vec<(usize, String)>> = OnceLock::new();
+    let build = || {
+        EVENT_CHUNKS
+            .iter()
+            .map(|&rows| {
+                let values: Vec<String> = (0..rows)
+                    .map(|row| {
+                        let params: Vec<String> = (1..=10)
+                            .map(|col| if anonymous { "?".to_string() } else { format!("${}", row * 10 + col) })
+                            .collect();
+                        format!("({})", params.join(", "))
+                    })
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) VALUES {}",
+                    values.join(", ")
+                );
+                (rows, sql)
+            })
+            .collect()
+    };
+    let all = if anonymous {
+        ANONYMOUS.get_or_init(build)
+    } else {
+        NUMBERED.get_or_init(build)
+    };
+    all.iter()
+        .find(|(size, _)| *size == rows)
+        .map_or("", |(_, sql)| sql.as_str())
+}
+
+fn event_args(event: &Event, args: &mut Vec<Arg>) -> Result<()> {
+    let mut detail = String::new();
+    audit::canonical_json(&event.body.detail, &mut detail);
+    args.extend([
+        Arg::Int(to_i64(event.seq, "audit event")?),
+        Arg::Int(event.body.time_ms),
+        Arg::Text(event.body.kind.clone()),
+        Arg::Text(event.body.actor.clone()),
+        Arg::OptText(event.body.agent.clone()),
+        Arg::OptText(event.body.task.clone()),
+        Arg::OptText(event.body.decision.clone()),
+        Arg::Text(detail),
+        Arg::Bytes(event.prev_hash.to_vec()),
+        Arg::Bytes(event.hash.to_vec()),
+    ]);
+    Ok(())
+}
+
+fn to_i64(value: u64, what: &str) -> Result<i64> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("{what} number `{value}` is out of range")))
+}
+
+fn to_json(value: &impl serde::Serialize, what: &str) -> Result<String> {
+    serde_json::to_string(value)
+        .map_err(|error| StoreError::Corrupt(format!("cannot encode {what}: {error}")))
+}
+
+/// One operation's statements. Runs inside a savepoint: an error undoes them all.
+async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Outcome> {
+    match op {
+        WriteOp::InsertAgent(agent, event) => {
+            let args = vec![
+                Arg::Text(agent.name.to_string()),
+                Arg::Text(agent.spiffe_id.to_string()),
+                Arg::Text(agent.owner.to_string()),
+                Arg::Text(agent.status.as_str().to_string()),
+                Arg::Text(to_json(&agent.keys, "agent keys")?),
+                Arg::Int(agent.created_at),
+            ];
+            conn.execute(
+                "INSERT INTO agents (name, spiffe_id, owner, status, keys, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                args,
+            )
+            .await
+            .map_err(|error| conflict_or(error, "agent", agent.name.as_str()))?;
+            Ok(Outcome::Event(append_one(conn, head, event).await?))
+        }
+        WriteOp::SetAgentStatus(name, status, event) => {
+            let args = vec![
+                Arg::Text(status.as_str().to_string()),
+                Arg::Text(name.to_string()),
+            ];
+            let changed = conn
+                .execute("UPDATE agents SET status = $1 WHERE name = $2", args)
+                .await
+                .map_err(db_error)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound {
+                    what: "agent",
+                    key: name.to_string(),
+                });
+            }
+            Ok(Outcome::Event(append_one(conn, head, event).await?))
+        }
+        WriteOp::InsertOperator(operator, event) => {
+            let args = vec![
+                Arg::Text(operator.id.clone()),
+                Arg::Text(operator.name.clone()),
+                Arg::Text(operator.role.as_str().to_string()),
+                Arg::Bytes(operator.token_hash.to_vec()),
+                Arg::Int(operator.created_at),
+                Arg::Bool(operator.disabled),
+            ];
+            conn.execute(
+                "INSERT INTO operators (id, name, role, token_hash, created_at, disabled) VALUES ($1, $2, $3, $4, $5, $6)",
+                args,
+            )
+            .await
+            .map_err(|error| conflict_or(error, "operator", &operator.id))?;
+            Ok(Outcome::Event(append_one(conn, head, event).await?))
+        }
+        WriteOp::InsertSigningKey(key, event) => {
+            if key.retired_at.is_none() {
+                let current = conn
+                    .fetch_optional(
+                        "SELECT kid FROM signing_keys WHERE retired_at IS NULL",
+                        vec![],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if let Some(row) = current {
+                    let kid = Fields::keyed_by_text(&row, "signing key", "kid")?.key;
+                    return Err(StoreError::Conflict {
+                        what: "current signing key",
+                        key: kid,
+                    });
+                }
+            }
+            insert_signing_key(conn, &key, key.retired_at, key.publish_until).await?;
+            Ok(Outcome::Event(append_one(conn, head, event).await?))
+        }
+        WriteOp::RotateSigningKey {
+            new_key,
+            retired_at,
+            publish_until,
+            event,
+        } => {
+            conn.execute(
+                "UPDATE signing_keys SET retired_at = $1, publish_until = $2 WHERE retired_at IS NULL",
+                vec![Arg::Int(retired_at), Arg::Int(publish_until)],
+            )
+            .await
+            .map_err(db_error)?;
+            // The new key is current whatever its record says: that is what rotating means.
+            insert_signing_key(conn, &new_key, None, None).await?;
+            Ok(Outcome::Event(append_one(conn, head, event).await?))
+        }
+        WriteOp::InsertTask(task, event) => {
+            insert_task(conn, &task).await?;
+            Ok(Outcome::Event(append_one(conn, head, event).await?))
+        }
+        WriteOp::FinishTask(id, to, event) => {
+            let changed = if to == TaskStatus::Active {
+                0
+            } else {
+                conn.execute(
+                    "UPDATE tasks SET status = $1 WHERE id = $2 AND status = 'active'",
+                    vec![
+                        Arg::Text(to.as_str().to_string()),
+                        Arg::Text(id.to_string()),
+                    ],
+                )
+                .await
+                .map_err(db_error)?
+            };
+            if changed == 0 {
+                let exists = conn
+                    .fetch_optional(
+                        "SELECT id FROM tasks WHERE id = $1",
+                        vec![Arg::Text(id.to_string())],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                return match exists {
+                    Some(_) => Ok(Outcome::Finished(None)),
+                    None => Err(StoreError::NotFound {
+                        what: "task",
+                        key: id.to_string(),
+                    }),
+                };
+            }
+            Ok(Outcome::Finished(Some(
+                append_one(conn, head, event).await?,
+            )))
+        }
+        WriteOp::AddTaskCalls(id, calls) => {
+            // Saturates rather than overflowing the record's `u32`.
+            let changed = conn
+                .execute(
+                    "UPDATE tasks SET calls_used = CASE WHEN calls_used + $1 > 4294967295 THEN 4294967295 \
+                     ELSE calls_used + $1 END WHERE id = $2",
+                    vec![Arg::Int(i64::from(calls)), Arg::Text(id.to_string())],
+                )
+                .await
+                .map_err(db_error)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound {
+                    what: "task",
+                    key: id.to_string(),
+                });
+            }
+            Ok(Outcome::Done)
+        }
+        WriteOp::InsertRevocation(revocation, event) => {
+            let args = vec![
+                Arg::Text(revocation.kind.as_str().to_string()),
+                Arg::Text(revocation.target.clone()),
+                Arg::Text(revocation.reason.clone()),
+                Arg::Int(revocation.created_at),
+            ];
+            let row = conn
+                .fetch_optional(
+                    "INSERT INTO revocations (kind, target, reason, created_at) VALUES ($1, $2, $3, $4) RETURNING seq",
+                    args,
+                )
+                .await
+                .map_err(db_error)?
+                .ok_or_else(wrong_outcome)?;
+            let seq = Fields::keyed_by_int(&row, "revocation", "seq")?.int("seq")?;
+            let event = append_one(conn, head, event).await?;
+            let NewRevocation {
+                kind,
+                target,
+                reason,
+                created_at,
+            } = revocation;
+            Ok(Outcome::Revocation(
+                Revocation {
+                    seq,
+                    kind,
+                    target,
+                    reason,
+                    created_at,
+                },
+                event,
+            ))
+        }
+        WriteOp::Append(bodies) => {
+            let events = seal(head, bodies);
+            insert_events(conn, &events).await?;
+            Ok(Outcome::Events(events))
+        }
+    }
+}
+
+async fn insert_signing_key<C: Conn>(
+    conn: &mut C,
+    key: &SigningKeyRecord,
+    retired_at: Option<UnixSeconds>,
+    publish_until: Option<UnixSeconds>,
+) -> Result<()> {
+    let args = vec![
+        Arg::Text(key.kid.clone()),
+        Arg::Bytes(key.pkcs8.expose().clone()),
+        Arg::Text(to_json(&key.public_jwk, "public JWK")?),
+        Arg::Int(key.created_at),
+        Arg::OptInt(retired_at),
+        Arg::OptInt(publish_until),
+    ];
+    conn.execute(
+        "INSERT INTO signing_keys (kid, pkcs8, public_jwk, created_at, retired_at, publish_until) VALUES ($1, $2, $3, $4, $5, $6)",
+        args,
+    )
+    .await
+    .map_err(|error| conflict_or(error, "signing key", &key.kid))?;
+    Ok(())
+}
+
+async fn insert_task<C: Conn>(conn: &mut C, task: &TaskRecord) -> Result<()> {
+    let args = vec![
+        Arg::Text(task.id.to_string()),
+        Arg::Text(task.agent.to_string()),
+        Arg::Text(task.owner.to_string()),
+        Arg::Text(task.intent.clone()),
+        Arg::Text(to_json(&task.scopes, "task scopes")?),
+        Arg::OptText(task.obo.clone()),
+        Arg::OptText(task.parent.as_ref().map(TaskId::to_string)),
+        Arg::Int(i64::from(task.depth)),
+        Arg::Text(task.status.as_str().to_string()),
+        Arg::Int(task.created_at),
+        Arg::Int(task.expires_at),
+        Arg::Int(i64::from(task.budget)),
+        Arg::Int(i64::from(task.calls_used)),
+        Arg::Text(task.token_jti.clone()),
+        Arg::Text(task.jkt.clone()),
+    ];
+    let inserted = conn
+        .execute(
+            "INSERT INTO tasks (id, agent, owner, intent, scopes, obo, parent, depth, status, created_at, expires_at, budget, calls_used, token_jti, jkt) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            args,
+        )
+        .await;
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(error) if is_foreign_key_violation(&error) => {
+            // Name what is missing. PostgreSQL refuses statements after an error until the
+            // savepoint is rolled back, so do that first (the caller's rollback repeats it).
+            conn.execute("ROLLBACK TO SAVEPOINT remit_op", vec![])
+                .await
+                .map_err(db_error)?;
+            let agent = conn
+                .fetch_optional(
+                    "SELECT name FROM agents WHERE name = $1",
+                    vec![Arg::Text(task.agent.to_string())],
+                )
+                .await
+                .map_err(db_error)?;
+            match (agent, &task.parent) {
+                (None, _) => Err(StoreError::NotFound {
+                    what: "agent",
+                    key: task.agent.to_string(),
+                }),
+                (Some(_), Some(parent)) => Err(StoreError::NotFound {
+                    what: "parent task",
+                    key: parent.to_string(),
+                }),
+                (Some(_), None) => Err(db_error(error)),
+            }
+        }
+        Err(error) => Err(conflict_or(error, "task", task.id.as_str())),
+    }
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+fn is_foreign_key_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_foreign_key_violation())
+}
+
+fn conflict_or(error: sqlx::Error, what: &'static str, key: &str) -> StoreError {
+    if is_unique_violation(&error) {
+        StoreError::Conflict {
+            what,
+            key: key.to_string(),
+        }
+    } else {
+        db_error(error)
+    }
+}
+
+/// Decoding problems mean the data is wrong; anything else means the database is unreachable
+/// or refused, which the call path must treat as a reason to deny.
+pub(crate) fn db_error(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnNotFound(_) => StoreError::Corrupt(error.to_string()),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// Migration failures: an unreachable database, or a schema this build does not know.
+pub(crate) fn migrate_error(error: sqlx::migrate::MigrateError) -> StoreError {
+    match error {
+        sqlx::migrate::MigrateError::Execute(error) => db_error(error),
+        other => StoreError::Corrupt(format!(
+            "cannot migrate the database: {other} (hint: was it written by a newer remit?)"
+        )),
+    }
+}
+
+/// Typed column access shared by both backends' row types.
+pub(crate) trait RowExt {
+    fn text(&self, column: &str) -> Result<String, sqlx::Error>;
+    fn opt_text(&self, column: &str) -> Result<Option<String>, sqlx::Error>;
+    fn int(&self, column: &str) -> Result<i64, sqlx::Error>;
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, sqlx::Error>;
+    fn bytes(&self, column: &str) -> Result<Vec<u8>, sqlx::Error>;
+    fn boolean(&self, column: &str) -> Result<bool, sqlx::Error>;
+}
+
+impl<R> RowExt for R
+where
+    R: Row,
+    for<'c> &'c str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn text(&self, column: &str) -> Result<String, sqlx::Error> {
+        self.try_get(column)
+    }
+    fn opt_text(&self, column: &str) -> Result<Option<String>, sqlx::Error> {
+        self.try_get(column)
+    }
+    fn int(&self, column: &str) -> Result<i64, sqlx::Error> {
+        self.try_get(column)
+    }
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, sqlx::Error> {
+        self.try_get(column)
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>, sqlx::Error> {
+        self.try_get(column)
+    }
+    fn boolean(&self, column: &str) -> Result<bool, sqlx::Error> {
+        self.try_get(column)
+    }
+}
+
+/// Decodes one row's columns, turning any failure into `Corrupt` naming the record and key.
+struct Fields<'r, R> {
+    row: &'r R,
+    what: &'static str,
+    key: String,
+}
+
+impl<'r, R: RowExt> Fields<'r, R> {
+    fn keyed_by_text(row: &'r R, what: &'static str, column: &str) -> Result<Self> {
+        let key = row.text(column).map_err(|error| {
+            StoreError::Corrupt(format!("{what} with unreadable `{column}`: {error}"))
+        })?;
+        Ok(Fields { row, what, key })
+    }
+
+    fn keyed_by_int(row: &'r R, what: &'static str, column: &str) -> Result<Self> {
+        let key = row.int(column).map_err(|error| {
+            StoreError::Corrupt(format!("{what} with unreadable `{column}`: {error}"))
+        })?;
+        Ok(Fields {
+            row,
+            what,
+            key: key.to_string(),
+        })
+    }
+
+    fn fail(&self, column: &str, problem: impl Display) -> StoreError {
+        StoreError::Corrupt(format!(
+            "{} `{}`, column `{column}`: {problem}",
+            self.what, self.key
+        ))
+    }
+
+    fn text(&self, column: &str) -> Result<String> {
+        self.row
+            .text(column)
+            .map_err(|error| self.fail(column, error))
+    }
+
+    fn opt_text(&self, column: &str) -> Result<Option<String>> {
+        self.row
+            .opt_text(column)
+            .map_err(|error| self.fail(column, error))
+    }
+
+    fn int(&self, column: &str) -> Result<i64> {
+        self.row
+            .int(column)
+            .map_err(|error| self.fail(column, error))
+    }
+
+    fn opt_int(&self, column: &str) -> Result<Option<i64>> {
+        self.row
+            .opt_int(column)
+            .map_err(|error| self.fail(column, error))
+    }
+
+    fn u32(&self, column: &str) -> Result<u32> {
+        let value = self.int(column)?;
+        u32::try_from(value)
+            .map_err(|_| self.fail(column, format_args!("`{value}` is out of range")))
+    }
+
+    fn u64(&self, column: &str) -> Result<u64> {
+        let value = self.int(column)?;
+        u64::try_from(value)
+            .map_err(|_| self.fail(column, format_args!("`{value}` is out of range")))
+    }
+
+    fn bytes(&self, column: &str) -> Result<Vec<u8>> {
+        self.row
+            .bytes(column)
+            .map_err(|error| self.fail(column, error))
+    }
+
+    fn boolean(&self, column: &str) -> Result<bool> {
+        self.row
+            .boolean(column)
+            .map_err(|error| self.fail(column, error))
+    }
+
+    fn hash(&self, column: &str) -> Result<Hash> {
+        let bytes = self.bytes(column)?;
+        Hash::try_from(bytes.as_slice())
+            .map_err(|_| self.fail(column, format_args!("{} bytes, expected 32", bytes.len())))
+    }
+
+    fn parse<T: FromStr>(&self, column: &str) -> Result<T>
+    where
+        T::Err: Display,
+    {
+        self.text(column)?
+            .parse()
+            .map_err(|error| self.fail(column, error))
+    }
+
+    fn opt_parse<T: FromStr>(&self, column: &str) -> Result<Option<T>>
+    where
+        T::Err: Display,
+    {
+        self.opt_text(column)?
+            .map(|text| text.parse().map_err(|error| self.fail(column, error)))
+            .transpose()
+    }
+
+    fn json<T: DeserializeOwned>(&self, column: &str) -> Result<T> {
+        serde_json::from_str(&self.text(column)?).map_err(|error| self.fail(column, error))
+    }
+}
+
+fn agent_from_row(row: &impl RowExt) -> Result<AgentRecord> {
+    let fields = Fields::keyed_by_text(row, "agent", "name")?;
+    Ok(AgentRecord {
+        name: fields.parse("name")?,
+        spiffe_id: fields.parse("spiffe_id")?,
+        owner: fields.parse("owner")?,
+        status: fields.parse("status")?,
+        keys: fields.json("keys")?,
+        created_at: fields.int("created_at")?,
+    })
+}
+
+fn operator_from_row(row: &impl RowExt) -> Result<OperatorRecord> {
+    let fields = Fields::keyed_by_text(row, "operator", "id")?;
+    Ok(OperatorRecord {
+        id: fields.key.clone(),
+        name: fields.text("name")?,
+        role: fields.parse("role")?,
+        token_hash: fields.hash("token_hash")?,
+        created_at: fields.int("created_at")?,
+        disabled: fields.boolean("disabled")?,
+    })
+}
+
+fn signing_key_from_row(row: &impl RowExt) -> Result<SigningKeyRecord> {
+    let fields = Fields::keyed_by_text(row, "signing key", "kid")?;
+    Ok(SigningKeyRecord {
+        kid: fields.key.clone(),
+        pkcs8: Secret::new(fields.bytes("pkcs8")?),
+        public_jwk: fields.json("public_jwk")?,
+        created_at: fields.int("created_at")?,
+        retired_at: fields.opt_int("retired_at")?,
+        publish_until: fields.opt_int("publish_until")?,
+    })
+}
+
+fn task_from_row(row: &impl RowExt) -> Result<TaskRecord> {
+    let fields = Fields::keyed_by_text(row, "task", "id")?;
+    Ok(TaskRecord {
+        id: fields.parse("id")?,
+        agent: fields.parse("agent")?,
+        owner: fields.parse("owner")?,
+        intent: fields.text("intent")?,
+        scopes: fields.json("scopes")?,
+        obo: fields.opt_text("obo")?,
+        parent: fields.opt_parse("parent")?,
+        depth: fields.u32("depth")?,
+        status: fields.parse("status")?,
+        created_at: fields.int("created_at")?,
+        expires_at: fields.int("expires_at")?,
+        budget: fields.u32("budget")?,
+        calls_used: fields.u32("calls_used")?,
+        token_jti: fields.text("token_jti")?,
+        jkt: fields.text("jkt")?,
+    })
+}
+
+fn revocation_from_row(row: &impl RowExt) -> Result<Revocation> {
+    let fields = Fields::keyed_by_int(row, "revocation", "seq")?;
+    let kind = fields.text("kind")?;
+    Ok(Revocation {
+        seq: fields.int("seq")?,
+        kind: RevocationKind::parse(&kind)
+            .ok_or_else(|| fields.fail("kind", format_args!("unknown kind `{kind}`")))?,
+        target: fields.text("target")?,
+        reason: fields.text("reason")?,
+        created_at: fields.int("created_at")?,
+    })
+}
+
+fn event_from_row(row: &impl RowExt) -> Result<Event> {
+    let fields = Fields::keyed_by_int(row, "audit event", "seq")?;
+    Ok(Event {
+        seq: fields.u64("seq")?,
+        body: EventBody {
+            time_ms: fields.int("time_ms")?,
+            kind: fields.text("kind")?,
+            actor: fields.text("actor")?,
+            agent: fields.opt_text("agent")?,
+            task: fields.opt_text("task")?,
+            decision: fields.opt_text("decision")?,
+            detail: fields.json("detail")?,
+        },
+        prev_hash: fields.hash("prev_hash")?,
+        hash: fields.hash("hash")?,
+    })
+}
+
+const AGENT_COLUMNS: &str = "name, spiffe_id, owner, status, keys, created_at";
+const OPERATOR_COLUMNS: &str = "id, name, role, token_hash, created_at, disabled";
+const SIGNING_KEY_COLUMNS: &str = "kid, pkcs8, public_jwk, created_at, retired_at, publish_until";
+const TASK_COLUMNS: &str = "id, agent, owner, intent, scopes, obo, parent, depth, status, created_at, expires_at, budget, calls_used, token_jti, jkt";
+const EVENT_COLUMNS: &str =
+    "seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash";
+
+fn page(limit: u32, default: u32, cap: u32) -> i64 {
+    i64::from(if limit == 0 { default } else { limit.min(cap) })
+}
+
+fn ids(rows: Vec<impl RowExt>, what: &'static str) -> Result<Vec<TaskId>> {
+    rows.iter()
+        .map(|row| Fields::keyed_by_text(row, what, "id")?.parse("id"))
+        .collect()
+}
+
+#[async_trait]
+impl<B: Backend> Store for SqlStore<B> {
+    fn kind(&self) -> &'static str {
+        B::KIND
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.read().await?;
+        conn.fetch_optional("SELECT 1", vec![])
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn insert_agent(&self, agent: &AgentRecord, event: EventBody) -> Result<Event> {
+        match self
+            .write(WriteOp::InsertAgent(agent.clone(), event))
+            .await?
+        {
+            Outcome::Event(event) => Ok(event),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn get_agent(&self, name: &AgentName) -> Result<Option<AgentRecord>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE name = $1");
+        let row = self
+            .read()
+            .await?
+            .fetch_optional(&sql, vec![Arg::Text(name.to_string())])
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name");
+        let rows = self
+            .read()
+            .await?
+            .fetch_all(&sql, vec![])
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn set_agent_status(
+        &self,
+        name: &AgentName,
+        status: AgentStatus,
+        event: EventBody,
+    ) -> Result<Event> {
+        match self
+            .write(WriteOp::SetAgentStatus(name.clone(), status, event))
+            .await?
+        {
+            Outcome::Event(event) => Ok(event),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn insert_operator(&self, operator: &OperatorRecord, event: EventBody) -> Result<Event> {
+        match self
+            .write(WriteOp::InsertOperator(operator.clone(), event))
+            .await?
+        {
+            Outcome::Event(event) => Ok(event),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn operator_by_token_hash(
+        &self,
+        token_hash: &[u8; 32],
+    ) -> Result<Option<OperatorRecord>> {
+        let sql = format!("SELECT {OPERATOR_COLUMNS} FROM operators WHERE token_hash = $1");
+        let row = self
+            .read()
+            .await?
+            .fetch_optional(&sql, vec![Arg::Bytes(token_hash.to_vec())])
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(operator_from_row).transpose()
+    }
+
+    async fn count_operators(&self) -> Result<u64> {
+        let row = self
+            .read()
+            .await?
+            .fetch_optional("SELECT COUNT(*) AS n FROM operators", vec![])
+            .await
+            .map_err(db_error)?;
+        let row = row
+            .ok_or_else(|| StoreError::Corrupt("counting operators returned no row".to_string()))?;
+        let count = row.int("n").map_err(db_error)?;
+        u64::try_from(count)
+            .map_err(|_| StoreError::Corrupt(format!("operator count `{count}` is negative")))
+    }
+
+    async fn insert_signing_key(&self, key: &SigningKeyRecord, event: EventBody) -> Result<Event> {
+        match self
+            .write(WriteOp::InsertSigningKey(key.clone(), event))
+            .await?
+        {
+            Outcome::Event(event) => Ok(event),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        new_key: &SigningKeyRecord,
+        retired_at: UnixSeconds,
+        publish_until: UnixSeconds,
+        event: EventBody,
+    ) -> Result<Event> {
+        let op = WriteOp::RotateSigningKey {
+            new_key: new_key.clone(),
+            retired_at,
+            publish_until,
+            event,
+        };
+        match self.write(op).await? {
+            Outcome::Event(event) => Ok(event),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn signing_keys(&self, now: UnixSeconds) -> Result<Vec<SigningKeyRecord>> {
+        let sql = format!(
+            "SELECT {SIGNING_KEY_COLUMNS} FROM signing_keys WHERE retired_at IS NULL OR publish_until > $1 \
+             ORDER BY CASE WHEN retired_at IS NULL THEN 0 ELSE 1 END, retired_at DESC, created_at DESC, kid"
+        );
+        let rows = self
+            .read()
+            .await?
+            .fetch_all(&sql, vec![Arg::Int(now)])
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(signing_key_from_row).collect()
+    }
+
+    async fn insert_task(&self, task: &TaskRecord, event: EventBody) -> Result<Event> {
+        match self.write(WriteOp::InsertTask(task.clone(), event)).await? {
+            Outcome::Event(event) => Ok(event),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>> {
+        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
+        let row = self
+            .read()
+            .await?
+            .fetch_optional(&sql, vec![Arg::Text(id.to_string())])
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn finish_task(
+        &self,
+        id: &TaskId,
+        to: TaskStatus,
+        event: EventBody,
+    ) -> Result<Option<Event>> {
+        match self
+            .write(WriteOp::FinishTask(id.clone(), to, event))
+            .await?
+        {
+            Outcome::Finished(event) => Ok(event),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn add_task_calls(&self, id: &TaskId, calls: u32) -> Result<()> {
+        match self.write(WriteOp::AddTaskCalls(id.clone(), calls)).await? {
+            Outcome::Done => Ok(()),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn active_tasks_of_agent(&self, agent: &AgentName) -> Result<Vec<TaskId>> {
+        let rows = self
+            .read()
+            .await?
+            .fetch_all(
+                "SELECT id FROM tasks WHERE agent = $1 AND status = 'active' ORDER BY created_at, id",
+                vec![Arg::Text(agent.to_string())],
+            )
+            .await
+            .map_err(db_error)?;
+        ids(rows, "task")
+    }
+
+    async fn child_tasks(&self, parent: &TaskId) -> Result<Vec<TaskId>> {
+        let rows = self
+            .read()
+            .await?
+            .fetch_all(
+                "SELECT id FROM tasks WHERE parent = $1 AND status = 'active' ORDER BY created_at, id",
+                vec![Arg::Text(parent.to_string())],
+            )
+            .await
+            .map_err(db_error)?;
+        ids(rows, "task")
+    }
+
+    async fn insert_revocation(
+        &self,
+        revocation: &NewRevocation,
+        event: EventBody,
+    ) -> Result<(Revocation, Event)> {
+        match self
+            .write(WriteOp::InsertRevocation(revocation.clone(), event))
+            .await?
+        {
+            Outcome::Revocation(revocation, event) => Ok((revocation, event)),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn revocations_after(&self, after: i64, limit: u32) -> Result<Vec<Revocation>> {
+        let rows = self
+            .read()
+            .await?
+            .fetch_all(
+                "SELECT seq, kind, target, reason, created_at FROM revocations WHERE seq > $1 ORDER BY seq LIMIT $2",
+                vec![Arg::Int(after), Arg::Int(page(limit, PAGE_DEFAULT, PAGE_CAP))],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(revocation_from_row).collect()
+    }
+
+    async fn append_events(&self, events: Vec<EventBody>) -> Result<Vec<Event>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.write(WriteOp::Append(events)).await? {
+            Outcome::Events(events) => Ok(events),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn events_after(&self, after_seq: u64, limit: u32) -> Result<Vec<Event>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+        );
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let args = vec![
+            Arg::Int(after),
+            Arg::Int(page(limit, PAGE_DEFAULT, PAGE_CAP)),
+        ];
+        let rows = self
+            .read()
+            .await?
+            .fetch_all(&sql, args)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn query_events(&self, filter: &AuditFilter) -> Result<Vec<Event>> {
+        // Only the conditions present reach the SQL, so each index stays usable; at most
+        // 2^5 statement shapes exist.
+        let mut conditions = Vec::new();
+        let mut args = Vec::new();
+        let mut condition = |sql: &str, arg: Arg| {
+            args.push(arg);
+            conditions.push(format!("{sql} ${}", args.len()));
+        };
+        if let Some(agent) = &filter.agent {
+            condition("agent =", Arg::Text(agent.clone()));
+        }
+        if let Some(task) = &filter.task {
+            condition("task =", Arg::Text(task.clone()));
+        }
+        if let Some(after) = filter.after_seq {
+            condition("seq >", Arg::Int(i64::try_from(after).unwrap_or(i64::MAX)));
+        }
+        if let Some(since) = filter.since_ms {
+            condition("time_ms >=", Arg::Int(since));
+        }
+        if let Some(until) = filter.until_ms {
+            condition("time_ms <", Arg::Int(until));
+        }
+        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events");
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        args.push(Arg::Int(page(filter.limit, QUERY_DEFAULT, QUERY_CAP)));
+        let order = if filter.newest { "DESC" } else { "ASC" };
+        sql.push_str(&format!(" ORDER BY seq {order} LIMIT ${}", args.len()));
+        let rows = self
+            .read()
+            .await?
+            .fetch_all(&sql, args)
+            .await
+            .map_err(db_error)?;
+        let mut events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        if filter.newest {
+            events.reverse();
+        }
+        Ok(events)
+    }
+}

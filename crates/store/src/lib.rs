@@ -1,0 +1,337 @@
+//! The only crate with SQL. One [`Store`] interface, two implementations with identical
+//! behaviour: SQLite (the embedded default) and PostgreSQL (for several replicas). Every
+//! state change is written in the same transaction as the audit event that records it, and
+//! writes are group-committed so that durability stays cheap.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use audit::{Event, EventBody};
+use model::{
+    AgentName, AgentStatus, Owner, Role, ScopeSet, Secret, SpiffeId, TaskId, TaskStatus,
+    UnixSeconds,
+};
+use serde::{Deserialize, Serialize};
+
+mod engine;
+mod postgres;
+mod sqlite;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+/// Errors a store reports. `Unavailable` is the one the call path turns into a fail-closed
+/// denial; the others are answers.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("{what} `{key}` already exists")]
+    Conflict { what: &'static str, key: String },
+    #[error("{what} `{key}` not found")]
+    NotFound { what: &'static str, key: String },
+    #[error("invalid store URL `{0}`: expected `sqlite://PATH` or `postgres://…`")]
+    BadUrl(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A registered agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub name: AgentName,
+    pub spiffe_id: SpiffeId,
+    pub owner: Owner,
+    pub status: AgentStatus,
+    /// Public JWKs (P-256 or Ed25519), as registered. Never private keys.
+    pub keys: Vec<serde_json::Value>,
+    pub created_at: UnixSeconds,
+}
+
+/// An operator: a human or CI with a role on the admin API. Only the token's hash is kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OperatorRecord {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    /// SHA-256 of the operator token.
+    #[serde(skip)]
+    pub token_hash: [u8; 32],
+    pub created_at: UnixSeconds,
+    pub disabled: bool,
+}
+
+/// A signing key for task tokens. The private half is PKCS#8 DER in a redacting type.
+#[derive(Clone, Debug)]
+pub struct SigningKeyRecord {
+    pub kid: String,
+    pub pkcs8: Secret<Vec<u8>>,
+    /// The public JWK as published in the JWKS.
+    pub public_jwk: serde_json::Value,
+    pub created_at: UnixSeconds,
+    /// When it stopped signing; `None` for the current key.
+    pub retired_at: Option<UnixSeconds>,
+    /// Published until every token it signed has expired.
+    pub publish_until: Option<UnixSeconds>,
+}
+
+/// A task: the unit of just-in-time authority.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub agent: AgentName,
+    pub owner: Owner,
+    pub intent: String,
+    pub scopes: ScopeSet,
+    pub obo: Option<String>,
+    pub parent: Option<TaskId>,
+    pub depth: u32,
+    pub status: TaskStatus,
+    pub created_at: UnixSeconds,
+    pub expires_at: UnixSeconds,
+    pub budget: u32,
+    pub calls_used: u32,
+    /// `jti` of the token issued for the task.
+    pub token_jti: String,
+    /// Thumbprint (RFC 7638) of the key the token is bound to.
+    pub jkt: String,
+}
+
+/// What a revocation names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationKind {
+    /// A token, by `jti`.
+    Token,
+    /// A task (and so every task delegated from it).
+    Task,
+    /// An agent, by name: every task it holds, now and later, until released.
+    Agent,
+    /// An owner: every agent it owns.
+    Owner,
+}
+
+impl RevocationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationKind::Token => "token",
+            RevocationKind::Task => "task",
+            RevocationKind::Agent => "agent",
+            RevocationKind::Owner => "owner",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RevocationKind> {
+        match text {
+            "token" => Some(RevocationKind::Token),
+            "task" => Some(RevocationKind::Task),
+            "agent" => Some(RevocationKind::Agent),
+            "owner" => Some(RevocationKind::Owner),
+            _ => None,
+        }
+    }
+}
+
+/// A revocation as requested.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewRevocation {
+    pub kind: RevocationKind,
+    pub target: String,
+    pub reason: String,
+    pub created_at: UnixSeconds,
+}
+
+/// A revocation as stored, with its place in the revocation feed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub seq: i64,
+    pub kind: RevocationKind,
+    pub target: String,
+    pub reason: String,
+    pub created_at: UnixSeconds,
+}
+
+/// Which audit events to return, newest last.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditFilter {
+    pub agent: Option<String>,
+    pub task: Option<String>,
+    /// Events with `seq` greater than this.
+    pub after_seq: Option<u64>,
+    /// Events at or after this time (milliseconds).
+    pub since_ms: Option<i64>,
+    /// Events before this time (milliseconds).
+    pub until_ms: Option<i64>,
+    /// At most this many: 0 means 100, and the store caps it at 1,000.
+    pub limit: u32,
+    /// Take the newest matching events rather than the oldest (still returned oldest first).
+    #[serde(default)]
+    pub newest: bool,
+}
+
+/// The one storage interface. Each method that changes state takes the audit event that
+/// records the change and commits both together or neither.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// `sqlite` or `postgres`.
+    fn kind(&self) -> &'static str;
+
+    /// A cheap round trip, for health checks and fail-closed probes.
+    async fn ping(&self) -> Result<()>;
+
+    // Agents.
+    async fn insert_agent(&self, agent: &AgentRecord, event: EventBody) -> Result<Event>;
+    async fn get_agent(&self, name: &AgentName) -> Result<Option<AgentRecord>>;
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
+    /// `NotFound` when there is no such agent.
+    async fn set_agent_status(
+        &self,
+        name: &AgentName,
+        status: AgentStatus,
+        event: EventBody,
+    ) -> Result<Event>;
+
+    // Operators.
+    async fn insert_operator(&self, operator: &OperatorRecord, event: EventBody) -> Result<Event>;
+    async fn operator_by_token_hash(&self, token_hash: &[u8; 32])
+    -> Result<Option<OperatorRecord>>;
+    async fn count_operators(&self) -> Result<u64>;
+
+    // Signing keys.
+    /// `Conflict` when `key` is current (no `retired_at`) while another key is current.
+    async fn insert_signing_key(&self, key: &SigningKeyRecord, event: EventBody) -> Result<Event>;
+    /// Retires the current key (if any) with `publish_until` and inserts `new_key` as
+    /// current, atomically.
+    async fn rotate_signing_key(
+        &self,
+        new_key: &SigningKeyRecord,
+        retired_at: UnixSeconds,
+        publish_until: UnixSeconds,
+        event: EventBody,
+    ) -> Result<Event>;
+    /// Every key still published at `now`: the current one and retired ones whose
+    /// `publish_until` is later than `now`. Current key first.
+    async fn signing_keys(&self, now: UnixSeconds) -> Result<Vec<SigningKeyRecord>>;
+
+    // Tasks.
+    async fn insert_task(&self, task: &TaskRecord, event: EventBody) -> Result<Event>;
+    async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>>;
+    /// Moves an `active` task to `to`. `Ok(None)` when the task was not active (nothing
+    /// written, no event); `NotFound` when there is no such task.
+    async fn finish_task(
+        &self,
+        id: &TaskId,
+        to: TaskStatus,
+        event: EventBody,
+    ) -> Result<Option<Event>>;
+    /// Adds `calls` to the task's used-call counter (saturating). Group-committed like every
+    /// write, but records no audit event: the calls themselves are audited. `NotFound` when
+    /// there is no such task.
+    async fn add_task_calls(&self, id: &TaskId, calls: u32) -> Result<()>;
+    /// Ids of every active task of `agent`.
+    async fn active_tasks_of_agent(&self, agent: &AgentName) -> Result<Vec<TaskId>>;
+    /// Ids of the active tasks whose parent is `parent`.
+    async fn child_tasks(&self, parent: &TaskId) -> Result<Vec<TaskId>>;
+
+    // Revocations.
+    async fn insert_revocation(
+        &self,
+        revocation: &NewRevocation,
+        event: EventBody,
+    ) -> Result<(Revocation, Event)>;
+    /// The revocation feed: revocations with `seq` greater than `after`, in order; at most
+    /// `limit` (0 means 1,000; capped at 10,000).
+    async fn revocations_after(&self, after: i64, limit: u32) -> Result<Vec<Revocation>>;
+
+    // Audit.
+    /// Appends events that record decisions rather than state changes (refusals, calls).
+    /// Group-committed with concurrent writers; returns once durable.
+    async fn append_events(&self, events: Vec<EventBody>) -> Result<Vec<Event>>;
+    /// Events with `seq` greater than `after_seq`, in order, at most `limit` (0 means 1,000;
+    /// capped at 10,000): the pages an investigator verifies the chain with.
+    async fn events_after(&self, after_seq: u64, limit: u32) -> Result<Vec<Event>>;
+    /// Events matching every condition of `filter`, oldest first; page with `after_seq`.
+    async fn query_events(&self, filter: &AuditFilter) -> Result<Vec<Event>>;
+}
+
+/// How [`open_with`] connects.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// How long to wait for a connection, at start-up and on every later acquire. Short,
+    /// because a store that cannot be reached must turn into a prompt fail-closed denial.
+    pub connect_timeout: std::time::Duration,
+    /// Connections kept for reads; the writer task uses one more at a time.
+    pub max_connections: u32,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            connect_timeout: std::time::Duration::from_secs(5),
+            max_connections: 8,
+        }
+    }
+}
+
+/// Opens (and migrates) the store named by `url`: `sqlite://PATH` or `sqlite:PATH` (the file
+/// is created if missing; in-memory databases are refused because remit is durable), or
+/// `postgres://…` / `postgresql://…` (connection parameters as libpq URLs take them, e.g.
+/// `?options=-c%20search_path%3Dremit` to use a schema other than `public`).
+pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    open_with(url, &OpenOptions::default()).await
+}
+
+/// [`open`] with explicit connection settings.
+pub async fn open_with(url: &str, options: &OpenOptions) -> Result<Arc<dyn Store>> {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        sqlite::open(url, path, options).await
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        postgres::open(url, options).await
+    } else {
+        Err(StoreError::BadUrl(redact_url(url)))
+    }
+}
+
+/// `url` with any password replaced, so that a URL can appear in an error or a log.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let Some(colon) = authority[..at].find(':') else {
+        return url.to_string();
+    };
+    let start = scheme_end + 3 + colon + 1;
+    format!("{}[redacted]{}", &url[..start], &url[scheme_end + 3 + at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        assert_eq!(
+            redact_url("postgres://remit:hunter2@db:5432/remit"),
+            "postgres://remit:[redacted]@db:5432/remit"
+        );
+        assert_eq!(
+            redact_url("postgres://remit@db/remit"),
+            "postgres://remit@db/remit"
+        );
+        assert_eq!(redact_url("sqlite://remit.db"), "sqlite://remit.db");
+        assert_eq!(
+            redact_url("mysql://a:b@c:1/d?x=y@z"),
+            "mysql://a:[redacted]@c:1/d?x=y@z"
+        );
+    }
+}

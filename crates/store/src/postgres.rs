@@ -1,0 +1,81 @@
+//! PostgreSQL, for several remit replicas sharing one database. Every write transaction takes
+//! one advisory lock first, so the replicas' writers take turns and together keep a single
+//! verifiable audit chain (and a revocation feed whose `seq` values become visible in order).
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+
+use crate::engine::{self, Backend, Conn, RowExt, SqlStore};
+use crate::{OpenOptions, Result, Store, StoreError, redact_url};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The advisory lock's first key, `remi` in ASCII: remit's chain lock. The second key is
+/// derived from the schema, so that deployments in different schemas of one database do not
+/// wait for each other.
+const LOCK_CLASS: i32 = 0x7265_6d69;
+
+engine::impl_conn!(PgConnection, PgRow, anonymous_params = false);
+
+#[derive(Debug)]
+pub(crate) struct PostgresBackend {
+    pool: PgPool,
+    /// `SELECT pg_advisory_xact_lock(…)` with this schema's keys.
+    lock_sql: String,
+}
+
+#[async_trait]
+impl Backend for PostgresBackend {
+    type Db = sqlx::Postgres;
+    type Conn = PgConnection;
+
+    const KIND: &'static str = "postgres";
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn begin_write(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        conn.execute("BEGIN", vec![]).await?;
+        // Released by COMMIT or ROLLBACK; the head is read only after it is held.
+        conn.execute(&self.lock_sql, vec![]).await.map(|_| ())
+    }
+}
+
+/// Connects to `url`, migrates the schema and starts the writer.
+pub(crate) async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Store>> {
+    let connect =
+        PgConnectOptions::from_str(url).map_err(|_| StoreError::BadUrl(redact_url(url)))?;
+    let unavailable = |error: sqlx::Error| {
+        StoreError::Unavailable(format!("cannot connect to `{}`: {error}", redact_url(url)))
+    };
+    let pool = PgPoolOptions::new()
+        // One more than the readers need, for the writer task.
+        .max_connections(options.max_connections.max(1) + 1)
+        .acquire_timeout(options.connect_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(unavailable)?;
+    MIGRATOR.run(&pool).await.map_err(engine::migrate_error)?;
+    let mut conn = pool.acquire().await.map_err(unavailable)?;
+    let row = conn
+        .fetch_optional(
+            "SELECT hashtext(COALESCE(current_schema(), ''))::bigint AS key",
+            vec![],
+        )
+        .await
+        .map_err(engine::db_error)?
+        .ok_or_else(|| {
+            StoreError::Unavailable("reading the current schema returned no row".to_string())
+        })?;
+    let key = row.int("key").map_err(engine::db_error)?;
+    drop(conn);
+    let lock_sql = format!("SELECT pg_advisory_xact_lock({LOCK_CLASS}, {key})");
+    Ok(Arc::new(SqlStore::start(PostgresBackend {
+        pool,
+        lock_sql,
+    })))
+}

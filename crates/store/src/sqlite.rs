@@ -1,0 +1,73 @@
+//! SQLite, the embedded default: one file, WAL, `synchronous=FULL` so that a committed write
+//! survives a power cut, and `BEGIN IMMEDIATE` so that two processes sharing the file (the
+//! server and the CLI) queue for the write lock instead of failing on a lock upgrade.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+
+use crate::engine::{self, Backend, Conn, SqlStore};
+use crate::{OpenOptions, Result, Store, StoreError, redact_url};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a writer waits for another process's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+engine::impl_conn!(SqliteConnection, SqliteRow, anonymous_params = true);
+
+#[derive(Debug)]
+pub(crate) struct SqliteBackend {
+    pool: SqlitePool,
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    type Db = sqlx::Sqlite;
+    type Conn = SqliteConnection;
+
+    const KIND: &'static str = "sqlite";
+
+    fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn begin_write(&self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        conn.execute("BEGIN IMMEDIATE", vec![]).await.map(|_| ())
+    }
+}
+
+/// Opens the database file `path` (from `url`), creating and migrating it as needed.
+pub(crate) async fn open(url: &str, path: &str, options: &OpenOptions) -> Result<Arc<dyn Store>> {
+    let bad_url = || StoreError::BadUrl(redact_url(url));
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    // `mode=rwc` is what sqlx's own URLs say for "create if missing", which remit always does;
+    // any other parameter (an in-memory mode above all) is refused rather than ignored.
+    let query_ok = query
+        .split('&')
+        .all(|pair| pair.is_empty() || pair == "mode=rwc");
+    if path.is_empty() || path == ":memory:" || path.starts_with("file::memory:") || !query_ok {
+        return Err(bad_url());
+    }
+    let connect = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new()
+        // One more than the readers need, for the writer task.
+        .max_connections(options.max_connections.max(1) + 1)
+        .acquire_timeout(options.connect_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("cannot open `{path}`: {error}")))?;
+    MIGRATOR.run(&pool).await.map_err(engine::migrate_error)?;
+    Ok(Arc::new(SqlStore::start(SqliteBackend { pool })))
+}

@@ -1,0 +1,803 @@
+//! Behaviour both backends must share: records round-trip, conflicts and absences are answers,
+//! every state change lands in the audit chain with it, and concurrent writers keep one chain.
+
+use std::sync::Arc;
+
+use audit::kinds;
+use model::{AgentStatus, Role, Secret, TaskStatus};
+use store::{
+    AuditFilter, NewRevocation, OperatorRecord, RevocationKind, SigningKeyRecord, Store, StoreError,
+};
+
+use crate::harness::{TestDb, agent, all_events, event, task, task_id, verify};
+
+pub async fn agents(db: &TestDb) {
+    let store = &db.store;
+    let bot = agent("triage-bot");
+    let registered = store
+        .insert_agent(&bot, event(kinds::AGENT_REGISTERED).agent("triage-bot"))
+        .await
+        .unwrap();
+    assert_eq!(registered.seq, 1);
+    store
+        .insert_agent(&agent("alpha"), event(kinds::AGENT_REGISTERED))
+        .await
+        .unwrap();
+
+    assert_eq!(store.get_agent(&bot.name).await.unwrap(), Some(bot.clone()));
+    assert_eq!(
+        store.get_agent(&"nobody".parse().unwrap()).await.unwrap(),
+        None
+    );
+    let names: Vec<_> = store
+        .list_agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.name.to_string())
+        .collect();
+    assert_eq!(names, ["alpha", "triage-bot"]);
+
+    let again = store
+        .insert_agent(&bot, event(kinds::AGENT_REGISTERED))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&again, StoreError::Conflict { what: "agent", key } if key == "triage-bot"),
+        "{again:?}"
+    );
+    assert_eq!(again.to_string(), "agent `triage-bot` already exists");
+
+    store
+        .set_agent_status(
+            &bot.name,
+            AgentStatus::Quarantined,
+            event(kinds::AGENT_DISABLED),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_agent(&bot.name).await.unwrap().unwrap().status,
+        AgentStatus::Quarantined
+    );
+    let missing = store
+        .set_agent_status(&"ghost".parse().unwrap(), AgentStatus::Disabled, event("x"))
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { what: "agent", .. })),
+        "{missing:?}"
+    );
+
+    let kinds: Vec<_> = all_events(store.as_ref())
+        .await
+        .into_iter()
+        .map(|e| e.body.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            kinds::AGENT_REGISTERED,
+            kinds::AGENT_REGISTERED,
+            kinds::AGENT_DISABLED
+        ]
+    );
+}
+
+fn operator(id: &str, hash_byte: u8) -> OperatorRecord {
+    OperatorRecord {
+        id: id.to_string(),
+        name: format!("{id} (CI)"),
+        role: Role::Approver,
+        token_hash: [hash_byte; 32],
+        created_at: 1_700_000_000,
+        disabled: false,
+    }
+}
+
+pub async fn operators(db: &TestDb) {
+    let store = &db.store;
+    assert_eq!(store.count_operators().await.unwrap(), 0);
+    let op = operator("op-1", 7);
+    store
+        .insert_operator(&op, event(kinds::OPERATOR_CREATED))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.operator_by_token_hash(&[7; 32]).await.unwrap(),
+        Some(op.clone())
+    );
+    assert_eq!(store.operator_by_token_hash(&[8; 32]).await.unwrap(), None);
+    assert_eq!(store.count_operators().await.unwrap(), 1);
+
+    let same_id = store
+        .insert_operator(&operator("op-1", 9), event(kinds::OPERATOR_CREATED))
+        .await;
+    assert!(
+        matches!(
+            same_id,
+            Err(StoreError::Conflict {
+                what: "operator",
+                ..
+            })
+        ),
+        "{same_id:?}"
+    );
+    let same_token = store
+        .insert_operator(&operator("op-2", 7), event(kinds::OPERATOR_CREATED))
+        .await;
+    assert!(
+        matches!(
+            same_token,
+            Err(StoreError::Conflict {
+                what: "operator",
+                ..
+            })
+        ),
+        "{same_token:?}"
+    );
+    assert_eq!(store.count_operators().await.unwrap(), 1);
+}
+
+fn signing_key(kid: &str, created_at: i64) -> SigningKeyRecord {
+    SigningKeyRecord {
+        kid: kid.to_string(),
+        pkcs8: Secret::new(format!("pkcs8 of {kid}").into_bytes()),
+        public_jwk: serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "x": "x", "y": "y"}),
+        created_at,
+        retired_at: None,
+        publish_until: None,
+    }
+}
+
+fn kids(keys: &[SigningKeyRecord]) -> Vec<&str> {
+    keys.iter().map(|k| k.kid.as_str()).collect()
+}
+
+pub async fn signing_keys(db: &TestDb) {
+    let store = &db.store;
+    assert!(store.signing_keys(0).await.unwrap().is_empty());
+    store
+        .insert_signing_key(&signing_key("k1", 100), event(kinds::KEY_CREATED))
+        .await
+        .unwrap();
+    let keys = store.signing_keys(200).await.unwrap();
+    assert_eq!(kids(&keys), ["k1"]);
+    assert_eq!(keys[0].pkcs8.expose(), b"pkcs8 of k1");
+    assert_eq!(keys[0].public_jwk["kid"], "k1");
+
+    // Only one key signs at a time.
+    let second = store
+        .insert_signing_key(&signing_key("k2", 150), event(kinds::KEY_CREATED))
+        .await;
+    assert!(
+        matches!(&second, Err(StoreError::Conflict { what: "current signing key", key }) if key == "k1"),
+        "{second:?}"
+    );
+
+    store
+        .rotate_signing_key(
+            &signing_key("k2", 300),
+            300,
+            1_000,
+            event(kinds::KEY_ROTATED),
+        )
+        .await
+        .unwrap();
+    assert_eq!(kids(&store.signing_keys(500).await.unwrap()), ["k2", "k1"]);
+    let retired = store.signing_keys(500).await.unwrap().remove(1);
+    assert_eq!(
+        (retired.retired_at, retired.publish_until),
+        (Some(300), Some(1_000))
+    );
+    // Published until `publish_until`, not at it.
+    assert_eq!(kids(&store.signing_keys(1_000).await.unwrap()), ["k2"]);
+
+    // A rotation that fails (the kid exists) leaves the current key current: the retirement
+    // before the failing insert is rolled back with it.
+    let clash = store
+        .rotate_signing_key(
+            &signing_key("k1", 400),
+            400,
+            2_000,
+            event(kinds::KEY_ROTATED),
+        )
+        .await;
+    assert!(
+        matches!(
+            clash,
+            Err(StoreError::Conflict {
+                what: "signing key",
+                ..
+            })
+        ),
+        "{clash:?}"
+    );
+    let keys = store.signing_keys(500).await.unwrap();
+    assert_eq!(kids(&keys), ["k2", "k1"]);
+    assert_eq!(keys[0].retired_at, None);
+
+    store
+        .rotate_signing_key(&signing_key("k3", 600), 600, 900, event(kinds::KEY_ROTATED))
+        .await
+        .unwrap();
+    assert_eq!(
+        kids(&store.signing_keys(800).await.unwrap()),
+        ["k3", "k2", "k1"]
+    );
+    assert_eq!(kids(&store.signing_keys(950).await.unwrap()), ["k3", "k1"]);
+}
+
+pub async fn tasks(db: &TestDb) {
+    let store = &db.store;
+    store
+        .insert_agent(&agent("bot"), event(kinds::AGENT_REGISTERED))
+        .await
+        .unwrap();
+    let parent = task(1, "bot");
+    store
+        .insert_task(&parent, event(kinds::TASK_GRANTED))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_task(&parent.id).await.unwrap(),
+        Some(parent.clone())
+    );
+    assert_eq!(store.get_task(&task_id(99)).await.unwrap(), None);
+
+    let mut child = task(2, "bot");
+    child.parent = Some(parent.id.clone());
+    child.depth = 1;
+    child.obo = None;
+    store
+        .insert_task(&child, event(kinds::TASK_GRANTED))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_task(&child.id).await.unwrap(),
+        Some(child.clone())
+    );
+    assert_eq!(
+        store.child_tasks(&parent.id).await.unwrap(),
+        [child.id.clone()]
+    );
+    assert_eq!(
+        store
+            .active_tasks_of_agent(&"bot".parse().unwrap())
+            .await
+            .unwrap(),
+        [parent.id.clone(), child.id.clone()]
+    );
+
+    let duplicate = store.insert_task(&parent, event(kinds::TASK_GRANTED)).await;
+    assert!(
+        matches!(duplicate, Err(StoreError::Conflict { what: "task", .. })),
+        "{duplicate:?}"
+    );
+    let stranger = store
+        .insert_task(&task(3, "nobody"), event(kinds::TASK_GRANTED))
+        .await;
+    assert!(
+        matches!(&stranger, Err(StoreError::NotFound { what: "agent", key }) if key == "nobody"),
+        "{stranger:?}"
+    );
+    let mut orphan = task(4, "bot");
+    orphan.parent = Some(task_id(98));
+    let orphan = store.insert_task(&orphan, event(kinds::TASK_GRANTED)).await;
+    assert!(
+        matches!(
+            orphan,
+            Err(StoreError::NotFound {
+                what: "parent task",
+                ..
+            })
+        ),
+        "{orphan:?}"
+    );
+
+    let before = all_events(store.as_ref()).await.len();
+    let finished = store
+        .finish_task(
+            &child.id,
+            TaskStatus::Completed,
+            event(kinds::TASK_COMPLETED),
+        )
+        .await
+        .unwrap();
+    assert_eq!(finished.unwrap().body.kind, kinds::TASK_COMPLETED);
+    assert_eq!(
+        store.get_task(&child.id).await.unwrap().unwrap().status,
+        TaskStatus::Completed
+    );
+    assert!(store.child_tasks(&parent.id).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .active_tasks_of_agent(&"bot".parse().unwrap())
+            .await
+            .unwrap(),
+        std::slice::from_ref(&parent.id)
+    );
+
+    // Only an active task moves, and only once.
+    let again = store
+        .finish_task(&child.id, TaskStatus::Revoked, event(kinds::TASK_COMPLETED))
+        .await
+        .unwrap();
+    assert_eq!(again, None);
+    assert_eq!(
+        store.get_task(&child.id).await.unwrap().unwrap().status,
+        TaskStatus::Completed
+    );
+    let unknown = store
+        .finish_task(
+            &task_id(97),
+            TaskStatus::Completed,
+            event(kinds::TASK_COMPLETED),
+        )
+        .await;
+    assert!(
+        matches!(unknown, Err(StoreError::NotFound { what: "task", .. })),
+        "{unknown:?}"
+    );
+    assert_eq!(all_events(store.as_ref()).await.len(), before + 1);
+}
+
+pub async fn task_calls(db: &TestDb) {
+    let store = &db.store;
+    store
+        .insert_agent(&agent("bot"), event(kinds::AGENT_REGISTERED))
+        .await
+        .unwrap();
+    let granted = task(1, "bot");
+    store
+        .insert_task(&granted, event(kinds::TASK_GRANTED))
+        .await
+        .unwrap();
+    store.add_task_calls(&granted.id, 5).await.unwrap();
+    store.add_task_calls(&granted.id, 7).await.unwrap();
+    assert_eq!(
+        store
+            .get_task(&granted.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .calls_used,
+        12
+    );
+
+    // Many concurrent increments, group-committed, lose nothing.
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            let id = granted.id.clone();
+            tokio::spawn(async move { store.add_task_calls(&id, 1).await.unwrap() })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    assert_eq!(
+        store
+            .get_task(&granted.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .calls_used,
+        32
+    );
+
+    store.add_task_calls(&granted.id, u32::MAX).await.unwrap();
+    assert_eq!(
+        store
+            .get_task(&granted.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .calls_used,
+        u32::MAX
+    );
+    let unknown = store.add_task_calls(&task_id(9), 1).await;
+    assert!(
+        matches!(unknown, Err(StoreError::NotFound { what: "task", .. })),
+        "{unknown:?}"
+    );
+    // Counting calls is not an audited state change: only the two setup events exist.
+    assert_eq!(all_events(store.as_ref()).await.len(), 2);
+}
+
+fn revocation(kind: RevocationKind, target: &str) -> NewRevocation {
+    NewRevocation {
+        kind,
+        target: target.to_string(),
+        reason: format!("revoke {target}"),
+        created_at: 1_700_000_100,
+    }
+}
+
+pub async fn revocation_feed(db: &TestDb) {
+    let store = &db.store;
+    assert!(store.revocations_after(0, 100).await.unwrap().is_empty());
+    let mut written = Vec::new();
+    for (kind, target) in [
+        (RevocationKind::Token, "jti-1"),
+        (RevocationKind::Task, "task_x"),
+        (RevocationKind::Agent, "bot"),
+        (RevocationKind::Owner, "alice@example.org"),
+    ] {
+        let (stored, audit) = store
+            .insert_revocation(&revocation(kind, target), event(kinds::REVOCATION))
+            .await
+            .unwrap();
+        assert_eq!((stored.kind, stored.target.as_str()), (kind, target));
+        assert_eq!(audit.body.kind, kinds::REVOCATION);
+        written.push(stored);
+    }
+    assert!(
+        written.windows(2).all(|pair| pair[0].seq < pair[1].seq),
+        "{written:?}"
+    );
+    assert_eq!(store.revocations_after(0, 0).await.unwrap(), written);
+    assert_eq!(
+        store.revocations_after(written[1].seq, 100).await.unwrap(),
+        written[2..]
+    );
+    assert_eq!(store.revocations_after(0, 1).await.unwrap(), written[..1]);
+    assert!(
+        store
+            .revocations_after(written[3].seq, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn group_commit_keeps_one_chain(db: &TestDb) {
+    let store = &db.store;
+    let writers: Vec<_> = (0..20)
+        .map(|writer| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for call in 0..25 {
+                    // Mix single events and small batches; each call is one operation.
+                    let bodies: Vec<_> = (0..1 + call % 3)
+                        .map(|i| {
+                            event(kinds::CALL_DECISION)
+                                .agent(format!("agent-{writer}"))
+                                .detail(serde_json::json!({"call": call, "i": i}))
+                        })
+                        .collect();
+                    let events = store.append_events(bodies.clone()).await.unwrap();
+                    assert_eq!(
+                        events.iter().map(|e| e.body.clone()).collect::<Vec<_>>(),
+                        bodies
+                    );
+                    assert!(
+                        events.windows(2).all(|pair| pair[1].seq == pair[0].seq + 1),
+                        "a call's events are contiguous"
+                    );
+                    mine.extend(events);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut returned = Vec::new();
+    for writer in writers {
+        returned.extend(writer.await.unwrap());
+    }
+    let expected: u64 = (0..25u64).map(|call| 1 + call % 3).sum::<u64>() * 20;
+    assert_eq!(verify(store.as_ref()).await, Ok(expected));
+    // What each caller was told is exactly what was stored.
+    returned.sort_by_key(|e| e.seq);
+    assert_eq!(returned, all_events(store.as_ref()).await);
+}
+
+pub async fn each_state_change_writes_one_event(db: &TestDb) {
+    let store = &db.store;
+    let count = || async { all_events(store.as_ref()).await.len() };
+    let last = || async { all_events(store.as_ref()).await.pop() };
+
+    let event = store
+        .insert_agent(&agent("bot"), crate::harness::event("a"))
+        .await
+        .unwrap();
+    assert_eq!((count().await, last().await), (1, Some(event)));
+    let event = store
+        .set_agent_status(
+            &"bot".parse().unwrap(),
+            AgentStatus::Disabled,
+            crate::harness::event("b"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((count().await, last().await), (2, Some(event)));
+    let event = store
+        .insert_operator(&operator("op", 1), crate::harness::event("c"))
+        .await
+        .unwrap();
+    assert_eq!((count().await, last().await), (3, Some(event)));
+    let event = store
+        .insert_signing_key(&signing_key("k1", 1), crate::harness::event("d"))
+        .await
+        .unwrap();
+    assert_eq!((count().await, last().await), (4, Some(event)));
+    let event = store
+        .rotate_signing_key(&signing_key("k2", 2), 2, 3, crate::harness::event("e"))
+        .await
+        .unwrap();
+    assert_eq!((count().await, last().await), (5, Some(event)));
+    let event = store
+        .insert_task(&task(1, "bot"), crate::harness::event("f"))
+        .await
+        .unwrap();
+    assert_eq!((count().await, last().await), (6, Some(event)));
+    let event = store
+        .finish_task(&task_id(1), TaskStatus::Revoked, crate::harness::event("g"))
+        .await
+        .unwrap();
+    assert_eq!((count().await, last().await), (7, event));
+    let (_, event) = store
+        .insert_revocation(
+            &revocation(RevocationKind::Task, "t"),
+            crate::harness::event("h"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((count().await, last().await.as_ref()), (8, Some(&event)));
+
+    // Failures write nothing and do not advance the chain.
+    assert!(
+        store
+            .insert_agent(&agent("bot"), crate::harness::event("x"))
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .insert_operator(&operator("op", 2), crate::harness::event("x"))
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .insert_task(&task(1, "bot"), crate::harness::event("x"))
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .insert_signing_key(&signing_key("k3", 4), crate::harness::event("x"))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store
+            .finish_task(
+                &task_id(1),
+                TaskStatus::Completed,
+                crate::harness::event("x")
+            )
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(count().await, 8);
+    let next = store
+        .append_events(vec![crate::harness::event("y")])
+        .await
+        .unwrap();
+    assert_eq!(next[0].seq, 9);
+    assert_eq!(next[0].prev_hash, event.hash);
+    assert_eq!(verify(store.as_ref()).await, Ok(9));
+}
+
+/// A failing operation in the same batch as succeeding ones fails alone.
+async fn conflicts_in_one_batch(store: &Arc<dyn Store>) {
+    store
+        .insert_agent(&agent("dup"), event(kinds::AGENT_REGISTERED))
+        .await
+        .unwrap();
+    let attempts: Vec<_> = (0..30)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                if i % 3 == 0 {
+                    store
+                        .insert_agent(&agent("dup"), event(kinds::AGENT_REGISTERED))
+                        .await
+                        .map(|_| ())
+                } else {
+                    store
+                        .append_events(vec![event(kinds::CALL_DECISION)])
+                        .await
+                        .map(|_| ())
+                }
+            })
+        })
+        .collect();
+    let mut conflicts = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(()) => {}
+            Err(StoreError::Conflict { .. }) => conflicts += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(conflicts, 10);
+    assert_eq!(verify(store.as_ref()).await, Ok(21));
+}
+
+pub async fn query_filters(db: &TestDb) {
+    let store = &db.store;
+    conflicts_in_one_batch(store).await;
+    let base = 21;
+    let mut bodies = Vec::new();
+    for i in 0..30i64 {
+        let mut body =
+            event(kinds::CALL_DECISION).decision(if i % 2 == 0 { "allow" } else { "deny" });
+        body.time_ms = 1_800_000_000_000 + i * 1_000;
+        body = body.agent(if i % 3 == 0 { "alpha" } else { "beta" });
+        if i % 5 == 0 {
+            body = body.task("task_five");
+        }
+        bodies.push(body);
+    }
+    store.append_events(bodies).await.unwrap();
+    let query = |filter: AuditFilter| {
+        let store = store.clone();
+        async move {
+            store
+                .query_events(&filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.seq - base)
+                .collect::<Vec<u64>>()
+        }
+    };
+    let alpha = query(AuditFilter {
+        agent: Some("alpha".into()),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(alpha, [1, 4, 7, 10, 13, 16, 19, 22, 25, 28]);
+    let five = query(AuditFilter {
+        task: Some("task_five".into()),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(five, [1, 6, 11, 16, 21, 26]);
+    let both = query(AuditFilter {
+        agent: Some("alpha".into()),
+        task: Some("task_five".into()),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(both, [1, 16]);
+    let window = AuditFilter {
+        since_ms: Some(1_800_000_010_000),
+        until_ms: Some(1_800_000_013_000),
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(query(window).await, [11, 12, 13]);
+    let after = AuditFilter {
+        agent: Some("beta".into()),
+        after_seq: Some(base + 25),
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(query(after).await, [26, 27, 29, 30]);
+    let limited = AuditFilter {
+        agent: Some("beta".into()),
+        limit: 3,
+        ..Default::default()
+    };
+    assert_eq!(query(limited).await, [2, 3, 5]);
+    assert!(
+        query(AuditFilter {
+            agent: Some("nobody".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .is_empty()
+    );
+
+    // Limit 0 means 100; more than 1,000 means 1,000.
+    let many: Vec<_> = (0..1_100).map(|_| event(kinds::CALL_DECISION)).collect();
+    store.append_events(many).await.unwrap();
+    assert_eq!(
+        store
+            .query_events(&AuditFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        100
+    );
+    let capped = store
+        .query_events(&AuditFilter {
+            limit: 5_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(capped.len(), 1_000);
+    assert_eq!(capped[0].seq, 1);
+    // The newest events, still in sequence order.
+    let newest = store
+        .query_events(&AuditFilter {
+            limit: 3,
+            newest: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let seqs: Vec<_> = newest.iter().map(|e| e.seq).collect();
+    let last = 21 + 30 + 1_100;
+    assert_eq!(seqs, [last - 2, last - 1, last]);
+    assert_eq!(verify(store.as_ref()).await, Ok(21 + 30 + 1_100));
+}
+
+/// Two stores on the same data (the server and the CLI, or two replicas) append concurrently
+/// and still produce one chain, because each transaction reads the head it extends.
+pub async fn two_stores_share_one_chain(db: &TestDb) {
+    let other = store::open(&db.url).await.unwrap();
+    let mut writers = Vec::new();
+    for (index, store) in [db.store.clone(), other.clone()].into_iter().enumerate() {
+        for writer in 0..4 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                for call in 0..25 {
+                    let detail =
+                        serde_json::json!({"store": index, "writer": writer, "call": call});
+                    store
+                        .append_events(vec![event(kinds::CALL_DECISION).detail(detail)])
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert_eq!(verify(db.store.as_ref()).await, Ok(200));
+    assert_eq!(verify(other.as_ref()).await, Ok(200));
+}
+
+pub async fn reopen_continues_the_chain(db: &TestDb) {
+    let first = store::open(&db.url).await.unwrap();
+    first
+        .insert_agent(&agent("bot"), event(kinds::AGENT_REGISTERED))
+        .await
+        .unwrap();
+    first
+        .append_events(vec![event(kinds::CALL_DECISION); 3])
+        .await
+        .unwrap();
+    drop(first);
+    let second = store::open(&db.url).await.unwrap();
+    assert_eq!(
+        second.get_agent(&"bot".parse().unwrap()).await.unwrap(),
+        Some(agent("bot"))
+    );
+    let next = second
+        .append_events(vec![event(kinds::CALL_DECISION)])
+        .await
+        .unwrap();
+    assert_eq!(next[0].seq, 5);
+    assert_eq!(verify(second.as_ref()).await, Ok(5));
+    assert_eq!(
+        second.kind(),
+        if db.is_postgres() {
+            "postgres"
+        } else {
+            "sqlite"
+        }
+    );
+    second.ping().await.unwrap();
+}

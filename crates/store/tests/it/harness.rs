@@ -1,0 +1,207 @@
+//! Fresh databases for each test, raw SQL for tampering, and readable fixtures.
+
+use std::hash::{BuildHasher, Hasher};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use audit::{ChainBreak, ChainVerifier, Event, EventBody};
+use model::{AgentStatus, Owner, Scope, ScopeSet, SpiffeId, TaskId, TaskStatus, TrustDomain};
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+use store::{AgentRecord, Store, TaskRecord};
+
+/// The environment variable naming the PostgreSQL server the tests use.
+pub const POSTGRES_URL_VAR: &str = "REMIT_TEST_POSTGRES_URL";
+
+/// A direct connection to the test database, bypassing the store: the attacker's view.
+#[derive(Debug)]
+pub enum Raw {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl Raw {
+    pub async fn execute(&self, sql: &str) {
+        match self {
+            Raw::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+            Raw::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        }
+        .unwrap_or_else(|error| panic!("raw SQL `{sql}` failed: {error}"));
+    }
+}
+
+/// A store on a database of its own, plus what a test needs to reach around it.
+#[derive(Debug)]
+pub struct TestDb {
+    pub store: Arc<dyn Store>,
+    pub raw: Raw,
+    /// The URL the store was opened with, to open more stores on the same data.
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    postgres_schema: Option<(PgPool, String)>,
+}
+
+impl TestDb {
+    pub async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("remit.db");
+        let url = format!("sqlite://{}", path.display());
+        let store = store::open(&url).await.unwrap();
+        let raw = SqlitePool::connect_with(SqliteConnectOptions::new().filename(&path))
+            .await
+            .unwrap();
+        TestDb {
+            store,
+            raw: Raw::Sqlite(raw),
+            url,
+            _dir: Some(dir),
+            postgres_schema: None,
+        }
+    }
+
+    /// `None` (with a note) when no PostgreSQL is configured, except under CI, where a
+    /// missing server must not turn into silently skipped tests.
+    pub async fn postgres() -> Option<TestDb> {
+        let base = postgres_url()?;
+        let admin = PgPool::connect(&base).await.unwrap();
+        let schema = format!("remit_test_{:016x}", random());
+        sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+        let store = store::open(&url).await.unwrap();
+        let raw = PgPool::connect_with(PgConnectOptions::from_str(&url).unwrap())
+            .await
+            .unwrap();
+        Some(TestDb {
+            store,
+            raw: Raw::Postgres(raw),
+            url,
+            _dir: None,
+            postgres_schema: Some((admin, schema)),
+        })
+    }
+
+    /// Drops the PostgreSQL schema. A failed test skips this and leaves its schema to inspect.
+    pub async fn finish(self) {
+        let TestDb {
+            store,
+            raw,
+            postgres_schema,
+            ..
+        } = self;
+        drop(store);
+        drop(raw);
+        if let Some((admin, schema)) = postgres_schema {
+            sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.raw, Raw::Postgres(_))
+    }
+}
+
+pub fn postgres_url() -> Option<String> {
+    match std::env::var(POSTGRES_URL_VAR) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{POSTGRES_URL_VAR} must be set under CI")
+        }
+        _ => {
+            eprintln!("note: skipping a PostgreSQL test: set {POSTGRES_URL_VAR} to run it");
+            None
+        }
+    }
+}
+
+pub fn random() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    hasher.finish()
+}
+
+/// Reads the whole chain in pages, as an investigator would, and verifies it.
+pub async fn verify(store: &dyn Store) -> Result<u64, ChainBreak> {
+    let mut verifier = ChainVerifier::default();
+    let mut after = 0;
+    loop {
+        let page = store.events_after(after, 1_000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for event in &page {
+            verifier.push(event)?;
+        }
+    }
+    Ok(verifier.checked())
+}
+
+pub async fn all_events(store: &dyn Store) -> Vec<Event> {
+    let mut events = Vec::new();
+    loop {
+        let after = events.last().map_or(0, |e: &Event| e.seq);
+        let page = store.events_after(after, 1_000).await.unwrap();
+        if page.is_empty() {
+            return events;
+        }
+        events.extend(page);
+    }
+}
+
+pub fn event(kind: &str) -> EventBody {
+    EventBody::new(1_700_000_000_000, kind, "operator:op-1")
+        .detail(serde_json::json!({"why": kind, "n": 1}))
+}
+
+pub fn agent(name: &str) -> AgentRecord {
+    let domain = TrustDomain::from_str("example.org").unwrap();
+    let name = name.parse().unwrap();
+    AgentRecord {
+        spiffe_id: SpiffeId::for_agent(&domain, &name),
+        name,
+        owner: Owner::from_str("alice@example.org").unwrap(),
+        status: AgentStatus::Active,
+        keys: vec![
+            serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}),
+        ],
+        created_at: 1_700_000_000,
+    }
+}
+
+pub fn task_id(n: u8) -> TaskId {
+    TaskId::from_random([n; 16])
+}
+
+pub fn task(n: u8, agent: &str) -> TaskRecord {
+    TaskRecord {
+        id: task_id(n),
+        agent: agent.parse().unwrap(),
+        owner: Owner::from_str("alice@example.org").unwrap(),
+        intent: "triage the open issues".to_string(),
+        scopes: ScopeSet(vec![Scope::new(
+            "github",
+            &["issues.read", "issues.comment"],
+            &["repo/remit/*"],
+        )]),
+        obo: Some("bob@example.org".to_string()),
+        parent: None,
+        depth: 0,
+        status: TaskStatus::Active,
+        created_at: 1_700_000_000 + i64::from(n),
+        expires_at: 1_700_000_300,
+        budget: 100,
+        calls_used: 0,
+        token_jti: format!("jti-{n}"),
+        jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".to_string(),
+    }
+}

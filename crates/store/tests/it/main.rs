@@ -1,0 +1,60 @@
+//! The store's one integration-test binary: every case is written once and runs against a
+//! fresh SQLite file and a fresh PostgreSQL schema, so the two backends cannot drift apart.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
+
+mod cases;
+mod harness;
+mod open;
+mod tamper;
+
+/// Declares each case once per backend: `sqlite::<case>` and `postgres::<case>`.
+macro_rules! on_both_backends {
+    ($($module:ident :: $case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let db = crate::harness::TestDb::sqlite().await;
+                    crate::$module::$case(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(db) = crate::harness::TestDb::postgres().await else { return };
+                    crate::$module::$case(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    cases::agents,
+    cases::operators,
+    cases::signing_keys,
+    cases::tasks,
+    cases::task_calls,
+    cases::revocation_feed,
+    cases::group_commit_keeps_one_chain,
+    cases::each_state_change_writes_one_event,
+    cases::query_filters,
+    cases::two_stores_share_one_chain,
+    cases::reopen_continues_the_chain,
+    tamper::edited_detail,
+    tamper::edited_actor,
+    tamper::deleted_event,
+    tamper::forged_event_appended,
+    tamper::forged_event_replacing_one,
+    tamper::swapped_events,
+);
