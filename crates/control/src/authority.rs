@@ -107,7 +107,11 @@ pub struct VerifyReport {
 impl Authority {
     /// Opens the store, loads policy and keys, and catches up with revocations.
     pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Arc<Authority>> {
-        let store = store::open(&settings.store_url).await?;
+        let options = store::OpenOptions {
+            connect_timeout: settings.store_timeout,
+            ..Default::default()
+        };
+        let store = store::open_with(&settings.store_url, &options).await?;
         let policy = match &settings.policy_dir {
             Some(dir) => load_policies(dir)?,
             None => crate::examples::engine()?,

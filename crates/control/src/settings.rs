@@ -16,6 +16,8 @@ pub struct Settings {
     pub public_url: String,
     pub listen: SocketAddr,
     pub store_url: String,
+    /// How long to wait for a store connection before failing closed.
+    pub store_timeout: Duration,
     /// Where the Cedar schema and policies live; `None` uses the built-in examples.
     pub policy_dir: Option<PathBuf>,
     pub tasks: TaskLimits,
@@ -57,11 +59,12 @@ impl Settings {
             public_url: format!("http://{listen}"),
             listen,
             store_url: store_url.into(),
+            store_timeout: Duration::from_secs(2),
             policy_dir: None,
             tasks: TaskLimits::default(),
             proofs: ProofLimits::default(),
             max_skew_seconds: 30,
-            sync_interval: Duration::from_millis(250),
+            sync_interval: Duration::from_millis(100),
             max_body_bytes: 64 * 1024,
         }
     }

@@ -26,6 +26,7 @@ pub struct RawConfig {
     pub policies: Option<PathBuf>,
     pub max_skew_seconds: Option<i64>,
     pub sync_interval_ms: Option<u64>,
+    pub store_timeout_ms: Option<u64>,
     pub max_body_bytes: Option<usize>,
     #[serde(default)]
     pub tasks: RawTasks,
@@ -194,6 +195,12 @@ impl RawConfig {
                 bail!("`sync_interval_ms` must be between 10 and 60000, not {ms}");
             }
             settings.sync_interval = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.store_timeout_ms {
+            if !(100..=60_000).contains(&ms) {
+                bail!("`store_timeout_ms` must be between 100 and 60000, not {ms}");
+            }
+            settings.store_timeout = Duration::from_millis(ms);
         }
         if let Some(bytes) = self.max_body_bytes {
             if !(1024..=16 * 1024 * 1024).contains(&bytes) {

@@ -26,6 +26,12 @@ async fn send(h: &Harness, request: Request<Body>) -> (StatusCode, axum::http::H
     (status, headers, body)
 }
 
+/// A GET without credentials, as a monitor would send it.
+pub async fn get_json(h: &Harness, path: &str) -> (StatusCode, Value) {
+    let (status, _, body) = send(h, get(path, None)).await;
+    (status, body)
+}
+
 fn post(path: &str, auth: Option<&str>, body: impl Into<Body>) -> Request<Body> {
     let mut builder = Request::post(path).header(header::CONTENT_TYPE, "application/json");
     if let Some(auth) = auth {

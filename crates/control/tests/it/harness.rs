@@ -47,6 +47,7 @@ impl Harness {
         let clock = Arc::new(ManualClock::new(wall_clock_ms()));
         let mut settings = Settings::local(store_url);
         settings.public_url = BASE.to_string();
+        settings.store_timeout = std::time::Duration::from_millis(500);
         let authority = Authority::open(settings, clock.clone()).await.unwrap();
         Harness {
             authority,

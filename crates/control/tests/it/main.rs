@@ -2,9 +2,15 @@
 //! real SQLite file (and PostgreSQL where a test needs a network store), and the HTTP API
 //! in-process.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test support fails loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test support fails loudly"
+)]
 
 mod api;
 mod calls;
+mod failclosed;
 mod harness;
 mod tasks;
