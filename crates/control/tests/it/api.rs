@@ -312,3 +312,60 @@ async fn published_documents() {
         (StatusCode::OK, &json!("sqlite"))
     );
 }
+
+/// DESIGN.md invariant 7: whatever a client sends, the answer is a 4xx with an error body,
+/// never a 5xx and never a panic.
+#[tokio::test]
+async fn garbage_in_is_a_4xx_out() {
+    let h = Harness::new().await;
+    let admin = admin_bearer(&h, model::Role::Admin).await;
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+    let mut bodies: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        b"null".to_vec(),
+        b"[]".to_vec(),
+        b"\"string\"".to_vec(),
+        deep.into_bytes(),
+        br#"{"name":1e999,"owner":[],"keys":{}}"#.to_vec(),
+        br#"{"agent":"triage-bot","intent":"x","scopes":[{"tool":"github","actions":["a"]}],"ttl_seconds":-1}"#.to_vec(),
+        br#"{"agent":"triage-bot","intent":"x","scopes":[{"tool":"github","actions":["a"]}],"budget":99999999999}"#.to_vec(),
+        br#"{"kind":"task","target":"task_aaaaaaaaaaaaaaaaaaaaaaaaaa"}"#.to_vec(),
+        br#"{"kind":"owner","target":""}"#.to_vec(),
+        "{\"name\":\"\u{0}\",\"owner\":\"a@b\",\"keys\":[{\"kty\":\"EC\",\"crv\":\"P-256\",\"x\":\"AA\",\"y\":\"AA\"}]}".as_bytes().to_vec(),
+    ];
+    for _ in 0..40 {
+        let len = (next() % 300) as usize;
+        bodies.push((0..len).map(|_| next() as u8).collect());
+    }
+    let routes = [
+        ("/v1/agents", Some(admin.as_str())),
+        ("/v1/tasks", None),
+        ("/v1/revocations", Some(admin.as_str())),
+        ("/v1/agents/triage-bot/disable", Some(admin.as_str())),
+        (
+            "/v1/tasks/task_aaaaaaaaaaaaaaaaaaaaaaaaaa/complete",
+            Some("DPoP x.y.z"),
+        ),
+    ];
+    for (path, auth) in routes {
+        for body in &bodies {
+            let (status, _, answer) = send(&h, post(path, auth, body.clone())).await;
+            assert!(
+                status.is_client_error(),
+                "POST {path} with {} bytes: {status} {answer}",
+                body.len()
+            );
+            assert!(
+                answer["error"].is_string() && answer["message"].is_string(),
+                "POST {path}: {answer}"
+            );
+        }
+    }
+}
