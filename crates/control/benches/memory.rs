@@ -191,6 +191,8 @@ async fn main() {
                     resource: "acme/api",
                     class: ActionClass::Read,
                     sensitivity: &[],
+                    arguments: "{}",
+                    limiter: None,
                 };
                 allowed += usize::from(authority.authorize(&attempt).await.is_allow());
             }

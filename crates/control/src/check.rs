@@ -43,6 +43,18 @@ pub struct CallAttempt<'a> {
     pub resource: &'a str,
     pub class: ActionClass,
     pub sensitivity: &'a [String],
+    /// The call's arguments as canonical JSON (`{}` when none), shown to policy.
+    pub arguments: &'a str,
+    /// Admission control (rate limits), consulted once the caller is authenticated.
+    pub limiter: Option<&'a dyn CallLimiter>,
+}
+
+/// Rate limits or any other admission rule the gateway applies per agent and task. It is
+/// asked only after the token and proof verified, so nobody can spend another agent's
+/// allowance with forged credentials.
+pub trait CallLimiter: Send + Sync + std::fmt::Debug {
+    /// `Err(seconds)` refuses the call and says when to retry.
+    fn admit(&self, agent: &str, task: &str, now_ms: i64) -> Result<(), u64>;
 }
 
 /// How the caller proved possession.
@@ -68,6 +80,8 @@ pub struct CallVerdict {
     pub audit_seq: Option<u64>,
     /// Time spent deciding (steps 1 to 7), in microseconds.
     pub decision_micros: u64,
+    /// For `rate_limited`: when the caller may try again, in seconds.
+    pub retry_after: Option<u64>,
 }
 
 impl CallVerdict {
@@ -80,6 +94,7 @@ struct Denial {
     code: &'static str,
     message: String,
     report: Option<DecisionReport>,
+    retry_after: Option<u64>,
 }
 
 impl Denial {
@@ -88,6 +103,7 @@ impl Denial {
             code,
             message: message.into(),
             report: None,
+            retry_after: None,
         }
     }
 }
@@ -244,6 +260,7 @@ impl Authority {
                 mode: Some(mode),
                 audit_seq: None,
                 decision_micros: 0,
+                retry_after: None,
             },
             Err((denial, claims)) => CallVerdict {
                 report: denial
@@ -256,6 +273,7 @@ impl Authority {
                 mode: None,
                 audit_seq: None,
                 decision_micros: 0,
+                retry_after: denial.retry_after,
             },
         };
         verdict.decision_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -325,6 +343,20 @@ impl Authority {
             }
         };
 
+        // Admission: rate limits per agent and task, now that both are authenticated.
+        if let Some(limiter) = attempt.limiter
+            && let Err(retry_after) = limiter.admit(&claims.sub, &claims.task, self.clock.now_ms())
+        {
+            let denial = Denial {
+                retry_after: Some(retry_after),
+                ..Denial::new(
+                    "rate_limited",
+                    format!("too many calls; retry in {retry_after} s"),
+                )
+            };
+            return Err(fail(denial));
+        }
+
         // 3 and 4. Revocation of the token, its task chain, its agent or owner; task state.
         let task = self
             .task_state(&claims.task)
@@ -389,6 +421,7 @@ impl Authority {
             resource: attempt.resource,
             class: attempt.class,
             sensitivity: attempt.sensitivity,
+            arguments: attempt.arguments,
             task: &claims.task,
             intent: &task.intent,
             obo: task.obo.as_deref(),
@@ -412,6 +445,7 @@ impl Authority {
                 code: "policy_denied",
                 message: denial_sentence(&report),
                 report: Some(report),
+                retry_after: None,
             };
             let denial = if denial
                 .report

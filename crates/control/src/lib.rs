@@ -15,7 +15,7 @@ mod secret_serde;
 pub mod settings;
 
 pub use authority::{Authority, Grant, TaskRequest, VerifyReport, load_policies};
-pub use check::{CallAttempt, CallVerdict, ProofMode};
+pub use check::{CallAttempt, CallLimiter, CallVerdict, ProofMode};
 pub use error::{Error, ErrorKind, Result};
 pub use examples::{EXAMPLE_POLICIES, engine as example_policies};
 pub use keyring::KeyRing;

@@ -234,6 +234,7 @@ impl Owned {
             resource: &self.resource,
             class: self.class,
             sensitivity: &self.sensitivity,
+            arguments: "{}",
             task: "task-1",
             intent: "triage new issues",
             obo: None,

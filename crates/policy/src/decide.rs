@@ -155,6 +155,7 @@ impl PolicyEngine {
                 "sensitivity".into(),
                 Value::set(call.sensitivity.iter().map(string), None),
             ),
+            ("arguments".into(), string(call.arguments)),
             ("depth".into(), Value::from(call.depth)),
             ("approved".into(), Value::from(call.approved)),
             ("bearer".into(), Value::from(call.bearer)),

@@ -54,6 +54,9 @@ pub struct CallRequest<'a> {
     pub resource: &'a str,
     pub class: ActionClass,
     pub sensitivity: &'a [String],
+    /// The call's arguments as canonical JSON (`{}` when it has none), for policies that
+    /// look inside them with `like`.
+    pub arguments: &'a str,
     pub task: &'a str,
     pub intent: &'a str,
     pub obo: Option<&'a str>,

@@ -43,6 +43,7 @@ fn call(class: ActionClass, tool: &'static str, resource: &'static str) -> CallR
         resource,
         class,
         sensitivity: &[],
+        arguments: "{}",
         task: "task-1",
         intent: "triage new issues",
         obo: None,

@@ -146,6 +146,8 @@ pub async fn run() -> Result<ExitCode> {
                 resource: "acme/api",
                 class,
                 sensitivity: &[],
+                arguments: "{}",
+                limiter: None,
             };
             Ok::<_, anyhow::Error>(authority.authorize(&attempt).await)
         }

@@ -389,3 +389,89 @@ async fn every_decision_is_audited_and_no_secret_reaches_the_log() {
     assert!(!log.contains(private["d"].as_str().unwrap()));
     assert!(h.authority.verify_audit(&h.admin).await.unwrap().ok);
 }
+
+/// Admits a fixed number of calls, then asks the caller to come back in 7 s.
+#[derive(Debug)]
+struct Allowance(
+    std::sync::atomic::AtomicU32,
+    std::sync::Mutex<Vec<(String, String)>>,
+);
+
+impl control::CallLimiter for Allowance {
+    fn admit(&self, agent: &str, task: &str, _now_ms: i64) -> Result<(), u64> {
+        self.1
+            .lock()
+            .unwrap()
+            .push((agent.to_string(), task.to_string()));
+        let left = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        if left == 0 {
+            return Err(7);
+        }
+        self.0.store(left - 1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_limiter_is_asked_with_the_verified_identity_and_can_refuse() {
+    let h = Harness::new().await;
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    let limiter = Allowance(1.into(), Default::default());
+    let url = format!("{BASE}/http/github/read_issue");
+    let token = grant.token.expose();
+    let mut verdicts = Vec::new();
+    for n in 0..2 {
+        let proof = agent
+            .key
+            .sign_proof("POST", &url, Some(token), h.now(), &format!("limit-{n}"))
+            .unwrap();
+        let attempt = control::CallAttempt {
+            token,
+            proof: Some(&proof),
+            bearer_allowed: false,
+            method: "POST",
+            url: &url,
+            tool: "github",
+            action: "read_issue",
+            resource: "acme/api",
+            class: ActionClass::Read,
+            sensitivity: &[],
+            arguments: "{}",
+            limiter: Some(&limiter),
+        };
+        verdicts.push(h.authority.authorize(&attempt).await);
+    }
+    assert!(verdicts[0].is_allow());
+    assert_eq!(
+        (verdicts[1].code, verdicts[1].retry_after),
+        ("rate_limited", Some(7))
+    );
+    let asked = limiter.1.lock().unwrap().clone();
+    assert_eq!(
+        asked[0],
+        (
+            "spiffe://remit.local/agent/triage-bot".to_string(),
+            grant.task_id.to_string()
+        )
+    );
+
+    // A forged token never reaches the limiter.
+    let before = limiter.1.lock().unwrap().len();
+    let forged = control::CallAttempt {
+        token: "e30.e30.c2ln",
+        proof: None,
+        bearer_allowed: true,
+        method: "POST",
+        url: &url,
+        tool: "github",
+        action: "read_issue",
+        resource: "acme/api",
+        class: ActionClass::Read,
+        sensitivity: &[],
+        arguments: "{}",
+        limiter: Some(&limiter),
+    };
+    assert!(h.authority.authorize(&forged).await.code.starts_with("token_"));
+    assert_eq!(limiter.1.lock().unwrap().len(), before);
+}

@@ -160,6 +160,8 @@ impl Harness {
             resource,
             class,
             sensitivity: &[],
+            arguments: "{}",
+            limiter: None,
         };
         self.authority.authorize(&attempt).await
     }

@@ -206,6 +206,7 @@ fn sliced_and_unsliced_decisions_agree() {
                     resource: &path,
                     class: *rng.pick(ActionClass::ALL),
                     sensitivity: sensitivities[rng.below(sensitivities.len())],
+                    arguments: "{}",
                     task: "task-1",
                     intent: "generated",
                     obo,

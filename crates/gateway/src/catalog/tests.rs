@@ -1,0 +1,189 @@
+use super::*;
+
+fn raw(text: &str) -> Vec<RawTool> {
+    #[derive(Deserialize)]
+    struct File {
+        tools: Vec<RawTool>,
+    }
+    toml::from_str::<File>(text).unwrap().tools
+}
+
+fn env(name: &str) -> Option<String> {
+    (name == "GITHUB_TOKEN").then(|| "ghp_secret".to_string())
+}
+
+fn catalog(text: &str) -> Result<Catalog, CatalogError> {
+    Catalog::from_raw_with(&raw(text), &env)
+}
+
+const GITHUB: &str = r#"
+[[tools]]
+name = "github"
+kind = "http"
+upstream = "http://127.0.0.1:9/api"
+auth = { bearer = "env:GITHUB_TOKEN" }
+sensitivity = ["source"]
+routes = [
+  { method = "GET", path = "/repos/{owner}/{repo}/issues", action = "list_issues", class = "read", resource = "{owner}/{repo}" },
+  { method = "DELETE", path = "/repos/{owner}/{repo}", action = "delete_repo", class = "admin", resource = "{owner}/{repo}" },
+  { method = "*", path = "/files/{*path}", action = "file", class = "write", sensitivity = ["pii"] },
+]
+
+[[tools]]
+name = "files"
+kind = "mcp"
+upstream = "http://127.0.0.1:9/mcp"
+mcp_tools = { read_file = { class = "read", resource = "path" }, write_file = "write" }
+"#;
+
+#[test]
+fn routes_classify_requests() {
+    let catalog = catalog(GITHUB).unwrap();
+    let github = catalog.get("github").unwrap();
+    let check = |method: &str, path: &str| {
+        github.classify_http(&Method::from_bytes(method.as_bytes()).unwrap(), path)
+    };
+
+    let listed = check("GET", "/repos/acme/api/issues");
+    assert_eq!(
+        (
+            listed.action.as_str(),
+            listed.class,
+            listed.resource.as_str()
+        ),
+        ("list_issues", ActionClass::Read, "acme/api")
+    );
+    assert_eq!(listed.sensitivity, ["source"]);
+    assert_eq!(check("DELETE", "/repos/acme/api").action, "delete_repo");
+    let file = check("PUT", "/files/a/b/c.txt");
+    assert_eq!(
+        (file.class, file.resource.as_str()),
+        (ActionClass::Write, "files/a/b/c.txt")
+    );
+    assert_eq!(file.sensitivity, ["source", "pii"]);
+
+    // Anything not declared is admin.
+    let unknown = check("POST", "/repos/acme/api/issues");
+    assert_eq!(
+        (unknown.action.as_str(), unknown.class),
+        ("POST /repos/acme/api/issues", ActionClass::Admin)
+    );
+    assert_eq!(
+        check("GET", "/repos/acme/api/issues/extra").class,
+        ActionClass::Admin
+    );
+    assert_eq!(check("GET", "/repos//api/issues").class, ActionClass::Admin);
+}
+
+#[test]
+fn mcp_tools_classify_calls() {
+    let catalog = catalog(GITHUB).unwrap();
+    let files = catalog.get("files").unwrap();
+    let args = serde_json::json!({ "path": "/srv/notes.txt" });
+    let read = files.classify_mcp_tool("read_file", Some(&args));
+    assert_eq!(
+        (read.class, read.resource.as_str()),
+        (ActionClass::Read, "/srv/notes.txt")
+    );
+    assert_eq!(
+        files.classify_mcp_tool("write_file", None).class,
+        ActionClass::Write
+    );
+    assert_eq!(
+        files.classify_mcp_tool("rm_rf", None).class,
+        ActionClass::Admin
+    );
+}
+
+#[test]
+fn credentials_come_from_the_environment_or_files() {
+    let github = catalog(GITHUB).unwrap();
+    let (name, value) = github.get("github").unwrap().auth.header().unwrap();
+    assert_eq!(
+        (name.as_str(), value.to_str().unwrap()),
+        ("authorization", "Bearer ghp_secret")
+    );
+    assert!(value.is_sensitive());
+    assert_eq!(github.secrets(), ["Bearer ghp_secret"]);
+    assert!(
+        !format!("{github:?}").contains("ghp_secret"),
+        "Debug must not print secrets"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    std::fs::write(&file, "k-123\n").unwrap();
+    let text = format!(
+        "[[tools]]\nname = \"x\"\nkind = \"http\"\nupstream = \"https://x.example\"\nauth = {{ header = \"X-Api-Key\", value = \"file:{}\" }}\n",
+        file.display()
+    );
+    let from_file = catalog(&text).unwrap();
+    assert_eq!(
+        from_file
+            .get("x")
+            .unwrap()
+            .auth
+            .header()
+            .unwrap()
+            .1
+            .to_str()
+            .unwrap(),
+        "k-123"
+    );
+}
+
+#[test]
+fn bad_declarations_name_the_tool_and_the_problem() {
+    let check = |body: &str, needle: &str| {
+        let text = format!("[[tools]]\nname = \"t\"\n{body}\n");
+        let error = catalog(&text).unwrap_err().to_string();
+        assert!(
+            error.starts_with("tool `t`: ") && error.contains(needle),
+            "{error}"
+        );
+    };
+    check(
+        "kind = \"ftp\"\nupstream = \"http://x\"",
+        "unknown kind `ftp`",
+    );
+    check("kind = \"http\"\nupstream = \"not a url\"", "`upstream`");
+    check(
+        "kind = \"http\"\nupstream = \"ftp://x/\"",
+        "http:// or https://",
+    );
+    check(
+        "kind = \"http\"\nupstream = \"http://x\"\nauth = { bearer = \"ghp_inline\" }",
+        "never inline",
+    );
+    check(
+        "kind = \"http\"\nupstream = \"http://x\"\nauth = { bearer = \"env:MISSING\" }",
+        "`MISSING`",
+    );
+    check(
+        "kind = \"http\"\nupstream = \"http://x\"\nauth = { bearer = \"file:/nonexistent/key\" }",
+        "/nonexistent/key",
+    );
+    check(
+        "kind = \"http\"\nupstream = \"http://x\"\nroutes = [{ method = \"GET\", path = \"x\", action = \"a\", class = \"read\" }]",
+        "starts with `/`",
+    );
+    check(
+        "kind = \"http\"\nupstream = \"http://x\"\nroutes = [{ method = \"GET\", path = \"/x\", action = \"a\", class = \"reed\" }]",
+        "`reed`",
+    );
+    check(
+        "kind = \"http\"\nupstream = \"http://x\"\nroutes = [{ method = \"GET\", path = \"/{*a}/b\", action = \"a\", class = \"read\" }]",
+        "last segment",
+    );
+    check(
+        "kind = \"mcp\"\nupstream = \"http://x\"\nroutes = [{ method = \"GET\", path = \"/x\", action = \"a\", class = \"read\" }]",
+        "`routes` are for `http`",
+    );
+    let twice = "[[tools]]\nname = \"t\"\nkind = \"mcp\"\nupstream = \"http://x\"\n[[tools]]\nname = \"t\"\nkind = \"mcp\"\nupstream = \"http://x\"\n";
+    assert!(
+        catalog(twice)
+            .unwrap_err()
+            .to_string()
+            .contains("declared twice")
+    );
+}

@@ -1,0 +1,1 @@
+//! Integration tests of the gateway against real upstream servers.
