@@ -52,6 +52,7 @@ pub mod kinds {
     pub const KEY_CREATED: &str = "key.created";
     pub const KEY_ROTATED: &str = "key.rotated";
     pub const CALL_DECISION: &str = "call.decision";
+    pub const CALL_OUTCOME: &str = "call.outcome";
 }
 
 /// What the writer of an event supplies; the chain adds `seq`, `prev_hash` and `hash`.

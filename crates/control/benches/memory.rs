@@ -1,20 +1,25 @@
 //! Memory of a node that holds 100,000 active tasks, every one of them used once (so that
 //! their state and verified tokens sit in the call path's caches), and 10,000 revocations in
-//! its index: the resident set of this process before and after, read from /proc.
+//! its index: the resident set of this process at each stage, read from /proc.
 //!
-//! `cargo bench -p control --bench memory`
+//! The benchmark keeps none of the workload itself: each task's token is signed right before
+//! its one call and dropped after it, so the resident set is the node's (runtime, store
+//! connections, caches, revocation index, replay cache) and not the benchmark's.
+//!
+//! `cargo bench -p control --bench memory`; with `REMIT_BENCH_KEEP=/path/remit.db` the SQLite
+//! store is written there and kept (to start `remit serve` on it afterwards).
 
 #![allow(clippy::expect_used, reason = "a benchmark stops at its first failure")]
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use audit::{EventBody, kinds};
 use control::clock::{Clock, SystemClock};
 use control::{Authority, CallAttempt, Operator, Settings};
 use credentials::{AgentKeyPair, Confirmation, TaskClaims};
 use model::{ActionClass, Scope, ScopeSet, TaskId, TaskStatus};
-use store::{RevocationKind, TaskRecord};
+use store::{AgentRecord, RevocationKind, TaskRecord};
 
 const TASKS: usize = 100_000;
 const REVOCATIONS: usize = 10_000;
@@ -30,13 +35,85 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+fn report(stage: &str, baseline: u64) -> u64 {
+    let rss = rss_kib();
+    let delta = if baseline == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({:+.1} MiB from start-up)",
+            (rss as f64 - baseline as f64) / 1024.0
+        )
+    };
+    println!("RSS {:.1} MiB{delta} {stage}", rss as f64 / 1024.0);
+    rss
+}
+
+/// Task `i` as the grant path records it, and the claims of its token.
+fn task(
+    i: usize,
+    now: i64,
+    agent: &AgentRecord,
+    jkt: &str,
+    scopes: &ScopeSet,
+) -> (TaskRecord, TaskClaims) {
+    let mut random = [0u8; 16];
+    random[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    random[8..].copy_from_slice(&(now as u64).to_be_bytes());
+    let id = TaskId::from_random(random);
+    let jti = format!("jti-{i}");
+    let record = TaskRecord {
+        id: id.clone(),
+        agent: agent.name.clone(),
+        owner: agent.owner.clone(),
+        intent: "memory benchmark".into(),
+        scopes: scopes.clone(),
+        obo: None,
+        parent: None,
+        depth: 0,
+        status: TaskStatus::Active,
+        created_at: now,
+        expires_at: now + 3600,
+        budget: 10,
+        calls_used: 0,
+        token_jti: jti.clone(),
+        jkt: jkt.to_string(),
+    };
+    let claims = TaskClaims {
+        iss: BASE.into(),
+        sub: agent.spiffe_id.to_string(),
+        aud: BASE.into(),
+        iat: now,
+        nbf: now,
+        exp: now + 3600,
+        jti,
+        task: id.to_string(),
+        scope: scopes.clone(),
+        cnf: Confirmation {
+            jkt: jkt.to_string(),
+        },
+        act: None,
+        obo: None,
+    };
+    (record, claims)
+}
+
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let mut settings = Settings::local(format!(
-        "sqlite://{}",
-        dir.path().join("memory.db").display()
-    ));
+    let path = match std::env::var_os("REMIT_BENCH_KEEP") {
+        Some(path) => {
+            let path = std::path::PathBuf::from(path);
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                let _ = std::fs::remove_file(file);
+            }
+            path
+        }
+        None => dir.path().join("memory.db"),
+    };
+    let mut settings = Settings::local(format!("sqlite://{}", path.display()));
     settings.public_url = BASE.into();
     let clock = Arc::new(SystemClock);
     let authority = Authority::open(settings, clock.clone())
@@ -44,6 +121,7 @@ async fn main() {
         .expect("authority");
     let admin = Operator::local("bench");
     let key = AgentKeyPair::generate_ed25519().expect("key");
+    let jkt = key.public().thumbprint().to_string();
     let agent = authority
         .register_agent(
             &admin,
@@ -53,68 +131,18 @@ async fn main() {
         )
         .await
         .expect("agent");
-    let baseline = rss_kib();
-    println!(
-        "baseline after start-up: {:.1} MiB",
-        baseline as f64 / 1024.0
-    );
+    let baseline = report("after start-up", 0);
 
-    // 100,000 tasks granted (written as the grant path writes them) and their tokens.
+    // 100,000 tasks granted (written as the grant path writes them).
     let started = Instant::now();
     let now = clock.now();
     let scopes = ScopeSet(vec![Scope::new("github", &["read_issue"], &["acme/*"])]);
-    let mut tokens = Vec::with_capacity(TASKS);
     let mut writes = Vec::new();
     for i in 0..TASKS {
-        let mut random = [0u8; 16];
-        random[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        random[8..].copy_from_slice(&(now as u64).to_be_bytes());
-        let id = TaskId::from_random(random);
-        let jti = format!("jti-{i}");
-        let record = TaskRecord {
-            id: id.clone(),
-            agent: agent.name.clone(),
-            owner: agent.owner.clone(),
-            intent: "memory benchmark".into(),
-            scopes: scopes.clone(),
-            obo: None,
-            parent: None,
-            depth: 0,
-            status: TaskStatus::Active,
-            created_at: now,
-            expires_at: now + 3600,
-            budget: 10,
-            calls_used: 0,
-            token_jti: jti.clone(),
-            jkt: key.public().thumbprint().to_string(),
-        };
-        let claims = TaskClaims {
-            iss: BASE.into(),
-            sub: agent.spiffe_id.to_string(),
-            aud: BASE.into(),
-            iat: now,
-            nbf: now,
-            exp: now + 3600,
-            jti,
-            task: id.to_string(),
-            scope: scopes.clone(),
-            cnf: Confirmation {
-                jkt: key.public().thumbprint().to_string(),
-            },
-            act: None,
-            obo: None,
-        };
-        tokens.push(
-            authority
-                .keys()
-                .sign(&claims)
-                .expect("token")
-                .expose()
-                .clone(),
-        );
+        let (record, _) = task(i, now, &agent, &jkt, &scopes);
         let store = Arc::clone(authority.store());
         let event = EventBody::new(now * 1000, kinds::TASK_GRANTED, agent.spiffe_id.as_str())
-            .task(id.as_str());
+            .task(record.id.as_str());
         writes.push(tokio::spawn(async move {
             store.insert_task(&record, event).await
         }));
@@ -131,6 +159,7 @@ async fn main() {
         "{TASKS} tasks written in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    report("with the tasks in the store, none seen yet", baseline);
 
     // 10,000 revocations (of other tokens), applied to the index.
     let started = Instant::now();
@@ -161,22 +190,29 @@ async fn main() {
         "{REVOCATIONS} revocations in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    report("with the revocations indexed", baseline);
 
-    // Use every task once so that its state and verified token are cached.
+    // Use every task once so that its state and verified token are cached. Each token is
+    // signed just before its call and dropped after it: the node keeps what it caches.
     let started = Instant::now();
-    let tokens = Arc::new(tokens);
     let key = Arc::new(key);
+    let agent = Arc::new(agent);
+    let scopes = Arc::new(scopes);
     let mut handles = Vec::new();
     for worker in 0..CONCURRENCY {
         let authority = Arc::clone(&authority);
-        let tokens = Arc::clone(&tokens);
         let key = Arc::clone(&key);
+        let agent = Arc::clone(&agent);
+        let scopes = Arc::clone(&scopes);
+        let jkt = jkt.clone();
         let clock = clock.clone();
         handles.push(tokio::spawn(async move {
             let url = format!("{BASE}/http/github/read_issue");
             let mut allowed = 0usize;
             for i in (worker..TASKS).step_by(CONCURRENCY) {
-                let token = &tokens[i];
+                let (_, claims) = task(i, now, &agent, &jkt, &scopes);
+                let token = authority.keys().sign(&claims).expect("token");
+                let token = token.expose();
                 let proof = key
                     .sign_proof("POST", &url, Some(token), clock.now(), &format!("m-{i}"))
                     .expect("proof");
@@ -208,16 +244,36 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(allowed, TASKS, "every task's first call should be allowed");
+    // Let the background writes of the call counts drain, then write once more behind them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    authority
+        .store()
+        .append_events(vec![EventBody::new(
+            clock.now_ms(),
+            kinds::CALL_DECISION,
+            "memory benchmark",
+        )])
+        .await
+        .expect("append");
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let after = rss_kib();
     println!(
         "tasks cached: {}, revocations indexed: {}",
         authority.cached_tasks(),
         authority.revocation_count()
+    );
+    let after = report(
+        &format!(
+            "with {TASKS} active tasks (all used once: state and verified token cached) and {REVOCATIONS} revocations"
+        ),
+        baseline,
     );
     println!(
         "RSS: {:.1} MiB with {TASKS} active tasks (all used) and {REVOCATIONS} revocations; {:.1} MiB above the start-up baseline",
         after as f64 / 1024.0,
         (after.saturating_sub(baseline)) as f64 / 1024.0
     );
+    if let Some(path) = std::env::var_os("REMIT_BENCH_KEEP") {
+        println!("store kept at {}", std::path::Path::new(&path).display());
+    }
 }

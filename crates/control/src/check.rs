@@ -82,6 +82,21 @@ pub struct CallVerdict {
     pub decision_micros: u64,
     /// For `rate_limited`: when the caller may try again, in seconds.
     pub retry_after: Option<u64>,
+    /// The verified token's claims (its scopes, for filtering what a caller is shown),
+    /// whenever the token verified. Never serialized.
+    #[serde(skip)]
+    pub claims: Option<Arc<TaskClaims>>,
+}
+
+/// How far the call path goes for one attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    /// Every step: the attempt is a tool call.
+    Call,
+    /// Steps 1 to 4 only (token, proof, rate limit, revocation, task state): the attempt
+    /// is a protocol message that acts on nothing (an MCP `initialize`, `tools/list`,
+    /// notification), so scope, policy and budget do not apply to it.
+    Session,
 }
 
 impl CallVerdict {
@@ -186,7 +201,42 @@ impl Authority {
     /// Decides one tool call and records the decision durably before returning. Anything
     /// but `Decision::Allow` means: do not forward.
     pub async fn authorize(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
-        let mut verdict = self.decide_unrecorded(attempt).await;
+        let verdict = self.decide_timed(attempt, Check::Call).await;
+        self.record(attempt, verdict, Check::Call).await
+    }
+
+    /// Authenticates the caller of a protocol message that is not a tool call (MCP
+    /// `initialize`, `ping`, `tools/list`, notifications, an SSE stream): token, proof (its
+    /// `jti` consumed), rate limit, revocation and task state, but no scope, policy or
+    /// budget, since the message acts on nothing. `attempt.action` names the message for
+    /// the audit record. Recorded like [`Authority::authorize`]; an allow means only that
+    /// the message may pass: every tool call in it still needs its own decision.
+    pub async fn authorize_session(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
+        let verdict = self.decide_timed(attempt, Check::Session).await;
+        self.record(attempt, verdict, Check::Session).await
+    }
+
+    /// Appends the decision to the audit log; a write failure turns it into a denial.
+    async fn record(
+        &self,
+        attempt: &CallAttempt<'_>,
+        mut verdict: CallVerdict,
+        check: Check,
+    ) -> CallVerdict {
+        let mut detail = json!({
+            "tool": attempt.tool,
+            "action": attempt.action,
+            "resource": attempt.resource,
+            "class": attempt.class,
+            "code": verdict.code,
+            "mode": verdict.mode,
+            "policies": verdict.report.policies,
+            "reasons": verdict.report.reasons,
+        });
+        // Marks a session check, so that an auditor does not read it as a tool call.
+        if let (Check::Session, Some(detail)) = (check, detail.as_object_mut()) {
+            detail.insert("check".to_string(), json!("session"));
+        }
         let mut event = audit::EventBody::new(
             self.clock.now_ms(),
             kinds::CALL_DECISION,
@@ -196,16 +246,7 @@ impl Authority {
                 .unwrap_or_else(|| "unauthenticated".to_string()),
         )
         .decision(verdict.report.decision.as_str())
-        .detail(json!({
-            "tool": attempt.tool,
-            "action": attempt.action,
-            "resource": attempt.resource,
-            "class": attempt.class,
-            "code": verdict.code,
-            "mode": verdict.mode,
-            "policies": verdict.report.policies,
-            "reasons": verdict.report.reasons,
-        }));
+        .detail(detail);
         if let Some(agent) = &verdict.agent {
             event = event.agent(agent.clone());
         }
@@ -228,6 +269,7 @@ impl Authority {
         }
         // The budget is enforced from memory; its count is persisted off the call path.
         if verdict.is_allow()
+            && check == Check::Call
             && let Some(task) = verdict
                 .task
                 .as_deref()
@@ -248,9 +290,13 @@ impl Authority {
     /// the gateway calls [`Authority::authorize`]. An allowed call does take from the budget.
     #[doc(hidden)]
     pub async fn decide_unrecorded(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
+        self.decide_timed(attempt, Check::Call).await
+    }
+
+    async fn decide_timed(&self, attempt: &CallAttempt<'_>, check: Check) -> CallVerdict {
         let started = Instant::now();
         let now = self.now();
-        let mut verdict = match self.decide(attempt, now).await {
+        let mut verdict = match self.decide(attempt, now, check).await {
             Ok((claims, mode, report)) => CallVerdict {
                 code: "allowed",
                 message: "allowed".to_string(),
@@ -261,6 +307,7 @@ impl Authority {
                 audit_seq: None,
                 decision_micros: 0,
                 retry_after: None,
+                claims: Some(claims),
             },
             Err((denial, claims)) => CallVerdict {
                 report: denial
@@ -274,6 +321,7 @@ impl Authority {
                 audit_seq: None,
                 decision_micros: 0,
                 retry_after: denial.retry_after,
+                claims,
             },
         };
         verdict.decision_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -285,6 +333,7 @@ impl Authority {
         &self,
         attempt: &CallAttempt<'_>,
         now: i64,
+        check: Check,
     ) -> Result<(Arc<TaskClaims>, ProofMode, DecisionReport), (Denial, Option<Arc<TaskClaims>>)>
     {
         // 1. The token, verified once and then cached by its hash until it expires.
@@ -394,6 +443,14 @@ impl Authority {
                 "task_expired",
                 format!("task `{}` has expired", claims.task),
             )));
+        }
+
+        if check == Check::Session {
+            let report = DecisionReport::allow(
+                Vec::new(),
+                vec!["the caller is authenticated; the message calls no tool".to_string()],
+            );
+            return Ok((Arc::clone(&claims), mode, report));
         }
 
         // 6. Scope: the call must lie inside the token's scopes.

@@ -518,7 +518,9 @@ fn resolve_auth(
             (name, secret(reference, env)?)
         }
         _ => {
-            return Err("`auth` takes either `bearer = \"env:VAR\"` or `header` and `value`".into());
+            return Err(
+                "`auth` takes either `bearer = \"env:VAR\"` or `header` and `value`".into(),
+            );
         }
     };
     if HeaderValue::from_str(&value).is_err() {

@@ -1,6 +1,189 @@
 //! The call path's edge: the gateway every tool call passes. It maps each HTTP or MCP request
 //! to an action on a declared tool, asks `control::Authority::authorize` (token, proof,
-//! revocation, scope, policy, a durable audit record), and only then forwards the call with
-//! the upstream credential injected.
+//! revocation, rate limits, scope, policy, a durable audit record), and only then forwards
+//! the call with the upstream credential injected.
 
+mod caller;
 pub mod catalog;
+mod error;
+mod forward;
+mod http;
+mod mcp;
+pub mod metrics;
+pub mod rate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{Method, header};
+use axum::response::IntoResponse;
+use axum::routing::{any, get};
+use control::{Authority, CallAttempt, CallVerdict};
+use serde_json::json;
+
+pub use caller::{Presented, Scheme};
+pub use catalog::{Catalog, CatalogError, Classified, RawTool, ToolKind, ToolSpec};
+pub use error::Refusal;
+pub use rate::{Limits, Rate, RateLimiter};
+
+/// The gateway of one node: the control plane it asks, the tools it fronts.
+#[derive(Debug)]
+pub struct Gateway {
+    authority: Arc<Authority>,
+    catalog: Catalog,
+    upstream: forward::Upstream,
+    limiter: RateLimiter,
+    metrics: metrics::Metrics,
+}
+
+/// Path of the RFC 9728 metadata document.
+pub const RESOURCE_METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
+
+impl Gateway {
+    pub fn new(
+        authority: Arc<Authority>,
+        catalog: Catalog,
+        limits: Limits,
+    ) -> Result<Arc<Gateway>, String> {
+        let upstream =
+            forward::Upstream::new(catalog.secrets().into_iter().map(str::to_string).collect())?;
+        Ok(Arc::new(Gateway {
+            authority,
+            catalog,
+            upstream,
+            limiter: RateLimiter::new(limits),
+            metrics: metrics::Metrics::default(),
+        }))
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+
+    /// The metadata URL that 401 challenges point to.
+    pub fn resource_metadata_url(&self) -> String {
+        self.authority.settings().url_of(RESOURCE_METADATA_PATH)
+    }
+
+    /// The public URL of a request path, as the caller's proof must name it in `htu`. The
+    /// request's own `Host` header is never used: an attacker controls it.
+    pub fn public_url(&self, path: &str) -> String {
+        self.authority.settings().url_of(path)
+    }
+
+    /// Runs the call path for one action and records the decision (metrics and the audit
+    /// log, durably, before anything is forwarded).
+    pub async fn decide(
+        &self,
+        tool: &ToolSpec,
+        presented: &Presented<'_>,
+        method: &Method,
+        url: &str,
+        classified: &Classified,
+        arguments: &str,
+    ) -> CallVerdict {
+        let started = Instant::now();
+        let bearer = presented.scheme == Scheme::Bearer;
+        let attempt = CallAttempt {
+            token: presented.token,
+            // A DPoP-bound token presented as a bearer token has no proof, whatever else
+            // the request carries; only tools that accept bearer tokens let that pass.
+            proof: if bearer { None } else { presented.proof },
+            bearer_allowed: bearer && tool.bearer_tokens,
+            method: method.as_str(),
+            url,
+            tool: &tool.name,
+            action: &classified.action,
+            resource: &classified.resource,
+            class: classified.class,
+            sensitivity: &classified.sensitivity,
+            arguments,
+            limiter: Some(&self.limiter),
+        };
+        let verdict = self.authority.authorize(&attempt).await;
+        self.metrics.decision(
+            verdict.report.decision.as_str(),
+            &tool.name,
+            verdict.code,
+            started.elapsed(),
+        );
+        verdict
+    }
+
+    /// Authenticates the caller of a protocol message that calls no tool (MCP `initialize`,
+    /// `tools/list`, notifications, a stream): token, proof, rate limit, revocation and task
+    /// state, recorded like a decision, without scope, policy or budget. `action` names the
+    /// message in the audit log.
+    pub async fn decide_session(
+        &self,
+        tool: &ToolSpec,
+        presented: &Presented<'_>,
+        method: &Method,
+        url: &str,
+        action: &str,
+    ) -> CallVerdict {
+        let started = Instant::now();
+        let bearer = presented.scheme == Scheme::Bearer;
+        let attempt = CallAttempt {
+            token: presented.token,
+            proof: if bearer { None } else { presented.proof },
+            bearer_allowed: bearer && tool.bearer_tokens,
+            method: method.as_str(),
+            url,
+            tool: &tool.name,
+            action,
+            resource: "",
+            class: model::ActionClass::Read,
+            sensitivity: &[],
+            arguments: "{}",
+            limiter: Some(&self.limiter),
+        };
+        let verdict = self.authority.authorize_session(&attempt).await;
+        self.metrics.decision(
+            verdict.report.decision.as_str(),
+            &tool.name,
+            verdict.code,
+            started.elapsed(),
+        );
+        verdict
+    }
+}
+
+/// The gateway's routes: `/mcp/{tool}`, `/http/{tool}/{*path}`, the RFC 9728 metadata and
+/// `/metrics`. Merge into the control plane's router, which holds the fallback.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/mcp/{tool}", any(mcp::handle))
+        .route("/http/{tool}", any(http::handle_root))
+        .route("/http/{tool}/{*path}", any(http::handle))
+        .route(RESOURCE_METADATA_PATH, get(resource_metadata))
+        .route("/metrics", get(metrics))
+        .with_state(gateway)
+}
+
+/// RFC 9728: what this protected resource is and how to call it.
+async fn resource_metadata(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {
+    let settings = gateway.authority.settings();
+    axum::Json(json!({
+        "resource": settings.public_url,
+        "authorization_servers": [settings.public_url],
+        "jwks_uri": settings.url_of("/.well-known/jwks.json"),
+        "bearer_methods_supported": ["header"],
+        "dpop_signing_alg_values_supported": ["ES256", "EdDSA"],
+        "dpop_bound_access_tokens_required": true,
+        "resource_name": "remit gateway",
+    }))
+}
+
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        gateway.metrics.render(),
+    )
+}

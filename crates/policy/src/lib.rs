@@ -10,6 +10,8 @@
 mod decide;
 mod error;
 mod load;
+#[doc(hidden)]
+pub mod synthetic;
 mod testing;
 
 use std::collections::HashMap;

@@ -27,7 +27,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 trust_domain: args.trust_domain,
                 ..overrides(&cli.global)
             };
-            serve(settings(&cli.global, &overrides)?).await?;
+            let raw = RawConfig::load(cli.global.config.as_deref())?;
+            let (catalog, limits) = raw.gateway()?;
+            serve(raw.settle(&overrides)?, catalog, limits).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo::run().await,
@@ -92,7 +94,11 @@ fn init_logging() {
         .try_init();
 }
 
-async fn serve(settings: Settings) -> Result<()> {
+async fn serve(
+    settings: Settings,
+    catalog: gateway::Catalog,
+    limits: gateway::Limits,
+) -> Result<()> {
     let listen = settings.listen;
     let store_url = redact_url(&settings.store_url);
     let authority = Authority::open(settings, Arc::new(SystemClock))
@@ -109,7 +115,11 @@ async fn serve(settings: Settings) -> Result<()> {
         authority.policy().policy_count(),
         authority.keys().current_kid(),
     );
-    let app = control::api::router(Arc::clone(&authority));
+    let tools = catalog.len();
+    let gateway = gateway::Gateway::new(Arc::clone(&authority), catalog, limits)
+        .map_err(|e| anyhow!("{e}"))?;
+    tracing::info!("gateway fronting {tools} tools at /mcp/{{tool}} and /http/{{tool}}/{{*path}}");
+    let app = control::api::router(Arc::clone(&authority)).merge(gateway::router(gateway));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;

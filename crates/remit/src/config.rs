@@ -32,6 +32,21 @@ pub struct RawConfig {
     pub tasks: RawTasks,
     #[serde(default)]
     pub proofs: RawProofs,
+    #[serde(default)]
+    pub gateway: RawGateway,
+    /// The tools the gateway fronts (`[[tools]]`).
+    #[serde(default)]
+    pub tools: Vec<gateway::RawTool>,
+}
+
+/// `[gateway]`: rate limits per agent and per task (calls per second, and bursts).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub rate_per_agent: Option<f64>,
+    pub burst_per_agent: Option<u32>,
+    pub rate_per_task: Option<f64>,
+    pub burst_per_task: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +103,54 @@ impl RawConfig {
                 .map(|p| if p.is_relative() { base.join(p) } else { p }),
             ..raw
         })
+    }
+
+    /// The gateway's tools and limits, validated; credentials are read from the environment
+    /// or files now, so a missing one stops start-up.
+    pub fn gateway(&self) -> Result<(gateway::Catalog, gateway::Limits)> {
+        let catalog =
+            gateway::Catalog::from_raw(&self.tools).map_err(|e| anyhow::anyhow!("`tools`: {e}"))?;
+        let defaults = gateway::Limits::default();
+        let rate = |name: &str, value: Option<f64>, default: f64| -> Result<f64> {
+            let value = value.unwrap_or(default);
+            if !(value > 0.0 && value <= 1_000_000.0) {
+                bail!(
+                    "`gateway.{name}` must be a positive number of calls per second, at most 1000000"
+                );
+            }
+            Ok(value)
+        };
+        let burst = |name: &str, value: Option<u32>, default: u32| -> Result<u32> {
+            let value = value.unwrap_or(default);
+            if !(1..=1_000_000).contains(&value) {
+                bail!("`gateway.{name}` must be between 1 and 1000000");
+            }
+            Ok(value)
+        };
+        let g = &self.gateway;
+        let limits = gateway::Limits {
+            per_agent: gateway::Rate {
+                per_second: rate(
+                    "rate_per_agent",
+                    g.rate_per_agent,
+                    defaults.per_agent.per_second,
+                )?,
+                burst: burst(
+                    "burst_per_agent",
+                    g.burst_per_agent,
+                    defaults.per_agent.burst,
+                )?,
+            },
+            per_task: gateway::Rate {
+                per_second: rate(
+                    "rate_per_task",
+                    g.rate_per_task,
+                    defaults.per_task.per_second,
+                )?,
+                burst: burst("burst_per_task", g.burst_per_task, defaults.per_task.burst)?,
+            },
+        };
+        Ok((catalog, limits))
     }
 
     /// Applies the flags and validates everything.

@@ -171,12 +171,7 @@ pub async fn run() -> Result<ExitCode> {
     steps.report(
         verdict.report.decision == Decision::Deny && verdict.code == "out_of_scope",
         "call github delete_repo on acme/api (not in the task's scopes)",
-        &format!(
-            "{}: {} ({})",
-            verdict.report.decision.as_str(),
-            verdict.message,
-            verdict.code
-        ),
+        &describe(&verdict),
     );
 
     // 5. An operator revokes the task.
@@ -198,12 +193,7 @@ pub async fn run() -> Result<ExitCode> {
     steps.report(
         verdict.report.decision == Decision::Deny && verdict.code == "revoked",
         "call github read_issue again, right after the revocation",
-        &format!(
-            "{}: {} ({})",
-            verdict.report.decision.as_str(),
-            verdict.message,
-            verdict.code
-        ),
+        &describe(&verdict),
     );
 
     // 7. The audit chain verifies and holds every step.
@@ -251,6 +241,16 @@ fn finish(steps: Steps, server: tokio::task::JoinHandle<std::io::Result<()>>) ->
     }
     println!("every step behaved: {} of {}", steps.number, steps.number);
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line for a verdict: decision, message, code.
+fn describe(verdict: &control::CallVerdict) -> String {
+    format!(
+        "{}: {} ({})",
+        verdict.report.decision.as_str(),
+        verdict.message,
+        verdict.code
+    )
 }
 
 /// A proof `jti` unique to this run.

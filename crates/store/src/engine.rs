@@ -186,6 +186,14 @@ impl<B: Backend> SqlStore<B> {
         answer.await.map_err(|_| writer_gone())?
     }
 
+    /// A write whose answer is the audit event it committed.
+    async fn write_event(&self, op: WriteOp) -> Result<Event> {
+        match self.write(op).await? {
+            Outcome::Event(event) => Ok(event),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
     async fn read(&self) -> Result<PoolConnection<B::Db>> {
         self.backend.pool().acquire().await.map_err(db_error)
     }
@@ -1092,13 +1100,8 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     async fn insert_agent(&self, agent: &AgentRecord, event: EventBody) -> Result<Event> {
-        match self
-            .write(WriteOp::InsertAgent(agent.clone(), event))
-            .await?
-        {
-            Outcome::Event(event) => Ok(event),
-            _ => Err(wrong_outcome()),
-        }
+        self.write_event(WriteOp::InsertAgent(agent.clone(), event))
+            .await
     }
 
     async fn get_agent(&self, name: &AgentName) -> Result<Option<AgentRecord>> {
@@ -1129,23 +1132,13 @@ impl<B: Backend> Store for SqlStore<B> {
         status: AgentStatus,
         event: EventBody,
     ) -> Result<Event> {
-        match self
-            .write(WriteOp::SetAgentStatus(name.clone(), status, event))
-            .await?
-        {
-            Outcome::Event(event) => Ok(event),
-            _ => Err(wrong_outcome()),
-        }
+        self.write_event(WriteOp::SetAgentStatus(name.clone(), status, event))
+            .await
     }
 
     async fn insert_operator(&self, operator: &OperatorRecord, event: EventBody) -> Result<Event> {
-        match self
-            .write(WriteOp::InsertOperator(operator.clone(), event))
-            .await?
-        {
-            Outcome::Event(event) => Ok(event),
-            _ => Err(wrong_outcome()),
-        }
+        self.write_event(WriteOp::InsertOperator(operator.clone(), event))
+            .await
     }
 
     async fn operator_by_token_hash(
@@ -1177,13 +1170,8 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     async fn insert_signing_key(&self, key: &SigningKeyRecord, event: EventBody) -> Result<Event> {
-        match self
-            .write(WriteOp::InsertSigningKey(key.clone(), event))
-            .await?
-        {
-            Outcome::Event(event) => Ok(event),
-            _ => Err(wrong_outcome()),
-        }
+        self.write_event(WriteOp::InsertSigningKey(key.clone(), event))
+            .await
     }
 
     async fn rotate_signing_key(
@@ -1199,10 +1187,7 @@ impl<B: Backend> Store for SqlStore<B> {
             publish_until,
             event,
         };
-        match self.write(op).await? {
-            Outcome::Event(event) => Ok(event),
-            _ => Err(wrong_outcome()),
-        }
+        self.write_event(op).await
     }
 
     async fn signing_keys(&self, now: UnixSeconds) -> Result<Vec<SigningKeyRecord>> {
@@ -1220,10 +1205,8 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     async fn insert_task(&self, task: &TaskRecord, event: EventBody) -> Result<Event> {
-        match self.write(WriteOp::InsertTask(task.clone(), event)).await? {
-            Outcome::Event(event) => Ok(event),
-            _ => Err(wrong_outcome()),
-        }
+        self.write_event(WriteOp::InsertTask(task.clone(), event))
+            .await
     }
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>> {

@@ -472,6 +472,12 @@ async fn the_limiter_is_asked_with_the_verified_identity_and_can_refuse() {
         arguments: "{}",
         limiter: Some(&limiter),
     };
-    assert!(h.authority.authorize(&forged).await.code.starts_with("token_"));
+    assert!(
+        h.authority
+            .authorize(&forged)
+            .await
+            .code
+            .starts_with("token_")
+    );
     assert_eq!(limiter.1.lock().unwrap().len(), before);
 }

@@ -1,0 +1,625 @@
+//! Forwarding to upstreams: one pooled HTTP client (HTTP/1.1 and HTTP/2, TLS through rustls
+//! with aws-lc-rs and the system's roots), and the request and response rules every tool
+//! call follows: the agent's credentials and hop-by-hop headers never travel upstream, the
+//! tool's credential is injected, and no upstream credential travels back — not in headers,
+//! not in redirects, not in bodies (scrubbed as they stream, across chunk boundaries).
+
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::catalog::UpstreamAuth;
+
+pub(crate) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// How long an upstream may take to send its response head. The body then streams for as
+/// long as it needs: downloads may be long, and the agent can hang up at any time.
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What replaces every occurrence of an upstream credential on its way back to an agent.
+pub(crate) const REDACTED: &str = "[redacted]";
+
+/// RFC 9110 §7.6.1: headers that describe one connection, never the message.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    pub(crate) client: Client<Connector, Body>,
+    /// Every form in which an upstream credential could travel back to an agent: the whole
+    /// header value, the credential without its scheme (`Bearer …`), and its JSON-escaped
+    /// and percent-encoded spellings. Longest first.
+    pub(crate) secrets: Vec<String>,
+    needles: Arc<Needles>,
+}
+
+impl Upstream {
+    pub(crate) fn new(secrets: Vec<String>) -> Result<Upstream, String> {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| format!("cannot load the system's TLS roots: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let needles = Arc::new(Needles::new(&secrets));
+        let secrets = needles
+            .list
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        Ok(Upstream {
+            client,
+            secrets,
+            needles,
+        })
+    }
+
+    /// True when some tool has a credential, so that answers must be scrubbed.
+    pub(crate) fn scrubbing(&self) -> bool {
+        !self.needles.list.is_empty()
+    }
+
+    /// A streaming scrubber for one response body.
+    pub(crate) fn scrubber(&self) -> Scrubber {
+        Scrubber {
+            needles: Arc::clone(&self.needles),
+            carry: BytesMut::new(),
+        }
+    }
+
+    /// The headers sent upstream: the agent's, minus everything that authenticates the agent
+    /// to remit (its token, proof and cookies), hop-by-hop headers and `Host` (the client
+    /// sets it from the upstream URL), plus the tool's credential, which replaces any
+    /// header of the same name the agent sent.
+    pub(crate) fn request_headers(&self, incoming: &HeaderMap, auth: &UpstreamAuth) -> HeaderMap {
+        let named = connection_named(incoming);
+        let mut out = HeaderMap::with_capacity(incoming.len() + 2);
+        for (name, value) in incoming {
+            let dropped = is_hop_by_hop(name)
+                || named.contains(name)
+                || name == header::HOST
+                || name == header::AUTHORIZATION
+                || name == header::COOKIE
+                || name == "dpop"
+                // remit answered any `Expect: 100-continue` itself by reading the body.
+                || name == header::EXPECT;
+            if !dropped {
+                out.append(name.clone(), value.clone());
+            }
+        }
+        if self.scrubbing() {
+            // A compressed body cannot be scrubbed as it streams: ask for it uncompressed.
+            out.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        if let Some((name, value)) = auth.header() {
+            out.insert(name, value);
+        }
+        out
+    }
+
+    /// The headers returned to the agent: no hop-by-hop headers, no cookies (the agent never
+    /// sends cookies upstream, and an upstream session opened with remit's credential is
+    /// that credential), no `Content-Length` when the body is scrubbed (its length may
+    /// change), and every value that holds a credential — a `Location` above all — redacted.
+    pub(crate) fn response_headers(&self, incoming: &HeaderMap) -> HeaderMap {
+        let named = connection_named(incoming);
+        let scrubbing = self.scrubbing();
+        let mut out = HeaderMap::with_capacity(incoming.len());
+        for (name, value) in incoming {
+            let dropped = is_hop_by_hop(name)
+                || named.contains(name)
+                || name == header::SET_COOKIE
+                || (scrubbing && name == header::CONTENT_LENGTH);
+            if dropped {
+                continue;
+            }
+            match self.needles.scrub(value.as_bytes()) {
+                Cow::Borrowed(_) => {
+                    out.append(name.clone(), value.clone());
+                }
+                Cow::Owned(scrubbed) => {
+                    // The replacement is visible ASCII, so this holds; if not, drop the header.
+                    if let Ok(value) = HeaderValue::from_bytes(&scrubbed) {
+                        out.append(name.clone(), value);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The byte strings to redact, with a table of their first bytes so that scanning a body
+/// costs one lookup per byte.
+#[derive(Debug)]
+struct Needles {
+    /// Longest first, so that the first match at a position is the longest.
+    list: Vec<Vec<u8>>,
+    first: [bool; 256],
+    longest: usize,
+}
+
+impl Needles {
+    fn new(secrets: &[String]) -> Needles {
+        let mut list: Vec<Vec<u8>> = Vec::new();
+        let mut add = |needle: String| {
+            if !needle.is_empty() && !list.iter().any(|n| n == needle.as_bytes()) {
+                list.push(needle.into_bytes());
+            }
+        };
+        for secret in secrets {
+            let mut forms = vec![secret.clone()];
+            // `Bearer abc`: an upstream that echoes the credential may echo `abc` alone.
+            if let Some((_, credential)) = secret.split_once(' ') {
+                forms.push(credential.trim().to_string());
+            }
+            for form in forms {
+                add(json_escaped(&form));
+                add(percent_encoded(&form));
+                add(form);
+            }
+        }
+        list.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        let mut first = [false; 256];
+        for needle in &list {
+            if let Some(byte) = needle.first() {
+                first[usize::from(*byte)] = true;
+            }
+        }
+        let longest = list.first().map_or(0, Vec::len);
+        Needles {
+            list,
+            first,
+            longest,
+        }
+    }
+
+    /// The length of the longest needle at `at`, if any.
+    fn match_at(&self, haystack: &[u8], at: usize) -> Option<usize> {
+        let rest = &haystack[at..];
+        self.list
+            .iter()
+            .find(|needle| rest.starts_with(needle))
+            .map(Vec::len)
+    }
+
+    /// Replaces every needle in `input`, scanning positions before `safe` only. Returns the
+    /// scrubbed output and how much of the input it consumed.
+    fn scrub_prefix(&self, input: &[u8], safe: usize, out: &mut BytesMut) -> usize {
+        let (mut at, mut literal) = (0, 0);
+        while at < safe {
+            if self.first[usize::from(input[at])]
+                && let Some(length) = self.match_at(input, at)
+            {
+                out.extend_from_slice(&input[literal..at]);
+                out.extend_from_slice(REDACTED.as_bytes());
+                at += length;
+                literal = at;
+                continue;
+            }
+            at += 1;
+        }
+        out.extend_from_slice(&input[literal..at]);
+        at
+    }
+
+    /// The whole of `input`, scrubbed; borrowed when there was nothing to redact.
+    fn scrub<'a>(&self, input: &'a [u8]) -> Cow<'a, [u8]> {
+        let found = (0..input.len())
+            .any(|at| self.first[usize::from(input[at])] && self.match_at(input, at).is_some());
+        if !found {
+            return Cow::Borrowed(input);
+        }
+        let mut out = BytesMut::with_capacity(input.len());
+        self.scrub_prefix(input, input.len(), &mut out);
+        Cow::Owned(out.to_vec())
+    }
+}
+
+fn json_escaped(text: &str) -> String {
+    let quoted = serde_json::Value::String(text.to_string()).to_string();
+    quoted[1..quoted.len() - 1].to_string()
+}
+
+fn percent_encoded(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Redacts credentials from a body as it streams. Each chunk's last `longest - 1` bytes are
+/// held back until the next chunk (or the end) shows whether a credential starts there.
+#[derive(Debug)]
+pub(crate) struct Scrubber {
+    needles: Arc<Needles>,
+    carry: BytesMut,
+}
+
+impl Scrubber {
+    /// Scrubs the next chunk; returns what may be sent now.
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> Bytes {
+        self.run(chunk, false)
+    }
+
+    /// Scrubs and returns everything still held back.
+    pub(crate) fn finish(&mut self) -> Bytes {
+        self.run(&[], true)
+    }
+
+    fn run(&mut self, chunk: &[u8], last: bool) -> Bytes {
+        let mut input = std::mem::take(&mut self.carry);
+        input.extend_from_slice(chunk);
+        let hold = if last {
+            0
+        } else {
+            self.needles.longest.saturating_sub(1)
+        };
+        let safe = input.len().saturating_sub(hold);
+        let mut out = BytesMut::with_capacity(input.len());
+        let consumed = self.needles.scrub_prefix(&input, safe, &mut out);
+        self.carry = input.split_off(consumed);
+        out.freeze()
+    }
+}
+
+/// How a response body ended, for the outcome record.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BodyEnd {
+    /// Bytes sent to the agent.
+    pub(crate) bytes: u64,
+    /// The upstream's body ended normally (false: it failed or the agent hung up).
+    pub(crate) complete: bool,
+}
+
+type OnEnd = Box<dyn FnOnce(BodyEnd) + Send>;
+
+/// An upstream response body on its way to the agent: scrubbed when credentials exist,
+/// counted, and reported once when it ends, fails or is dropped.
+pub(crate) struct Relayed<B> {
+    inner: B,
+    scrubber: Option<Scrubber>,
+    trailers: Option<HeaderMap>,
+    done: bool,
+    bytes: u64,
+    on_end: Option<OnEnd>,
+    upstream: Option<Arc<Needles>>,
+}
+
+impl<B> std::fmt::Debug for Relayed<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relayed")
+            .field("done", &self.done)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Relayed<B> {
+    pub(crate) fn new(
+        inner: B,
+        upstream: &Upstream,
+        on_end: impl FnOnce(BodyEnd) + Send + 'static,
+    ) -> Relayed<B> {
+        let scrubbing = upstream.scrubbing();
+        Relayed {
+            inner,
+            scrubber: scrubbing.then(|| upstream.scrubber()),
+            trailers: None,
+            done: false,
+            bytes: 0,
+            on_end: Some(Box::new(on_end)),
+            upstream: scrubbing.then(|| Arc::clone(&upstream.needles)),
+        }
+    }
+
+    fn end(&mut self, complete: bool) {
+        self.done = true;
+        if let Some(on_end) = self.on_end.take() {
+            on_end(BodyEnd {
+                bytes: self.bytes,
+                complete,
+            });
+        }
+    }
+
+    fn flush(&mut self) -> Bytes {
+        self.scrubber
+            .as_mut()
+            .map(Scrubber::finish)
+            .unwrap_or_default()
+    }
+
+    fn scrub_trailers(&self, trailers: HeaderMap) -> HeaderMap {
+        let Some(needles) = &self.upstream else {
+            return trailers;
+        };
+        let mut out = HeaderMap::with_capacity(trailers.len());
+        for (name, value) in &trailers {
+            if let Cow::Borrowed(_) = needles.scrub(value.as_bytes()) {
+                out.append(name.clone(), value.clone());
+            }
+        }
+        out
+    }
+}
+
+impl<B> HttpBody for Relayed<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(trailers) = this.trailers.take() {
+                this.end(true);
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(frame) => frame,
+            };
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let data = match &mut this.scrubber {
+                            Some(scrubber) => scrubber.push(&data),
+                            None => data,
+                        };
+                        if data.is_empty() {
+                            continue;
+                        }
+                        this.bytes += data.len() as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Err(frame) => {
+                        let Ok(trailers) = frame.into_trailers() else {
+                            continue;
+                        };
+                        // Trailers come last: release what the scrubber still holds first.
+                        this.trailers = Some(this.scrub_trailers(trailers));
+                        let tail = this.flush();
+                        if !tail.is_empty() {
+                            this.bytes += tail.len() as u64;
+                            return Poll::Ready(Some(Ok(Frame::data(tail))));
+                        }
+                    }
+                },
+                Some(Err(error)) => {
+                    // What the scrubber holds back is dropped: the body is broken anyway.
+                    this.end(false);
+                    return Poll::Ready(Some(Err(error)));
+                }
+                None => {
+                    let tail = this.flush();
+                    this.bytes += tail.len() as u64;
+                    this.end(true);
+                    if !tail.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(tail))));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // A scrubbed body may change length; an unscrubbed one keeps the upstream's.
+        if self.scrubber.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl<B> Drop for Relayed<B> {
+    fn drop(&mut self) {
+        // Dropped before its end: the agent hung up, or the server never polled an empty
+        // body (a `HEAD`, a `204`), which `Incoming` reports as ended.
+        if self.on_end.is_some() {
+            self.end(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(secrets: &[&str]) -> Upstream {
+        Upstream::new(secrets.iter().map(|s| s.to_string()).collect()).unwrap()
+    }
+
+    /// Feeds `input` cut at every pair of points and checks the result equals one pass.
+    fn check_splits(secrets: &[&str], input: &str, expected: &str) {
+        let upstream = upstream(secrets);
+        let whole =
+            String::from_utf8(upstream.needles.scrub(input.as_bytes()).into_owned()).unwrap();
+        assert_eq!(whole, expected, "whole input");
+        let bytes = input.as_bytes();
+        for first in 0..=bytes.len() {
+            for second in first..=bytes.len() {
+                let mut scrubber = upstream.scrubber();
+                let mut out = Vec::new();
+                for chunk in [&bytes[..first], &bytes[first..second], &bytes[second..]] {
+                    out.extend_from_slice(&scrubber.push(chunk));
+                }
+                out.extend_from_slice(&scrubber.finish());
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    expected,
+                    "cut at {first} and {second}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn scrubs_across_every_chunk_boundary() {
+        check_splits(
+            &["Bearer s3cret-t0ken"],
+            "a s3cret-t0ken b",
+            "a [redacted] b",
+        );
+        check_splits(
+            &["Bearer s3cret-t0ken"],
+            "Authorization: Bearer s3cret-t0ken",
+            "Authorization: [redacted]",
+        );
+        check_splits(
+            &["Bearer s3cret-t0ken"],
+            "s3cret-t0kens3cret-t0ken",
+            "[redacted][redacted]",
+        );
+        check_splits(
+            &["Bearer s3cret-t0ken"],
+            "s3cret-t0ke s3cret-t0",
+            "s3cret-t0ke s3cret-t0",
+        );
+        check_splits(&["Bearer s3cret-t0ken"], "", "");
+    }
+
+    #[test]
+    fn a_secret_that_extends_another_is_redacted_whole() {
+        check_splits(
+            &["abcd", "abcdefgh"],
+            "xabcdefghx abcdx",
+            "x[redacted]x [redacted]x",
+        );
+    }
+
+    #[test]
+    fn escaped_spellings_are_redacted_too() {
+        let upstream = upstream(&["Bearer a+b/c\"d"]);
+        for spelling in ["a+b/c\"d", "a+b/c\\\"d", "a%2Bb%2Fc%22d"] {
+            let scrubbed = upstream
+                .needles
+                .scrub(format!("?t={spelling}&").as_bytes())
+                .into_owned();
+            assert_eq!(scrubbed, b"?t=[redacted]&", "{spelling}");
+        }
+    }
+
+    #[test]
+    fn request_headers_drop_the_agents_credentials_and_hop_by_hop_headers() {
+        let upstream = upstream(&["Bearer up"]);
+        let auth = UpstreamAuth::Header {
+            name: header::AUTHORIZATION,
+            value: model::Secret::new("Bearer up".to_string()),
+        };
+        let mut incoming = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "DPoP agent-token"),
+            ("dpop", "proof"),
+            ("cookie", "session=1"),
+            ("host", "evil.example"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("accept-encoding", "gzip"),
+            ("x-kept", "yes"),
+        ] {
+            incoming.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let out = upstream.request_headers(&incoming, &auth);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["accept-encoding", "x-kept", "authorization"]);
+        assert_eq!(out[header::AUTHORIZATION], "Bearer up");
+        assert!(out[header::AUTHORIZATION].is_sensitive());
+        assert_eq!(out[header::ACCEPT_ENCODING], "identity");
+    }
+
+    #[test]
+    fn response_headers_redact_credentials_and_drop_length_when_scrubbing() {
+        let upstream = upstream(&["Bearer up-secret"]);
+        let mut incoming = HeaderMap::new();
+        for (name, value) in [
+            ("location", "https://x.example/?t=up-secret"),
+            ("x-echo", "Bearer up-secret"),
+            ("content-length", "10"),
+            ("set-cookie", "s=1"),
+            ("connection", "close"),
+            ("content-type", "text/plain"),
+        ] {
+            incoming.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let out = upstream.response_headers(&incoming);
+        assert_eq!(out[header::LOCATION], "https://x.example/?t=[redacted]");
+        assert_eq!(out["x-echo"], "[redacted]");
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out[header::CONTENT_TYPE], "text/plain");
+
+        let plain = Upstream::new(Vec::new()).unwrap();
+        assert_eq!(
+            plain.response_headers(&incoming)[header::CONTENT_LENGTH],
+            "10"
+        );
+    }
+}

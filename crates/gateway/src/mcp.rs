@@ -1,0 +1,815 @@
+//! MCP tools: `/mcp/{tool}` fronts an MCP server speaking the streamable HTTP transport. Every
+//! HTTP request is authenticated once (its proof is verified and spent once); every tool call,
+//! resource read and prompt inside it is decided on its own; `tools/list` answers are filtered
+//! to what the task may call; answers (JSON or SSE) are scrubbed of upstream secrets.
+//!
+//! Batches (removed from MCP in 2025-06-18) pass when they hold at most one message that needs
+//! a decision: a request proof can be spent only once, so a second tool call in the same batch
+//! is refused with a JSON-RPC error and never reaches the upstream.
+
+mod stream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use control::CallVerdict;
+use http_body_util::{BodyExt, Limited};
+use model::ActionClass;
+use serde_json::{Value, json};
+
+use crate::Gateway;
+use crate::caller::{self, Presented};
+use crate::catalog::{Classified, ToolKind, ToolSpec};
+use crate::error::Refusal;
+
+/// Largest request body accepted from an agent.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest JSON answer (or SSE event) read from an upstream before it is filtered.
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// How long an upstream may take to send its response head.
+const UPSTREAM_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// JSON-RPC error codes remit answers with.
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const INVALID_PARAMS: i64 = -32602;
+/// The call is outside the task's scopes or policy denies it.
+const CALL_DENIED: i64 = -32003;
+/// The task's budget is spent or the caller is over its rate.
+const CALL_LIMITED: i64 = -32004;
+
+/// Headers an agent's request may carry to the upstream. Everything else (its
+/// `Authorization`, `DPoP`, `Cookie`, hop-by-hop headers) stays with remit.
+const REQUEST_HEADERS: [&str; 5] = [
+    "accept",
+    "content-type",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "last-event-id",
+];
+/// Headers of the upstream's answer passed back to the agent.
+const RESPONSE_HEADERS: [&str; 4] = [
+    "content-type",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "cache-control",
+];
+
+/// Methods that act on nothing: they pass once the caller is authenticated.
+const DISCOVERY: [&str; 6] = [
+    "initialize",
+    "ping",
+    "tools/list",
+    "resources/list",
+    "resources/templates/list",
+    "prompts/list",
+];
+
+/// Verdict codes that refuse one message but leave its caller authenticated (token, proof,
+/// revocation and task state all passed): the other messages of the request may proceed.
+const ITEM_CODES: [&str; 4] = [
+    "out_of_scope",
+    "policy_denied",
+    "approval_required",
+    "budget_exhausted",
+];
+
+pub(crate) async fn handle(
+    State(gateway): State<Arc<Gateway>>,
+    Path(tool): Path<String>,
+    request: Request,
+) -> Response {
+    let metadata = gateway.resource_metadata_url();
+    let Some(tool) = gateway
+        .catalog()
+        .get(&tool)
+        .filter(|t| t.kind == ToolKind::Mcp)
+        .cloned()
+    else {
+        return Refusal::new(
+            StatusCode::NOT_FOUND,
+            "tool_unknown",
+            format!("no MCP tool `{tool}`"),
+            &metadata,
+        )
+        .into_response();
+    };
+    let (parts, body) = request.into_parts();
+    let presented = match caller::presented(&parts.headers, &metadata) {
+        Ok(presented) => presented,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let url = gateway.public_url(parts.uri.path());
+    let call = Call {
+        gateway: &gateway,
+        tool: &tool,
+        presented: &presented,
+        method: &parts.method,
+        url: &url,
+        headers: &parts.headers,
+    };
+    match parts.method {
+        Method::POST => call.post(body).await,
+        // GET opens the server's SSE stream (or resumes one); DELETE ends the session.
+        Method::GET => call.session_message("stream/open").await,
+        Method::DELETE => call.session_message("session/end").await,
+        _ => {
+            let mut response = Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "MCP takes POST, GET and DELETE",
+                &metadata,
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+            response
+        }
+    }
+}
+
+/// One HTTP request to an MCP tool.
+struct Call<'a> {
+    gateway: &'a Gateway,
+    tool: &'a ToolSpec,
+    presented: &'a Presented<'a>,
+    method: &'a Method,
+    url: &'a str,
+    headers: &'a HeaderMap,
+}
+
+/// What one JSON-RPC message needs before it may pass.
+enum Need {
+    /// Nothing beyond an authenticated caller.
+    Session,
+    /// A decision of its own.
+    Decision {
+        classified: Classified,
+        arguments: String,
+    },
+    /// Refused here, never forwarded.
+    Refused { code: i64, message: String },
+}
+
+impl Call<'_> {
+    async fn post(&self, body: Body) -> Response {
+        let bytes = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                let message = format!(
+                    "the request body is larger than {} MiB",
+                    MAX_REQUEST_BYTES / (1024 * 1024)
+                );
+                return rpc_refusal(StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, &message);
+            }
+        };
+        let Ok(parsed) = serde_json::from_slice::<Value>(&bytes) else {
+            return rpc_refusal(StatusCode::BAD_REQUEST, PARSE_ERROR, "the body is not JSON");
+        };
+        let (batch, messages) = match parsed {
+            Value::Array(messages) if messages.is_empty() => {
+                return rpc_refusal(StatusCode::BAD_REQUEST, INVALID_REQUEST, "an empty batch");
+            }
+            Value::Array(messages) => (true, messages),
+            message => (false, vec![message]),
+        };
+        let mut needs: Vec<Need> = messages.iter().map(|message| self.need(message)).collect();
+
+        // One proof, one verification: the request is decided once, on its only tool call
+        // if it has one, else as a session message.
+        let decisions = needs
+            .iter()
+            .filter(|need| matches!(need, Need::Decision { .. }))
+            .count();
+        if decisions > 1 {
+            for need in &mut needs {
+                if matches!(need, Need::Decision { .. }) {
+                    *need = Need::Refused {
+                        code: INVALID_REQUEST,
+                        message:
+                            "batches of calls are not supported: send each call in its own request"
+                                .into(),
+                    };
+                }
+            }
+        }
+        let decided = needs
+            .iter()
+            .position(|need| matches!(need, Need::Decision { .. }));
+        let verdict = match decided.and_then(|i| needs.get(i)) {
+            Some(Need::Decision {
+                classified,
+                arguments,
+            }) => {
+                self.gateway
+                    .decide(
+                        self.tool,
+                        self.presented,
+                        self.method,
+                        self.url,
+                        classified,
+                        arguments,
+                    )
+                    .await
+            }
+            _ => {
+                self.gateway
+                    .decide_session(
+                        self.tool,
+                        self.presented,
+                        self.method,
+                        self.url,
+                        &summary(&messages),
+                    )
+                    .await
+            }
+        };
+        let action = match decided.and_then(|i| needs.get(i)) {
+            Some(Need::Decision { classified, .. }) => classified.action.clone(),
+            _ => summary(&messages),
+        };
+        if !verdict.is_allow() {
+            if !ITEM_CODES.contains(&verdict.code) {
+                // The caller itself is refused (token, proof, revocation, rate, store): the
+                // answer is HTTP, so that MCP clients see a 401 and its challenge.
+                return Refusal::from_verdict(&verdict, &self.gateway.resource_metadata_url())
+                    .into_response();
+            }
+            if let Some(need) = decided.and_then(|i| needs.get_mut(i)) {
+                let refusal =
+                    Refusal::from_verdict(&verdict, &self.gateway.resource_metadata_url());
+                let code = if refusal.status == StatusCode::TOO_MANY_REQUESTS {
+                    CALL_LIMITED
+                } else {
+                    CALL_DENIED
+                };
+                *need = Need::Refused {
+                    code,
+                    message: refusal.message.clone(),
+                };
+                // Keep the whole refusal body for the error's `data`.
+                let data = refusal.body();
+                return self
+                    .forward_post(
+                        batch,
+                        messages,
+                        needs,
+                        Some(data),
+                        &verdict,
+                        &action,
+                        &bytes,
+                    )
+                    .await;
+            }
+        }
+        self.forward_post(batch, messages, needs, None, &verdict, &action, &bytes)
+            .await
+    }
+
+    /// Classifies one JSON-RPC message.
+    fn need(&self, message: &Value) -> Need {
+        let Some(object) = message.as_object() else {
+            return Need::Refused {
+                code: INVALID_REQUEST,
+                message: "a JSON-RPC message is an object".into(),
+            };
+        };
+        let method = object.get("method").and_then(Value::as_str);
+        let is_request = object.contains_key("id");
+        let params = object.get("params");
+        let name = || params.and_then(|p| p.get("name")).and_then(Value::as_str);
+        match method {
+            // Responses from the client (to sampling, elicitation, roots) and notifications act
+            // on no tool.
+            None if object.contains_key("result") || object.contains_key("error") => Need::Session,
+            None => Need::Refused {
+                code: INVALID_REQUEST,
+                message: "a JSON-RPC message needs a `method`".into(),
+            },
+            Some(_) if !is_request => Need::Session,
+            Some(method) if DISCOVERY.contains(&method) => Need::Session,
+            Some("tools/call") => {
+                let Some(name) = name() else {
+                    return Need::Refused {
+                        code: INVALID_PARAMS,
+                        message: "`tools/call` needs `params.name`".into(),
+                    };
+                };
+                let arguments = params.and_then(|p| p.get("arguments"));
+                let classified = self.tool.classify_mcp_tool(name, arguments);
+                let mut canonical = String::new();
+                audit::canonical_json(arguments.unwrap_or(&json!({})), &mut canonical);
+                Need::Decision {
+                    classified,
+                    arguments: canonical,
+                }
+            }
+            Some("resources/read") => {
+                let Some(uri) = params.and_then(|p| p.get("uri")).and_then(Value::as_str) else {
+                    return Need::Refused {
+                        code: INVALID_PARAMS,
+                        message: "`resources/read` needs `params.uri`".into(),
+                    };
+                };
+                self.read_decision("resources/read", uri, params)
+            }
+            Some("prompts/get") => {
+                let Some(name) = name() else {
+                    return Need::Refused {
+                        code: INVALID_PARAMS,
+                        message: "`prompts/get` needs `params.name`".into(),
+                    };
+                };
+                self.read_decision(name, "", params.and_then(|p| p.get("arguments")))
+            }
+            // Anything else may act on the server (subscriptions, log levels, methods of later
+            // protocol versions): it fails closed as an `admin` action named after the method.
+            Some(method) => Need::Decision {
+                classified: Classified {
+                    action: method.to_string(),
+                    class: ActionClass::Admin,
+                    resource: String::new(),
+                    sensitivity: self.tool.sensitivity.clone(),
+                },
+                arguments: canonical(params),
+            },
+        }
+    }
+
+    fn read_decision(&self, action: &str, resource: &str, arguments: Option<&Value>) -> Need {
+        Need::Decision {
+            classified: Classified {
+                action: action.to_string(),
+                class: ActionClass::Read,
+                resource: resource.to_string(),
+                sensitivity: self.tool.sensitivity.clone(),
+            },
+            arguments: canonical(arguments),
+        }
+    }
+
+    /// Forwards what may pass and answers the rest with JSON-RPC errors.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one request's parts, passed once"
+    )]
+    async fn forward_post(
+        &self,
+        batch: bool,
+        messages: Vec<Value>,
+        needs: Vec<Need>,
+        denial_data: Option<Value>,
+        verdict: &CallVerdict,
+        action: &str,
+        original: &Bytes,
+    ) -> Response {
+        let mut errors = Vec::new();
+        let mut passing = Vec::new();
+        for (message, need) in messages.into_iter().zip(needs) {
+            match need {
+                Need::Refused {
+                    code,
+                    message: text,
+                } => {
+                    let id = message.get("id").cloned().unwrap_or(Value::Null);
+                    let data = denial_data
+                        .clone()
+                        .filter(|_| code == CALL_DENIED || code == CALL_LIMITED);
+                    // A refused notification gets no answer, as JSON-RPC wants.
+                    if message.get("method").is_none() || message.get("id").is_some() {
+                        errors.push(rpc_error(id, code, &text, data));
+                    }
+                }
+                Need::Session | Need::Decision { .. } => passing.push(message),
+            }
+        }
+        if passing.is_empty() {
+            return json_response(StatusCode::OK, shape(batch, errors));
+        }
+        let body = if batch {
+            Bytes::from(Value::Array(passing).to_string())
+        } else {
+            // A single message passes byte for byte.
+            original.clone()
+        };
+        let filter = self.tools_filter(verdict);
+        let started = Instant::now();
+        let upstream = match self.send(Method::POST, Body::from(body)).await {
+            Ok(upstream) => upstream,
+            Err(response) => {
+                self.outcome(verdict, action, response.status(), started);
+                return response;
+            }
+        };
+        self.answer(upstream, filter, batch, errors, verdict, action, started)
+            .await
+    }
+
+    /// GET (the server's stream) and DELETE (end of session): authenticate, then forward.
+    async fn session_message(&self, action: &str) -> Response {
+        let verdict = self
+            .gateway
+            .decide_session(self.tool, self.presented, self.method, self.url, action)
+            .await;
+        if !verdict.is_allow() {
+            return Refusal::from_verdict(&verdict, &self.gateway.resource_metadata_url())
+                .into_response();
+        }
+        let filter = self.tools_filter(&verdict);
+        let started = Instant::now();
+        match self.send(self.method.clone(), Body::empty()).await {
+            Ok(upstream) => {
+                self.answer(
+                    upstream,
+                    filter,
+                    false,
+                    Vec::new(),
+                    &verdict,
+                    action,
+                    started,
+                )
+                .await
+            }
+            Err(response) => {
+                self.outcome(&verdict, action, response.status(), started);
+                response
+            }
+        }
+    }
+
+    /// The tools this task may call, for filtering `tools/list` answers: the scope ceiling
+    /// (a scope of this tool naming the MCP tool or `*`, whatever its resources).
+    fn tools_filter(&self, verdict: &CallVerdict) -> ToolsFilter {
+        let allowed = verdict.claims.as_ref().map(|claims| {
+            claims
+                .scope
+                .0
+                .iter()
+                .filter(|scope| scope.tool == self.tool.name)
+                .flat_map(|scope| scope.actions.iter().cloned())
+                .collect::<Vec<String>>()
+        });
+        ToolsFilter {
+            allowed: allowed.unwrap_or_default(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        body: Body,
+    ) -> Result<http::Response<hyper::body::Incoming>, Response> {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(self.tool.upstream.clone());
+        if let Some(headers) = request.headers_mut() {
+            for name in REQUEST_HEADERS {
+                for value in self.headers.get_all(name) {
+                    headers.append(HeaderName::from_static(name), value.clone());
+                }
+            }
+            if let Some((name, value)) = self.tool.auth.header() {
+                headers.insert(name, value);
+            }
+        }
+        let request = request
+            .body(body)
+            .map_err(|_| upstream_failure("the upstream request could not be built"))?;
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            UPSTREAM_HEAD_TIMEOUT,
+            self.gateway.upstream.client.request(request),
+        )
+        .await;
+        let failed = !matches!(result, Ok(Ok(_)));
+        self.gateway
+            .metrics
+            .upstream(&self.tool.name, started.elapsed(), failed);
+        match result {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => {
+                tracing::warn!(tool = %self.tool.name, "mcp upstream unreachable: {error}");
+                Err(upstream_failure("the MCP server cannot be reached"))
+            }
+            Err(_) => Err(upstream_failure("the MCP server did not answer in time")),
+        }
+    }
+
+    /// Turns the upstream's answer into the agent's: filtered, scrubbed, with the errors of
+    /// refused messages added in the same content type.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one request's parts, passed once"
+    )]
+    async fn answer(
+        &self,
+        upstream: http::Response<hyper::body::Incoming>,
+        filter: ToolsFilter,
+        batch: bool,
+        errors: Vec<Value>,
+        verdict: &CallVerdict,
+        action: &str,
+        started: Instant,
+    ) -> Response {
+        let (parts, body) = upstream.into_parts();
+        let scrubber = Scrubber::new(&self.gateway.upstream.secrets);
+        if parts.status == StatusCode::UNAUTHORIZED {
+            // The upstream refused remit's own credential; its challenge would mislead the
+            // agent's MCP client into an authorization flow with the wrong server.
+            self.outcome(verdict, action, parts.status, started);
+            return upstream_failure("the MCP server refused remit's credential");
+        }
+        let mut headers = HeaderMap::new();
+        for name in RESPONSE_HEADERS {
+            for value in parts.headers.get_all(name) {
+                if value.to_str().is_ok_and(|text| !scrubber.finds(text)) {
+                    headers.append(HeaderName::from_static(name), value.clone());
+                }
+            }
+        }
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if content_type.starts_with("text/event-stream") {
+            let outcome = Outcome::new(self, verdict, action, parts.status, started);
+            let events = stream::filter(body, filter, scrubber, errors, outcome);
+            let mut response = Response::new(Body::from_stream(events));
+            *response.status_mut() = parts.status;
+            *response.headers_mut() = headers;
+            return response;
+        }
+        let bytes = match Limited::new(body, MAX_RESPONSE_BYTES).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                self.outcome(verdict, action, StatusCode::BAD_GATEWAY, started);
+                return upstream_failure("the MCP server's answer is too large or broken");
+            }
+        };
+        self.outcome(verdict, action, parts.status, started);
+        let status = if parts.status == StatusCode::ACCEPTED && !errors.is_empty() {
+            StatusCode::OK
+        } else {
+            parts.status
+        };
+        let body = match serde_json::from_slice::<Value>(&bytes) {
+            Ok(mut value) => {
+                filter.apply(&mut value);
+                scrubber.value(&mut value);
+                let body = match (value, errors.is_empty()) {
+                    (value, true) => value,
+                    (Value::Array(mut items), false) => {
+                        items.extend(errors);
+                        Value::Array(items)
+                    }
+                    (value, false) => {
+                        let mut items = vec![value];
+                        items.extend(errors);
+                        shape(batch, items)
+                    }
+                };
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Bytes::from(body.to_string())
+            }
+            Err(_) if bytes.is_empty() && !errors.is_empty() => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Bytes::from(shape(batch, errors).to_string())
+            }
+            Err(_) => Bytes::from(scrubber.text(&String::from_utf8_lossy(&bytes))),
+        };
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+
+    fn outcome(&self, verdict: &CallVerdict, action: &str, status: StatusCode, started: Instant) {
+        Outcome::new(self, verdict, action, status, started).finish();
+    }
+}
+
+/// Keeps only the tools a task may call in `tools/list` results.
+#[derive(Debug, Clone)]
+pub(crate) struct ToolsFilter {
+    allowed: Vec<String>,
+}
+
+impl ToolsFilter {
+    fn permits(&self, name: &str) -> bool {
+        self.allowed
+            .iter()
+            .any(|action| action == "*" || action == name)
+    }
+
+    /// Filters every JSON-RPC response in `value` whose result lists tools. Any result with a
+    /// `tools` array is one, whatever the stream it arrives on (a resumed stream may replay
+    /// an earlier answer), so the match is on shape, not on the request's id.
+    pub(crate) fn apply(&self, value: &mut Value) {
+        match value {
+            Value::Array(items) => items.iter_mut().for_each(|item| self.apply(item)),
+            Value::Object(object) => {
+                if let Some(Value::Array(tools)) =
+                    object.get_mut("result").and_then(|r| r.get_mut("tools"))
+                {
+                    tools.retain(|tool| {
+                        tool.get("name")
+                            .and_then(Value::as_str)
+                            .is_some_and(|name| self.permits(name))
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Replaces upstream credentials in anything going back to the agent.
+#[derive(Debug, Clone)]
+pub(crate) struct Scrubber {
+    needles: Vec<String>,
+}
+
+const REDACTED: &str = "[redacted]";
+
+impl Scrubber {
+    fn new(secrets: &[String]) -> Scrubber {
+        let mut needles = Vec::new();
+        for secret in secrets {
+            needles.push(secret.clone());
+            // A bearer credential is configured as its header value; the token alone must
+            // not travel back either.
+            if let Some(token) = secret
+                .get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                .and_then(|_| secret.get(7..))
+            {
+                let token = token.trim();
+                if !token.is_empty() {
+                    needles.push(token.to_string());
+                }
+            }
+        }
+        // Longest first, so that a secret containing another is replaced whole.
+        needles.sort_by_key(|needle| std::cmp::Reverse(needle.len()));
+        needles.dedup();
+        Scrubber { needles }
+    }
+
+    fn finds(&self, text: &str) -> bool {
+        self.needles
+            .iter()
+            .any(|needle| text.contains(needle.as_str()))
+    }
+
+    pub(crate) fn text(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for needle in &self.needles {
+            if out.contains(needle.as_str()) {
+                out = out.replace(needle.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+
+    /// Scrubs every string and key of a JSON value, after JSON unescaping, so that an escaped
+    /// secret cannot slip past a byte comparison.
+    pub(crate) fn value(&self, value: &mut Value) {
+        if self.needles.is_empty() {
+            return;
+        }
+        match value {
+            Value::String(text) if self.finds(text) => *text = self.text(text),
+            Value::Array(items) => items.iter_mut().for_each(|item| self.value(item)),
+            Value::Object(object) => {
+                if object.keys().any(|key| self.finds(key)) {
+                    let entries = std::mem::take(object);
+                    for (key, value) in entries {
+                        object.insert(self.text(&key), value);
+                    }
+                }
+                object.values_mut().for_each(|item| self.value(item));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The outcome of a forwarded request, recorded once its answer is complete (`call.outcome`
+/// in the audit log), off the response path: the decision was already durable.
+pub(crate) struct Outcome {
+    authority: Arc<control::Authority>,
+    agent: Option<String>,
+    task: Option<String>,
+    tool: String,
+    action: String,
+    status: u16,
+    started: Instant,
+}
+
+impl Outcome {
+    fn new(
+        call: &Call<'_>,
+        verdict: &CallVerdict,
+        action: &str,
+        status: StatusCode,
+        started: Instant,
+    ) -> Outcome {
+        Outcome {
+            authority: Arc::clone(call.gateway.authority()),
+            agent: verdict.agent.clone(),
+            task: verdict.task.clone(),
+            tool: call.tool.name.clone(),
+            action: action.to_string(),
+            status: status.as_u16(),
+            started,
+        }
+    }
+
+    pub(crate) fn finish(self) {
+        let duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let time_ms = self.authority.now().saturating_mul(1000);
+        let mut event = audit::EventBody::new(time_ms, audit::kinds::CALL_OUTCOME, self.agent.clone().unwrap_or_else(|| "unauthenticated".into()))
+            .detail(json!({ "tool": self.tool, "action": self.action, "status": self.status, "duration_ms": duration_ms }));
+        if let Some(agent) = self.agent {
+            event = event.agent(agent);
+        }
+        if let Some(task) = self.task {
+            event = event.task(task);
+        }
+        let authority = self.authority;
+        // Dropped after the runtime stopped: nothing left to record into.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = authority.store().append_events(vec![event]).await {
+                    tracing::warn!("could not record a call outcome: {error}");
+                }
+            });
+        }
+    }
+}
+
+/// A short name for a request that calls no tool, for the audit record.
+fn summary(messages: &[Value]) -> String {
+    let first = messages
+        .iter()
+        .find_map(|m| m.get("method").and_then(Value::as_str))
+        .unwrap_or("response");
+    if messages.len() > 1 {
+        format!("batch:{first}")
+    } else {
+        first.to_string()
+    }
+}
+
+fn canonical(value: Option<&Value>) -> String {
+    let mut out = String::new();
+    audit::canonical_json(value.unwrap_or(&json!({})), &mut out);
+    out
+}
+
+fn rpc_error(id: Value, code: i64, message: &str, data: Option<Value>) -> Value {
+    let mut error = json!({ "code": code, "message": message });
+    if let (Some(data), Some(object)) = (data, error.as_object_mut()) {
+        object.insert("data".into(), data);
+    }
+    json!({ "jsonrpc": "2.0", "id": id, "error": error })
+}
+
+fn shape(batch: bool, mut items: Vec<Value>) -> Value {
+    if !batch && items.len() == 1 {
+        items.remove(0)
+    } else {
+        Value::Array(items)
+    }
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+/// A request that cannot be read as JSON-RPC: an error without an id.
+fn rpc_refusal(status: StatusCode, code: i64, message: &str) -> Response {
+    json_response(status, rpc_error(Value::Null, code, message, None))
+}
+
+fn upstream_failure(message: &str) -> Response {
+    (
+        StatusCode::BAD_GATEWAY,
+        axum::Json(json!({ "error": "upstream_failed", "message": message })),
+    )
+        .into_response()
+}

@@ -1,0 +1,172 @@
+//! Prometheus metrics of the gateway, in the text exposition format: decisions by outcome,
+//! tool and reason, and latency histograms for the decision and for the upstream.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+/// Histogram bucket bounds in seconds: from 10 µs to 10 s.
+const BOUNDS: [f64; 16] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.5, 1.0, 10.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BOUNDS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (i, bound) in BOUNDS.iter().enumerate() {
+            if seconds <= *bound {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, bound) in BOUNDS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
+                self.counts[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    decisions: BTreeMap<(String, String, String), u64>,
+    decision_latency: Histogram,
+    upstream_latency: BTreeMap<String, Histogram>,
+    upstream_errors: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    state: Mutex<State>,
+}
+
+/// Label values are ours (tool names, decision codes), but escape them anyway.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn decision(&self, outcome: &str, tool: &str, reason: &str, took: Duration) {
+        let mut state = self.state.lock();
+        *state
+            .decisions
+            .entry((outcome.to_string(), tool.to_string(), reason.to_string()))
+            .or_insert(0) += 1;
+        state.decision_latency.observe(took.as_secs_f64());
+    }
+
+    pub fn upstream(&self, tool: &str, took: Duration, failed: bool) {
+        let mut state = self.state.lock();
+        state
+            .upstream_latency
+            .entry(tool.to_string())
+            .or_default()
+            .observe(took.as_secs_f64());
+        if failed {
+            *state.upstream_errors.entry(tool.to_string()).or_insert(0) += 1;
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let state = self.state.lock();
+        let mut out = String::new();
+        out.push_str("# HELP remit_decisions_total Call decisions by outcome, tool and reason.\n");
+        out.push_str("# TYPE remit_decisions_total counter\n");
+        for ((outcome, tool, reason), count) in &state.decisions {
+            let _ = writeln!(
+                out,
+                "remit_decisions_total{{outcome=\"{}\",tool=\"{}\",reason=\"{}\"}} {count}",
+                label(outcome),
+                label(tool),
+                label(reason)
+            );
+        }
+        out.push_str("# HELP remit_decision_seconds Time to decide a call (token, proof, revocation, scope, policy, audit).\n");
+        out.push_str("# TYPE remit_decision_seconds histogram\n");
+        state
+            .decision_latency
+            .render(&mut out, "remit_decision_seconds", "");
+        out.push_str("# HELP remit_upstream_seconds Time from forwarding a call to the upstream's response head.\n");
+        out.push_str("# TYPE remit_upstream_seconds histogram\n");
+        for (tool, histogram) in &state.upstream_latency {
+            histogram.render(
+                &mut out,
+                "remit_upstream_seconds",
+                &format!("tool=\"{}\"", label(tool)),
+            );
+        }
+        out.push_str(
+            "# HELP remit_upstream_errors_total Upstream calls that failed before a response.\n",
+        );
+        out.push_str("# TYPE remit_upstream_errors_total counter\n");
+        for (tool, count) in &state.upstream_errors {
+            let _ = writeln!(
+                out,
+                "remit_upstream_errors_total{{tool=\"{}\"}} {count}",
+                label(tool)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let metrics = Metrics::default();
+        metrics.decision("allow", "github", "allowed", Duration::from_micros(40));
+        metrics.decision("deny", "github", "out_of_scope", Duration::from_micros(30));
+        metrics.decision("allow", "github", "allowed", Duration::from_micros(60));
+        metrics.upstream("github", Duration::from_millis(3), false);
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                "remit_decisions_total{outcome=\"allow\",tool=\"github\",reason=\"allowed\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "remit_decisions_total{outcome=\"deny\",tool=\"github\",reason=\"out_of_scope\"} 1\n"
+        ));
+        assert!(
+            text.contains("remit_decision_seconds_bucket{le=\"0.00005\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("remit_decision_seconds_count 3\n"));
+        assert!(text.contains("remit_upstream_seconds_bucket{tool=\"github\",le=\"0.005\"} 1\n"));
+    }
+}

@@ -1,0 +1,155 @@
+//! A running remit (control plane and gateway on one loopback port) with a fresh SQLite
+//! store, and helpers to act as an agent: keys, task grants, proofs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use control::clock::{Clock, SystemClock};
+use control::{Authority, Grant, Operator, Settings, TaskRequest};
+use credentials::AgentKeyPair;
+use gateway::{Catalog, Gateway, Limits, RawTool};
+use serde_json::{Value, json};
+
+pub struct Remit {
+    /// `http://127.0.0.1:PORT`, also the public URL (token audience, proof `htu` base).
+    pub base: String,
+    pub authority: Arc<Authority>,
+    pub gateway: Arc<Gateway>,
+    pub admin: Operator,
+    server: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Agent {
+    pub name: String,
+    pub key: AgentKeyPair,
+}
+
+pub fn unique(label: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!("{label}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Parses `[[tools]]` declarations with `env` standing in for the process environment.
+pub fn catalog(tools_toml: &str, env: &[(&str, &str)]) -> Catalog {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        tools: Vec<RawTool>,
+    }
+    let file: File = toml::from_str(tools_toml).unwrap();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Catalog::from_raw_with(&file.tools, &|name| {
+        env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    })
+    .unwrap()
+}
+
+impl Remit {
+    pub async fn start(tools_toml: &str, env: &[(&str, &str)]) -> Remit {
+        Remit::start_with(tools_toml, env, Limits::default(), None).await
+    }
+
+    /// With explicit rate limits and, optionally, a store URL (default: a fresh SQLite file).
+    pub async fn start_with(
+        tools_toml: &str,
+        env: &[(&str, &str)],
+        limits: Limits,
+        store_url: Option<String>,
+    ) -> Remit {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let store_url = store_url
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("remit.db").display()));
+        let mut settings = Settings::local(store_url);
+        settings.listen = address;
+        settings.public_url = format!("http://{address}");
+        settings.store_timeout = std::time::Duration::from_millis(500);
+        let base = settings.public_url.clone();
+        let authority = Authority::open(settings, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let gateway =
+            Gateway::new(Arc::clone(&authority), catalog(tools_toml, env), limits).unwrap();
+        let app = control::api::router(Arc::clone(&authority))
+            .merge(gateway::router(Arc::clone(&gateway)));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Remit {
+            base,
+            authority,
+            gateway,
+            admin: Operator::local("test"),
+            server,
+            _dir: dir,
+        }
+    }
+
+    pub fn now(&self) -> i64 {
+        SystemClock.now()
+    }
+
+    pub async fn agent(&self, name: &str) -> Agent {
+        let key = AgentKeyPair::generate_p256().unwrap();
+        self.authority
+            .register_agent(
+                &self.admin,
+                name,
+                "alice@example.org",
+                &[key.public().to_jwk()],
+            )
+            .await
+            .unwrap();
+        Agent {
+            name: name.to_string(),
+            key,
+        }
+    }
+
+    /// A task with these scopes (a JSON array of `{tool, actions, resources}`).
+    pub async fn grant(&self, agent: &Agent, scopes: Value) -> Grant {
+        let proof = agent
+            .key
+            .sign_proof(
+                "POST",
+                &format!("{}/v1/tasks", self.base),
+                None,
+                self.now(),
+                &unique("grant"),
+            )
+            .unwrap();
+        let request: TaskRequest = serde_json::from_value(
+            json!({ "agent": agent.name, "intent": "gateway test", "scopes": scopes }),
+        )
+        .unwrap();
+        self.authority
+            .request_task(Some(&proof), request)
+            .await
+            .unwrap()
+    }
+
+    /// A fresh proof for one request (`url` without query string).
+    pub fn proof(&self, agent: &Agent, method: &str, url: &str, grant: &Grant) -> String {
+        agent
+            .key
+            .sign_proof(
+                method,
+                url,
+                Some(grant.token.expose()),
+                self.now(),
+                &unique("call"),
+            )
+            .unwrap()
+    }
+}
+
+impl Drop for Remit {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
