@@ -646,27 +646,13 @@ pub(crate) struct Scrubber {
 const REDACTED: &str = "[redacted]";
 
 impl Scrubber {
+    /// `secrets` are `Upstream::secrets`: every spelling of every credential (with and
+    /// without its scheme, escaped and encoded), longest first, so that a secret containing
+    /// another is replaced whole.
     fn new(secrets: &[String]) -> Scrubber {
-        let mut needles = Vec::new();
-        for secret in secrets {
-            needles.push(secret.clone());
-            // A bearer credential is configured as its header value; the token alone must
-            // not travel back either.
-            if let Some(token) = secret
-                .get(..7)
-                .filter(|p| p.eq_ignore_ascii_case("bearer "))
-                .and_then(|_| secret.get(7..))
-            {
-                let token = token.trim();
-                if !token.is_empty() {
-                    needles.push(token.to_string());
-                }
-            }
+        Scrubber {
+            needles: secrets.to_vec(),
         }
-        // Longest first, so that a secret containing another is replaced whole.
-        needles.sort_by_key(|needle| std::cmp::Reverse(needle.len()));
-        needles.dedup();
-        Scrubber { needles }
     }
 
     fn finds(&self, text: &str) -> bool {

@@ -1,15 +1,15 @@
-//! `remit demo`: the whole grant path against a fresh temporary store, through the real HTTP
-//! API and the real call-path check, printing each step. It exits 0 only if every step
-//! behaved as it should, so it doubles as a smoke test of a build.
+//! `remit demo`: the whole story against a fresh temporary store, through the real HTTP API
+//! and the real gateway in front of a real (local) upstream, printing each step. It exits 0
+//! only if every step behaved as it should, so it doubles as a smoke test of a build.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use control::clock::{Clock, SystemClock};
-use control::{Authority, CallAttempt, Grant, Operator, Settings};
+use control::{Authority, Grant, Operator, Settings};
 use credentials::AgentKeyPair;
-use model::{ActionClass, Decision};
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 struct Steps {
@@ -31,6 +31,59 @@ impl Steps {
     }
 }
 
+/// What the demo's upstream saw: one line per request, with the credential it was sent.
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A stand-in for an issue tracker's API: answers every request with a small JSON document and
+/// remembers the request line and `Authorization` header it got.
+async fn start_upstream(seen: Seen) -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot listen on loopback")?;
+    let address = listener.local_addr()?;
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let authorization = request
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            seen.lock().push((
+                format!("{} {}", request.method(), request.uri()),
+                authorization,
+            ));
+            axum::Json(json!({ "issues": [{ "number": 7, "title": "login page is slow" }] }))
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(address)
+}
+
+fn demo_tools(upstream: std::net::SocketAddr) -> Result<Vec<gateway::RawTool>> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        tools: Vec<gateway::RawTool>,
+    }
+    let text = format!(
+        r#"
+[[tools]]
+name = "github"
+kind = "http"
+upstream = "http://{upstream}"
+auth = {{ bearer = "env:DEMO_GITHUB_TOKEN" }}
+routes = [
+  {{ method = "GET", path = "/repos/{{owner}}/{{repo}}/issues", action = "list_issues", class = "read", resource = "{{owner}}/{{repo}}" }},
+  {{ method = "DELETE", path = "/repos/{{owner}}/{{repo}}", action = "delete_repo", class = "admin", resource = "{{owner}}/{{repo}}" }},
+]
+"#
+    );
+    Ok(toml::from_str::<File>(&text)?.tools)
+}
+
 pub async fn run() -> Result<ExitCode> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let store_url = format!("sqlite://{}", dir.path().join("remit.db").display());
@@ -43,14 +96,26 @@ pub async fn run() -> Result<ExitCode> {
     settings.public_url = format!("http://{address}");
     let base = settings.public_url.clone();
 
+    let seen: Seen = Arc::default();
+    let upstream = start_upstream(Arc::clone(&seen)).await?;
+    // The upstream credential exists only inside remit: the agent never receives it.
+    let upstream_secret = format!("ghp_demo_{}", std::process::id());
+    let catalog = gateway::Catalog::from_raw_with(&demo_tools(upstream)?, &|name| {
+        (name == "DEMO_GITHUB_TOKEN").then(|| upstream_secret.clone())
+    })?;
+
     println!(
-        "remit demo: a fresh store at {store_url}, the API at {base}, the built-in example policies\n"
+        "remit demo: a fresh store at {store_url}, remit at {base}, an issue tracker at http://{upstream},"
     );
+    println!("the built-in example policies\n");
     let clock = Arc::new(SystemClock);
     let authority = Authority::open(settings, clock.clone())
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let app = control::api::router(Arc::clone(&authority));
+    let gateway =
+        gateway::Gateway::new(Arc::clone(&authority), catalog, gateway::Limits::default())
+            .map_err(|e| anyhow!("{e}"))?;
+    let app = control::api::router(Arc::clone(&authority)).merge(gateway::router(gateway));
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let http = reqwest::Client::new();
     let mut steps = Steps {
@@ -85,7 +150,6 @@ pub async fn run() -> Result<ExitCode> {
     );
 
     // 2. The agent asks for a task, proving its key with a DPoP proof.
-    let scopes = json!([{ "tool": "github", "actions": ["read_issue", "create_issue"], "resources": ["acme/*"] }]);
     let proof = agent_key
         .sign_proof(
             "POST",
@@ -101,7 +165,7 @@ pub async fn run() -> Result<ExitCode> {
         .json(&json!({
             "agent": "triage-bot",
             "intent": "triage new issues in acme/api",
-            "scopes": scopes,
+            "scopes": [{ "tool": "github", "actions": ["list_issues"], "resources": ["acme/*"] }],
             "ttl_seconds": 300,
             "budget": 20,
         }))
@@ -120,58 +184,61 @@ pub async fn run() -> Result<ExitCode> {
     let grant: Grant = response.json().await?;
     steps.report(
         true,
-        "grant a task: github read_issue/create_issue on acme/*, 5 minutes, 20 calls",
+        "grant a task: github list_issues on acme/*, 5 minutes, 20 calls",
         &format!(
             "POST /v1/tasks -> 201: task {} (token bound to the agent's key, expires in {} s)",
             grant.task_id, grant.expires_in
         ),
     );
 
-    let check = |action: &'static str, class: ActionClass| {
-        let authority = Arc::clone(&authority);
-        let token = grant.token.expose().clone();
-        let key = &agent_key;
-        let url = format!("{base}/http/github/repos/acme/api/{action}");
-        let proof = key.sign_proof("POST", &url, Some(&token), clock.now(), &unique(action));
+    // Every call goes through the gateway with the task token and a fresh proof.
+    let call = |method: reqwest::Method, path: &'static str| {
+        let url = format!("{base}{path}");
+        let proof = agent_key.sign_proof(
+            method.as_str(),
+            &url,
+            Some(grant.token.expose()),
+            clock.now(),
+            &unique("call"),
+        );
+        let request = http
+            .request(method, &url)
+            .header("authorization", format!("DPoP {}", grant.token.expose()));
         async move {
-            let proof = proof.map_err(|e| anyhow!("{e}"))?;
-            let attempt = CallAttempt {
-                token: &token,
-                proof: Some(&proof),
-                bearer_allowed: false,
-                method: "POST",
-                url: &url,
-                tool: "github",
-                action,
-                resource: "acme/api",
-                class,
-                sensitivity: &[],
-                arguments: "{}",
-                limiter: None,
-            };
-            Ok::<_, anyhow::Error>(authority.authorize(&attempt).await)
+            let response = request
+                .header("dpop", proof.map_err(|e| anyhow!("{e}"))?)
+                .send()
+                .await?;
+            let status = response.status();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            Ok::<_, anyhow::Error>((status, body))
         }
     };
 
-    // 3. A call inside the task's scope is allowed.
-    let verdict = check("read_issue", ActionClass::Read).await?;
+    // 3. A call inside the task's scope reaches the upstream, with remit's credential.
+    let (status, body) = call(reqwest::Method::GET, "/http/github/repos/acme/api/issues").await?;
+    let injected = seen
+        .lock()
+        .last()
+        .is_some_and(|(_, auth)| *auth == format!("Bearer {upstream_secret}"));
     steps.report(
-        verdict.report.decision == Decision::Allow,
-        "call github read_issue on acme/api",
+        status == 200 && injected,
+        "GET /http/github/repos/acme/api/issues (list_issues, inside the scope)",
         &format!(
-            "{} ({}), audit #{}",
-            verdict.report.decision.as_str(),
-            verdict.message,
-            verdict.audit_seq.unwrap_or(0)
+            "{status}: {body}\nthe upstream got `Authorization: Bearer ghp_demo_…` from remit; the agent never held it"
         ),
     );
 
-    // 4. A call outside it is denied, with the reason.
-    let verdict = check("delete_repo", ActionClass::Admin).await?;
+    // 4. A call outside it is refused, and the upstream never hears of it.
+    let before = seen.lock().len();
+    let (status, body) = call(reqwest::Method::DELETE, "/http/github/repos/acme/api").await?;
     steps.report(
-        verdict.report.decision == Decision::Deny && verdict.code == "out_of_scope",
-        "call github delete_repo on acme/api (not in the task's scopes)",
-        &describe(&verdict),
+        status == 403 && body["error"] == "out_of_scope" && seen.lock().len() == before,
+        "DELETE /http/github/repos/acme/api (delete_repo, not in the task's scopes)",
+        &format!(
+            "{status}: {}\nthe upstream received nothing",
+            body["message"].as_str().unwrap_or("?")
+        ),
     );
 
     // 5. An operator revokes the task.
@@ -188,12 +255,16 @@ pub async fn run() -> Result<ExitCode> {
         &format!("POST /v1/revocations -> {status}"),
     );
 
-    // 6. The very next call is denied.
-    let verdict = check("read_issue", ActionClass::Read).await?;
+    // 6. The very next call is refused.
+    let (status, body) = call(reqwest::Method::GET, "/http/github/repos/acme/api/issues").await?;
     steps.report(
-        verdict.report.decision == Decision::Deny && verdict.code == "revoked",
-        "call github read_issue again, right after the revocation",
-        &describe(&verdict),
+        status == 401 && body["error"] == "revoked" && seen.lock().len() == before,
+        "GET /http/github/repos/acme/api/issues again, right after the revocation",
+        &format!(
+            "{status}: {} ({})",
+            body["message"].as_str().unwrap_or("?"),
+            body["error"].as_str().unwrap_or("?")
+        ),
     );
 
     // 7. The audit chain verifies and holds every step.
@@ -211,6 +282,7 @@ pub async fn run() -> Result<ExitCode> {
         .await?
         .json::<Value>()
         .await?;
+    let log = events.to_string();
     let kinds: Vec<String> = events["events"]
         .as_array()
         .map(|events| {
@@ -221,8 +293,8 @@ pub async fn run() -> Result<ExitCode> {
         })
         .unwrap_or_default();
     steps.report(
-        ok,
-        "verify the hash-chained audit log",
+        ok && !log.contains(&upstream_secret) && !log.contains(grant.token.expose()),
+        "verify the hash-chained audit log (and that it holds no secret)",
         &format!(
             "{} events intact, head {}\n{}",
             report["checked"],
@@ -241,16 +313,6 @@ fn finish(steps: Steps, server: tokio::task::JoinHandle<std::io::Result<()>>) ->
     }
     println!("every step behaved: {} of {}", steps.number, steps.number);
     Ok(ExitCode::SUCCESS)
-}
-
-/// One line for a verdict: decision, message, code.
-fn describe(verdict: &control::CallVerdict) -> String {
-    format!(
-        "{}: {} ({})",
-        verdict.report.decision.as_str(),
-        verdict.message,
-        verdict.code
-    )
 }
 
 /// A proof `jti` unique to this run.

@@ -176,7 +176,10 @@ mod tests {
     use super::*;
 
     fn check(secrets: &[&str], allowed: &[&str], chunks: &[&str]) -> String {
-        let scrubber = Scrubber::new(&secrets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // Every spelling of each secret, as the gateway's upstream client derives them.
+        let upstream =
+            crate::forward::Upstream::new(secrets.iter().map(|s| s.to_string()).collect()).unwrap();
+        let scrubber = Scrubber::new(&upstream.secrets);
         let tools = ToolsFilter {
             allowed: allowed.iter().map(|s| s.to_string()).collect(),
         };

@@ -425,3 +425,135 @@ fn help_lists_every_command() {
         assert!(out.contains(command), "{command} missing from --help");
     }
 }
+
+/// `remit serve` with a tool declared in remit.toml: an agent's call reaches a real upstream
+/// through the gateway with the credential injected; an out-of-scope call never does.
+#[tokio::test]
+async fn the_gateway_through_the_binary() {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recorder = Arc::clone(&seen);
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_address = upstream.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let recorder = Arc::clone(&recorder);
+        async move {
+            let auth = request
+                .headers()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            recorder
+                .lock()
+                .unwrap()
+                .push(format!("{} {} {auth}", request.method(), request.uri()));
+            axum::Json(json!({ "ok": true }))
+        }
+    });
+    tokio::spawn(async move { axum::serve(upstream, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("upstream.key"), "s3cr3t-upstream-key\n").unwrap();
+    std::fs::write(
+        d.join("remit.toml"),
+        format!(
+            r#"
+[[tools]]
+name = "tracker"
+kind = "http"
+upstream = "http://{upstream_address}/api"
+auth = {{ header = "X-Api-Key", value = "file:{}" }}
+routes = [{{ method = "GET", path = "/issues/{{id}}", action = "read_issue", class = "read", resource = "{{id}}" }}]
+"#,
+            d.join("upstream.key").display()
+        ),
+    )
+    .unwrap();
+    let key = AgentKeyPair::generate_p256().unwrap();
+    let key_file = write_key(d, &key);
+    ok(
+        d,
+        &[
+            "agent",
+            "create",
+            "triage-bot",
+            "--owner",
+            "alice@example.org",
+            "--key",
+            &key_file,
+        ],
+    );
+    let server = Server::start(d, &[]);
+    let base = server.base.clone();
+    let client = reqwest::Client::new();
+
+    let proof = key
+        .sign_proof("POST", &format!("{base}/v1/tasks"), None, now(), "t-1")
+        .unwrap();
+    let grant: Value = client
+        .post(format!("{base}/v1/tasks"))
+        .header("dpop", proof)
+        .json(&json!({ "agent": "triage-bot", "intent": "read one issue", "scopes": [{ "tool": "tracker", "actions": ["read_issue"], "resources": ["42"] }] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = grant["token"].as_str().unwrap();
+    let call = |path: &str, jti: &str| {
+        let url = format!("{base}{path}");
+        let proof = key
+            .sign_proof("GET", &url, Some(token), now(), jti)
+            .unwrap();
+        client
+            .get(url)
+            .header("authorization", format!("DPoP {token}"))
+            .header("dpop", proof)
+            .send()
+    };
+    let allowed = call("/http/tracker/issues/42", "c-1").await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    let denied = call("/http/tracker/issues/43", "c-2").await.unwrap();
+    assert_eq!(denied.status(), 403);
+    let body: Value = denied.json().await.unwrap();
+    assert_eq!(body["error"], "out_of_scope");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["GET /api/issues/42 "],
+        "the upstream saw exactly the allowed call"
+    );
+    // The credential went in a header the upstream reads, not `Authorization`.
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "remit_decisions_total{outcome=\"allow\",tool=\"tracker\",reason=\"allowed\"} 1"
+        ),
+        "{metrics}"
+    );
+    let log = server.stop();
+    assert!(log.contains("gateway fronting 1 tools"), "{log}");
+    assert!(
+        !log.contains("s3cr3t-upstream-key") && !log.contains(token),
+        "a secret reached the server log"
+    );
+
+    // A tool whose credential cannot be read stops start-up with a clear line.
+    std::fs::remove_file(d.join("upstream.key")).unwrap();
+    let run = run(d, &["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(run.status, 1);
+    assert!(
+        run.stderr
+            .starts_with("error: `tools`: tool `tracker`: cannot read the credential file"),
+        "{}",
+        run.stderr
+    );
+}

@@ -10,10 +10,10 @@ fn the_demo_behaves_and_says_so() {
     for step in [
         "[ok  ]  1. register agent",
         "[ok  ]  2. grant a task",
-        "[ok  ]  3. call github read_issue",
-        "[ok  ]  4. call github delete_repo",
+        "[ok  ]  3. GET /http/github/repos/acme/api/issues",
+        "[ok  ]  4. DELETE /http/github/repos/acme/api",
         "[ok  ]  5. revoke the task",
-        "[ok  ]  6. call github read_issue again",
+        "[ok  ]  6. GET /http/github/repos/acme/api/issues again",
         "[ok  ]  7. verify the hash-chained audit log",
         "every step behaved: 7 of 7",
     ] {
@@ -24,10 +24,20 @@ fn the_demo_behaves_and_says_so() {
         );
     }
     assert!(
-        run.stdout.contains("out_of_scope") && run.stdout.contains("revoked"),
+        run.stdout.contains("403 Forbidden") && run.stdout.contains("401 Unauthorized: revoked"),
         "{}",
         run.stdout
     );
+    // The upstream credential is named, never printed.
+    let mentions: Vec<_> = run.stdout.match_indices("ghp_demo_").collect();
+    assert!(!mentions.is_empty());
+    for (at, needle) in mentions {
+        assert!(
+            run.stdout[at + needle.len()..].starts_with('…'),
+            "{}",
+            run.stdout
+        );
+    }
     assert!(!run.stdout.contains("FAIL"));
     // The demo leaves nothing behind in the working directory.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
