@@ -119,7 +119,10 @@ async fn serve(
     let gateway = gateway::Gateway::new(Arc::clone(&authority), catalog, limits)
         .map_err(|e| anyhow!("{e}"))?;
     tracing::info!("gateway fronting {tools} tools at /mcp/{{tool}} and /http/{{tool}}/{{*path}}");
-    let app = control::api::router(Arc::clone(&authority)).merge(gateway::router(gateway));
+    // One span per request (method and path; never headers, which carry tokens and proofs).
+    let app = control::api::router(Arc::clone(&authority))
+        .merge(gateway::router(gateway))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
