@@ -46,6 +46,7 @@ pub mod kinds {
     pub const OPERATOR_ACTION: &str = "operator.action";
     pub const TASK_GRANTED: &str = "task.granted";
     pub const TASK_REFUSED: &str = "task.refused";
+    pub const TASK_DELEGATED: &str = "task.delegated";
     pub const TASK_COMPLETED: &str = "task.completed";
     pub const TASK_REVOKED: &str = "task.revoked";
     pub const REVOCATION: &str = "revocation";

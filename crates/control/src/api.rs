@@ -18,6 +18,7 @@ use store::{AgentRecord, AuditFilter, RevocationKind, TaskRecord};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::authority::{Authority, Grant, TaskRequest, VerifyReport};
+use crate::delegation::{Exchanged, TokenExchange};
 use crate::error::{Error, ErrorKind};
 use crate::operators::Operator;
 
@@ -36,6 +37,7 @@ pub fn router(authority: Arc<Authority>) -> Router {
         .route("/v1/tasks", post(request_task))
         .route("/v1/tasks/{id}", get(show_task))
         .route("/v1/tasks/{id}/complete", post(complete_task))
+        .route("/v1/token", post(token_exchange))
         .route("/v1/revocations", post(revoke))
         .route("/v1/keys/rotate", post(rotate_keys))
         .route("/v1/audit", get(audit_events))
@@ -56,9 +58,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     info(title = "remit", description = "Task-scoped credentials, policy checks and a hash-chained audit log for AI agents."),
     paths(
         healthz, jwks, register_agent, list_agents, show_agent, disable_agent, request_task, show_task,
-        complete_task, revoke, rotate_keys, audit_events, audit_verify
+        complete_task, token_exchange, revoke, rotate_keys, audit_events, audit_verify
     ),
-    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, Revoke, RevocationView, Rotated, AuditPage, VerifyReport)),
+    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, Revoke, RevocationView, Rotated, AuditPage, VerifyReport)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
@@ -463,6 +465,41 @@ async fn complete_task(
     let proof = dpop_header(&headers)?;
     Ok(axum::Json(
         authority.complete_task(&id, token, proof).await?.into(),
+    ))
+}
+
+/// RFC 8693 token exchange: delegate part of a task to another agent. Form-encoded; the DPoP
+/// proof is signed by the receiving agent's key (`htm` POST, `htu` this URL). The child task
+/// only narrows: scopes inside the parent's, no later expiry, no larger budget, bounded depth.
+#[utoipa::path(post, path = "/v1/token", request_body(content = TokenExchange, content_type = "application/x-www-form-urlencoded"),
+    security(("dpop" = [])), responses(
+    (status = 200, body = Exchanged), (status = 400, description = "invalid_request, invalid_grant, invalid_scope or unsupported_grant_type", body = ErrorBody),
+    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn token_exchange(
+    State(authority): State<AppState>,
+    request: Request,
+) -> Result<
+    (
+        StatusCode,
+        [(header::HeaderName, &'static str); 1],
+        axum::Json<Exchanged>,
+    ),
+    Error,
+> {
+    let proof = dpop_header(request.headers())?.map(str::to_string);
+    let axum::Form(form) = axum::Form::<TokenExchange>::from_request(request, &())
+        .await
+        .map_err(|e| {
+            Error::bad_request(
+                "invalid_request",
+                format!("the token request is not a valid form: {}", e.body_text()),
+            )
+        })?;
+    let exchanged = authority.exchange_token(proof.as_deref(), form).await?;
+    Ok((
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(exchanged),
     ))
 }
 

@@ -206,7 +206,7 @@ impl Authority {
         })
     }
 
-    fn event(&self, kind: &str, actor: impl Into<String>) -> EventBody {
+    pub(crate) fn event(&self, kind: &str, actor: impl Into<String>) -> EventBody {
         EventBody::new(self.clock.now_ms(), kind, actor)
     }
 

@@ -132,16 +132,16 @@ impl From<Error> for Denial {
 /// What the call path needs to know about a task beyond its token, loaded once per node.
 #[derive(Debug)]
 pub(crate) struct TaskState {
-    owner: String,
-    intent: String,
-    obo: Option<String>,
-    depth: u32,
-    status: TaskStatus,
-    expires_at: i64,
-    budget: u32,
-    used: AtomicU32,
+    pub(crate) owner: String,
+    pub(crate) intent: String,
+    pub(crate) obo: Option<String>,
+    pub(crate) depth: u32,
+    pub(crate) status: TaskStatus,
+    pub(crate) expires_at: i64,
+    pub(crate) budget: u32,
+    pub(crate) used: AtomicU32,
     /// The task followed by its ancestors, nearest first.
-    chain: Vec<String>,
+    pub(crate) chain: Vec<String>,
 }
 
 impl TaskState {
@@ -483,6 +483,7 @@ impl Authority {
             intent: &task.intent,
             obo: task.obo.as_deref(),
             depth: i64::from(task.depth),
+            delegators: &delegators_of(&claims),
             approved: false,
             bearer: mode == ProofMode::Bearer,
             now,
@@ -522,7 +523,7 @@ impl Authority {
     }
 
     /// The task's state on this node, loaded from the store on first sight.
-    async fn task_state(&self, task: &str) -> Result<Arc<TaskState>, Error> {
+    pub(crate) async fn task_state(&self, task: &str) -> Result<Arc<TaskState>, Error> {
         if let Some(state) = self.tasks.0.read().get(task) {
             return Ok(Arc::clone(state));
         }
@@ -568,6 +569,17 @@ impl Authority {
     pub fn revocation_count(&self) -> usize {
         self.revocations.len()
     }
+}
+
+/// The delegating agents recorded in a token's `act` claim, nearest first.
+fn delegators_of(claims: &TaskClaims) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut actor = claims.act.as_ref();
+    while let Some(current) = actor {
+        out.push(current.sub.clone());
+        actor = current.act.as_deref();
+    }
+    out
 }
 
 fn denial_sentence(report: &DecisionReport) -> String {

@@ -37,6 +37,8 @@ pub struct TaskLimits {
     pub max_ttl_seconds: i64,
     pub default_budget: u32,
     pub max_budget: u32,
+    /// How many delegations deep a task may be (a root task is depth 0).
+    pub max_delegation_depth: u32,
 }
 
 /// Bounds on DPoP proofs.
@@ -92,6 +94,7 @@ impl Default for TaskLimits {
             max_ttl_seconds: 3600,
             default_budget: 100,
             max_budget: 10_000,
+            max_delegation_depth: 3,
         }
     }
 }

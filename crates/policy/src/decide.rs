@@ -157,6 +157,10 @@ impl PolicyEngine {
             ),
             ("arguments".into(), string(call.arguments)),
             ("depth".into(), Value::from(call.depth)),
+            (
+                "delegators".into(),
+                Value::set(call.delegators.iter().map(string), None),
+            ),
             ("approved".into(), Value::from(call.approved)),
             ("bearer".into(), Value::from(call.bearer)),
             ("time".into(), Value::from(call.now)),

@@ -63,6 +63,9 @@ pub struct CallRequest<'a> {
     pub intent: &'a str,
     pub obo: Option<&'a str>,
     pub depth: i64,
+    /// The SPIFFE IDs of the agents that delegated this task, nearest first (empty for a
+    /// task granted directly).
+    pub delegators: &'a [String],
     pub approved: bool,
     pub bearer: bool,
     pub now: model::UnixSeconds,

@@ -187,6 +187,7 @@ impl OwnedCall {
             intent: Self::INTENT,
             obo: None,
             depth: self.depth,
+            delegators: &[],
             approved: self.approved,
             bearer: self.bearer,
             now: self.now,

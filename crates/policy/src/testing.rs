@@ -221,6 +221,7 @@ impl RawCase {
                     intent,
                     obo: self.obo.as_deref(),
                     depth,
+                    delegators: &[],
                     approved: self.approved.unwrap_or(false),
                     bearer: self.bearer.unwrap_or(false),
                     now,

@@ -44,6 +44,7 @@ fn call(class: ActionClass, tool: &'static str, resource: &'static str) -> CallR
         class,
         sensitivity: &[],
         arguments: "{}",
+        delegators: &[],
         task: "task-1",
         intent: "triage new issues",
         obo: None,

@@ -56,6 +56,7 @@ pub struct RawTasks {
     pub max_ttl_seconds: Option<i64>,
     pub default_budget: Option<u32>,
     pub max_budget: Option<u32>,
+    pub max_delegation_depth: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,7 +200,11 @@ impl RawConfig {
                 .unwrap_or(defaults.max_ttl_seconds),
             default_budget: self.tasks.default_budget.unwrap_or(defaults.default_budget),
             max_budget: self.tasks.max_budget.unwrap_or(defaults.max_budget),
+            max_delegation_depth: self.tasks.max_delegation_depth.unwrap_or(defaults.max_delegation_depth),
         };
+        if tasks.max_delegation_depth > 8 {
+            bail!("`tasks.max_delegation_depth` must be between 0 and 8, not {}", tasks.max_delegation_depth);
+        }
         if tasks.max_ttl_seconds < 1 || tasks.max_ttl_seconds > 86_400 {
             bail!(
                 "`tasks.max_ttl_seconds` must be between 1 and 86400, not {}",

@@ -211,6 +211,7 @@ fn sliced_and_unsliced_decisions_agree() {
                     intent: "generated",
                     obo,
                     depth,
+                    delegators: &[],
                     approved: rng.chance(30),
                     bearer: rng.chance(30),
                     now,
