@@ -47,6 +47,8 @@ pub mod kinds {
     pub const TASK_GRANTED: &str = "task.granted";
     pub const TASK_REFUSED: &str = "task.refused";
     pub const TASK_DELEGATED: &str = "task.delegated";
+    /// On the parent task: it handed part of itself to a child task.
+    pub const DELEGATION: &str = "delegation";
     pub const TASK_COMPLETED: &str = "task.completed";
     pub const TASK_REVOKED: &str = "task.revoked";
     pub const REVOCATION: &str = "revocation";

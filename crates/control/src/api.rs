@@ -21,6 +21,7 @@ use crate::authority::{Authority, Grant, TaskRequest, VerifyReport};
 use crate::delegation::{Exchanged, TokenExchange};
 use crate::error::{Error, ErrorKind};
 use crate::operators::Operator;
+use crate::timeline::TimelineEntry;
 
 type AppState = Arc<Authority>;
 
@@ -37,6 +38,7 @@ pub fn router(authority: Arc<Authority>) -> Router {
         .route("/v1/tasks", post(request_task))
         .route("/v1/tasks/{id}", get(show_task))
         .route("/v1/tasks/{id}/complete", post(complete_task))
+        .route("/v1/tasks/{id}/timeline", get(task_timeline))
         .route("/v1/token", post(token_exchange))
         .route("/v1/revocations", post(revoke))
         .route("/v1/keys/rotate", post(rotate_keys))
@@ -58,9 +60,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     info(title = "remit", description = "Task-scoped credentials, policy checks and a hash-chained audit log for AI agents."),
     paths(
         healthz, jwks, register_agent, list_agents, show_agent, disable_agent, request_task, show_task,
-        complete_task, token_exchange, revoke, rotate_keys, audit_events, audit_verify
+        complete_task, task_timeline, token_exchange, revoke, rotate_keys, audit_events, audit_verify
     ),
-    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, Revoke, RevocationView, Rotated, AuditPage, VerifyReport)),
+    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, TimelineEntry, Revoke, RevocationView, Rotated, AuditPage, VerifyReport)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
@@ -446,6 +448,18 @@ async fn show_task(
     Path(id): Path<String>,
 ) -> Result<axum::Json<TaskView>, Error> {
     Ok(axum::Json(authority.get_task(&operator, &id).await?.into()))
+}
+
+/// What a task did, in order: its grant, each call with its decision and reasons, approvals,
+/// delegations (and what each delegated task did) and revocations.
+#[utoipa::path(get, path = "/v1/tasks/{id}/timeline", security(("operator" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = [TimelineEntry]), (status = 404, body = ErrorBody)))]
+async fn task_timeline(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Vec<TimelineEntry>>, Error> {
+    Ok(axum::Json(authority.timeline(&operator, &id).await?))
 }
 
 /// End a task; its tokens stop working. Needs `Authorization: DPoP <task token>` and a proof.

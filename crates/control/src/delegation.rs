@@ -367,6 +367,13 @@ impl Authority {
                 "policies": report.policies,
             }));
         self.store.insert_task(&record, event).await?;
+        // The parent's own record of the hand-off, so that its timeline leads to the child.
+        let handoff = self
+            .event(kinds::DELEGATION, parent.sub.as_str())
+            .agent(parent.sub.as_str())
+            .task(parent.task.as_str())
+            .detail(json!({ "child": task_id, "to": agent.spiffe_id, "scopes": scopes, "depth": depth }));
+        self.store.append_events(vec![handoff]).await?;
         Ok(Exchanged {
             access_token: token,
             issued_token_type: ACCESS_TOKEN_TYPE.to_string(),

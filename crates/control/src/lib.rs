@@ -14,6 +14,7 @@ mod random;
 mod revocation;
 mod secret_serde;
 pub mod settings;
+pub mod timeline;
 
 pub use authority::{Authority, Grant, TaskRequest, VerifyReport, load_policies};
 pub use check::{CallAttempt, CallLimiter, CallVerdict, ProofMode};

@@ -147,6 +147,13 @@ pub enum RevokeKind {
 pub enum AuditCommand {
     /// Walk the hash chain; name the first bad sequence number if any.
     Verify,
+    /// What a task did, in order, with every task delegated from it.
+    Timeline {
+        task: String,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the latest events, one JSON object per line.
     Tail {
         /// How many events.

@@ -252,6 +252,16 @@ async fn admin(authority: &Authority, operator: &Operator, command: Command) -> 
                 report.checked, report.head
             );
         }
+        Command::Audit(AuditCommand::Timeline { task, json }) => {
+            for entry in authority.timeline(operator, &task).await.map_err(fail)? {
+                if json {
+                    println!("{}", serde_json::to_string(&entry)?);
+                } else {
+                    let decision = entry.decision.as_deref().map(|d| format!(" [{d}]")).unwrap_or_default();
+                    println!("#{:<6} {} {:<16}{decision} {}", entry.seq, entry.task, entry.kind, entry.summary);
+                }
+            }
+        }
         Command::Audit(AuditCommand::Tail { count, agent, task }) => {
             let agent = agent.map(|a| {
                 if a.starts_with("spiffe://") {

@@ -8,7 +8,7 @@ use store::RevocationKind;
 
 use crate::harness::{Agent, BASE, Harness, unique};
 
-async fn exchange(
+pub async fn exchange(
     h: &Harness,
     to: &Agent,
     subject: &str,
@@ -40,7 +40,7 @@ async fn exchange(
 }
 
 /// A call with `token`, proved by `agent`'s key.
-async fn call(h: &Harness, agent: &Agent, token: &str, action: &str) -> control::CallVerdict {
+pub async fn call(h: &Harness, agent: &Agent, token: &str, action: &str) -> control::CallVerdict {
     let url = format!("{BASE}/http/github/{action}");
     let proof = agent
         .key

@@ -16,3 +16,4 @@ mod failclosed;
 mod harness;
 mod openapi;
 mod tasks;
+mod timeline;

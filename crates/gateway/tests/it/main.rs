@@ -11,3 +11,4 @@
 mod harness;
 mod http;
 mod mcp;
+mod mcp_client;

@@ -24,15 +24,15 @@ use serde_json::{Value, json};
 
 use crate::harness::{Agent, Remit};
 
-const SECRET: &str = "sk-upstream-4f9a1c";
+pub(crate) const SECRET: &str = "sk-upstream-4f9a1c";
 
 /// What the MCP server saw of one HTTP request.
 #[derive(Clone, Debug)]
-struct Seen {
-    authorization: Option<String>,
-    dpop: bool,
+pub(crate) struct Seen {
+    pub(crate) authorization: Option<String>,
+    pub(crate) dpop: bool,
     session: Option<String>,
-    body: String,
+    pub(crate) body: String,
 }
 
 /// A small file server: three tools of three classes, a resource, a prompt, and a tool that
@@ -131,7 +131,7 @@ impl ServerHandler for Files {
     }
 }
 
-struct Upstream {
+pub(crate) struct Upstream {
     url: String,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
@@ -181,11 +181,11 @@ impl Upstream {
         }
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.seen.lock().clone()
     }
 
-    fn saw(&self, text: &str) -> bool {
+    pub(crate) fn saw(&self, text: &str) -> bool {
         self.seen().iter().any(|seen| seen.body.contains(text))
     }
 }
@@ -386,7 +386,7 @@ async fn read(mut response: reqwest::Response, sent: &Value) -> Answer {
     }
 }
 
-async fn setup(json: bool) -> (Upstream, Remit) {
+pub(crate) async fn setup(json: bool) -> (Upstream, Remit) {
     let upstream = Upstream::start(json).await;
     let remit = Remit::start(&tools_toml(&upstream), &[("VAULT_TOKEN", SECRET)]).await;
     (upstream, remit)
