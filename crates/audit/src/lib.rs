@@ -42,6 +42,8 @@ const DOMAIN: &[u8] = b"remit-audit-v1\n";
 pub mod kinds {
     pub const AGENT_REGISTERED: &str = "agent.registered";
     pub const AGENT_DISABLED: &str = "agent.disabled";
+    pub const AGENT_QUARANTINED: &str = "agent.quarantined";
+    pub const AGENT_RELEASED: &str = "agent.released";
     pub const OPERATOR_CREATED: &str = "operator.created";
     pub const OPERATOR_ACTION: &str = "operator.action";
     pub const TASK_GRANTED: &str = "task.granted";

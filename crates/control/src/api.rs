@@ -35,6 +35,7 @@ pub fn router(authority: Arc<Authority>) -> Router {
         .route("/v1/agents", post(register_agent).get(list_agents))
         .route("/v1/agents/{name}", get(show_agent))
         .route("/v1/agents/{name}/disable", post(disable_agent))
+        .route("/v1/agents/{name}/release", post(release_agent))
         .route("/v1/tasks", post(request_task))
         .route("/v1/tasks/{id}", get(show_task))
         .route("/v1/tasks/{id}/complete", post(complete_task))
@@ -59,7 +60,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 #[openapi(
     info(title = "remit", description = "Task-scoped credentials, policy checks and a hash-chained audit log for AI agents."),
     paths(
-        healthz, jwks, register_agent, list_agents, show_agent, disable_agent, request_task, show_task,
+        healthz, jwks, register_agent, list_agents, show_agent, disable_agent, release_agent, request_task, show_task,
         complete_task, task_timeline, token_exchange, revoke, rotate_keys, audit_events, audit_verify
     ),
     components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, TimelineEntry, Revoke, RevocationView, Rotated, AuditPage, VerifyReport)),
@@ -370,6 +371,37 @@ async fn disable_agent(
     Ok(axum::Json(
         authority
             .disable_agent(&operator, &name, &reason)
+            .await?
+            .into(),
+    ))
+}
+
+/// Release a quarantined agent: it may ask for tasks again. Credentials revoked by the
+/// quarantine stay revoked.
+#[utoipa::path(post, path = "/v1/agents/{name}/release", security(("operator" = [])), params(("name" = String, Path)),
+    request_body = DisableAgent, responses((status = 200, body = AgentView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn release_agent(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<AgentView>, Error> {
+    let body: DisableAgent = if body.is_empty() {
+        DisableAgent::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            Error::bad_request(
+                "invalid_json",
+                format!("the request body is not valid JSON for this call: {e}"),
+            )
+        })?
+    };
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "released by an operator".to_string());
+    Ok(axum::Json(
+        authority
+            .release_agent(&operator, &name, &reason)
             .await?
             .into(),
     ))

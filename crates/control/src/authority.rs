@@ -45,6 +45,7 @@ pub struct Authority {
     pub(crate) revocations: RevocationIndex,
     pub(crate) tokens: TokenCache,
     pub(crate) tasks: TaskCache,
+    pub(crate) containment: crate::containment::Containment,
 }
 
 /// What an agent sends to `POST /v1/tasks`.
@@ -147,6 +148,7 @@ impl Authority {
             revocations: RevocationIndex::default(),
             tokens: TokenCache::default(),
             tasks: TaskCache::default(),
+            containment: Default::default(),
         };
         authority
             .revocations

@@ -90,7 +90,7 @@ pub struct CallVerdict {
 
 /// How far the call path goes for one attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Check {
+pub(crate) enum Check {
     /// Every step: the attempt is a tool call.
     Call,
     /// Steps 1 to 4 only (token, proof, rate limit, revocation, task state): the attempt
@@ -202,7 +202,9 @@ impl Authority {
     /// but `Decision::Allow` means: do not forward.
     pub async fn authorize(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
         let verdict = self.decide_timed(attempt, Check::Call).await;
-        self.record(attempt, verdict, Check::Call).await
+        let verdict = self.record(attempt, verdict, Check::Call).await;
+        self.contain(&verdict, false).await;
+        verdict
     }
 
     /// Authenticates the caller of a protocol message that is not a tool call (MCP
@@ -213,11 +215,13 @@ impl Authority {
     /// the message may pass: every tool call in it still needs its own decision.
     pub async fn authorize_session(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
         let verdict = self.decide_timed(attempt, Check::Session).await;
-        self.record(attempt, verdict, Check::Session).await
+        let verdict = self.record(attempt, verdict, Check::Session).await;
+        self.contain(&verdict, false).await;
+        verdict
     }
 
     /// Appends the decision to the audit log; a write failure turns it into a denial.
-    async fn record(
+    pub(crate) async fn record(
         &self,
         attempt: &CallAttempt<'_>,
         mut verdict: CallVerdict,
@@ -293,7 +297,11 @@ impl Authority {
         self.decide_timed(attempt, Check::Call).await
     }
 
-    async fn decide_timed(&self, attempt: &CallAttempt<'_>, check: Check) -> CallVerdict {
+    pub(crate) async fn decide_timed(
+        &self,
+        attempt: &CallAttempt<'_>,
+        check: Check,
+    ) -> CallVerdict {
         let started = Instant::now();
         let now = self.now();
         let mut verdict = match self.decide(attempt, now, check).await {

@@ -5,6 +5,7 @@ pub mod api;
 mod authority;
 mod check;
 pub mod clock;
+pub mod containment;
 pub mod delegation;
 mod error;
 mod examples;

@@ -28,6 +28,8 @@ pub struct Settings {
     pub sync_interval: Duration,
     /// Largest request body accepted on the API.
     pub max_body_bytes: usize,
+    /// Rules that quarantine an agent going off-script.
+    pub containment: crate::containment::ContainmentRules,
 }
 
 /// Bounds on the tasks agents may ask for.
@@ -68,6 +70,7 @@ impl Settings {
             max_skew_seconds: 30,
             sync_interval: Duration::from_millis(100),
             max_body_bytes: 64 * 1024,
+            containment: crate::containment::ContainmentRules::default(),
         }
     }
 

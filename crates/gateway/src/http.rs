@@ -39,9 +39,10 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
     let tool = match gateway.catalog().get(tool_name) {
         Some(tool) if tool.kind == ToolKind::Http => Arc::clone(tool),
         _ => {
-            let message = format!("no HTTP tool named `{tool_name}`");
-            return Refusal::new(StatusCode::NOT_FOUND, "tool_unknown", message, &metadata)
-                .into_response();
+            let url = gateway.public_url(parts.uri.path());
+            return gateway
+                .unknown_tool(tool_name, &parts.headers, &parts.method, &url)
+                .await;
         }
     };
     if let Err(reason) = check_path(path) {

@@ -155,6 +155,57 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// A request for a tool remit does not front. With credentials, the caller is
+    /// authenticated and the attempt recorded and counted by the containment rules (probing
+    /// for tools is off-script); either way the answer is 404 `tool_unknown`, unless the
+    /// credentials themselves fail.
+    pub(crate) async fn unknown_tool(
+        &self,
+        name: &str,
+        headers: &axum::http::HeaderMap,
+        method: &Method,
+        url: &str,
+    ) -> axum::response::Response {
+        let metadata = self.resource_metadata_url();
+        let not_found = || {
+            Refusal::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "tool_unknown",
+                format!("no tool named `{name}`"),
+                &metadata,
+            )
+        };
+        let Ok(presented) = caller::presented(headers, &metadata) else {
+            return not_found().into_response();
+        };
+        let attempt = CallAttempt {
+            token: presented.token,
+            proof: if presented.scheme == Scheme::Bearer {
+                None
+            } else {
+                presented.proof
+            },
+            bearer_allowed: false,
+            method: method.as_str(),
+            url,
+            tool: name,
+            action: "unknown",
+            resource: "",
+            class: model::ActionClass::Admin,
+            sensitivity: &[],
+            arguments: "{}",
+            limiter: Some(&self.limiter),
+        };
+        let verdict = self.authority.refuse_unknown_tool(&attempt).await;
+        if verdict.code == "tool_unknown" {
+            not_found().into_response()
+        } else {
+            Refusal::from_verdict(&verdict, &metadata).into_response()
+        }
+    }
+}
+
 /// The gateway's routes: `/mcp/{tool}`, `/http/{tool}/{*path}`, the RFC 9728 metadata and
 /// `/metrics`. Merge into the control plane's router, which holds the fallback.
 pub fn router(gateway: Arc<Gateway>) -> Router {

@@ -85,21 +85,18 @@ pub(crate) async fn handle(
     request: Request,
 ) -> Response {
     let metadata = gateway.resource_metadata_url();
+    let (parts, body) = request.into_parts();
     let Some(tool) = gateway
         .catalog()
         .get(&tool)
         .filter(|t| t.kind == ToolKind::Mcp)
         .cloned()
     else {
-        return Refusal::new(
-            StatusCode::NOT_FOUND,
-            "tool_unknown",
-            format!("no MCP tool `{tool}`"),
-            &metadata,
-        )
-        .into_response();
+        let url = gateway.public_url(parts.uri.path());
+        return gateway
+            .unknown_tool(&tool, &parts.headers, &parts.method, &url)
+            .await;
     };
-    let (parts, body) = request.into_parts();
     let presented = match caller::presented(&parts.headers, &metadata) {
         Ok(presented) => presented,
         Err(refusal) => return refusal.into_response(),

@@ -117,6 +117,12 @@ pub enum AgentCommand {
         #[arg(long, default_value = "disabled by an operator")]
         reason: String,
     },
+    /// Release a quarantined agent: it may ask for tasks again.
+    Release {
+        name: String,
+        #[arg(long, default_value = "released by an operator")]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -213,6 +213,13 @@ async fn admin(authority: &Authority, operator: &Operator, command: Command) -> 
                 .map_err(fail)?;
             println!("agent {} disabled", agent.name);
         }
+        Command::Agent(AgentCommand::Release { name, reason }) => {
+            let agent = authority
+                .release_agent(operator, &name, &reason)
+                .await
+                .map_err(fail)?;
+            println!("agent {} released", agent.name);
+        }
         Command::Keys(KeysCommand::Rotate) => {
             let kid = authority.rotate_keys(operator).await.map_err(fail)?;
             println!(
@@ -257,8 +264,15 @@ async fn admin(authority: &Authority, operator: &Operator, command: Command) -> 
                 if json {
                     println!("{}", serde_json::to_string(&entry)?);
                 } else {
-                    let decision = entry.decision.as_deref().map(|d| format!(" [{d}]")).unwrap_or_default();
-                    println!("#{:<6} {} {:<16}{decision} {}", entry.seq, entry.task, entry.kind, entry.summary);
+                    let decision = entry
+                        .decision
+                        .as_deref()
+                        .map(|d| format!(" [{d}]"))
+                        .unwrap_or_default();
+                    println!(
+                        "#{:<6} {} {:<16}{decision} {}",
+                        entry.seq, entry.task, entry.kind, entry.summary
+                    );
                 }
             }
         }

@@ -34,9 +34,23 @@ pub struct RawConfig {
     pub proofs: RawProofs,
     #[serde(default)]
     pub gateway: RawGateway,
+    #[serde(default)]
+    pub containment: RawContainment,
     /// The tools the gateway fronts (`[[tools]]`).
     #[serde(default)]
     pub tools: Vec<gateway::RawTool>,
+}
+
+/// `[containment]`: the rules that quarantine an agent going off-script.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawContainment {
+    pub max_denials: Option<u32>,
+    pub window_seconds: Option<i64>,
+    pub unknown_tool: Option<bool>,
+    pub dead_token: Option<bool>,
+    pub wrong_key: Option<bool>,
+    pub webhook: Option<String>,
 }
 
 /// `[gateway]`: rate limits per agent and per task (calls per second, and bursts).
@@ -200,10 +214,16 @@ impl RawConfig {
                 .unwrap_or(defaults.max_ttl_seconds),
             default_budget: self.tasks.default_budget.unwrap_or(defaults.default_budget),
             max_budget: self.tasks.max_budget.unwrap_or(defaults.max_budget),
-            max_delegation_depth: self.tasks.max_delegation_depth.unwrap_or(defaults.max_delegation_depth),
+            max_delegation_depth: self
+                .tasks
+                .max_delegation_depth
+                .unwrap_or(defaults.max_delegation_depth),
         };
         if tasks.max_delegation_depth > 8 {
-            bail!("`tasks.max_delegation_depth` must be between 0 and 8, not {}", tasks.max_delegation_depth);
+            bail!(
+                "`tasks.max_delegation_depth` must be between 0 and 8, not {}",
+                tasks.max_delegation_depth
+            );
         }
         if tasks.max_ttl_seconds < 1 || tasks.max_ttl_seconds > 86_400 {
             bail!(
@@ -251,6 +271,29 @@ impl RawConfig {
             bail!("`proofs.replay_capacity` must be between 1000 and 100000000");
         }
         settings.proofs = proofs;
+
+        let defaults = control::containment::ContainmentRules::default();
+        let c = &self.containment;
+        let containment = control::containment::ContainmentRules {
+            max_denials: c.max_denials.unwrap_or(defaults.max_denials),
+            window_seconds: c.window_seconds.unwrap_or(defaults.window_seconds),
+            unknown_tool: c.unknown_tool.unwrap_or(defaults.unknown_tool),
+            dead_token: c.dead_token.unwrap_or(defaults.dead_token),
+            wrong_key: c.wrong_key.unwrap_or(defaults.wrong_key),
+            webhook: c.webhook.clone(),
+        };
+        if !(1..=86_400).contains(&containment.window_seconds) {
+            bail!(
+                "`containment.window_seconds` must be between 1 and 86400, not {}",
+                containment.window_seconds
+            );
+        }
+        if let Some(url) = &containment.webhook
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            bail!("`containment.webhook` must be an http:// or https:// URL, not `{url}`");
+        }
+        settings.containment = containment;
 
         if let Some(skew) = self.max_skew_seconds {
             if !(0..=300).contains(&skew) {

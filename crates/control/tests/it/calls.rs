@@ -230,11 +230,6 @@ async fn the_proof_is_bound_to_key_request_and_moment() {
     };
 
     assert_eq!(call(None).await.code, "proof_missing");
-    let stolen = thief
-        .key
-        .sign_proof("POST", &url, Some(token), h.now(), &unique("p"))
-        .unwrap();
-    assert_eq!(call(Some(stolen)).await.code, "proof_key_mismatch");
     let elsewhere = agent
         .key
         .sign_proof(
@@ -257,6 +252,15 @@ async fn the_proof_is_bound_to_key_request_and_moment() {
         .sign_proof("POST", &url, Some(token), h.now() - 120, &unique("p"))
         .unwrap();
     assert_eq!(call(Some(stale)).await.code, "proof_iat_too_old");
+
+    // Last: a proof by another key means the token got out, which quarantines its agent.
+    let stolen = thief
+        .key
+        .sign_proof("POST", &url, Some(token), h.now(), &unique("p"))
+        .unwrap();
+    assert_eq!(call(Some(stolen)).await.code, "proof_key_mismatch");
+    let agent_now = h.authority.get_agent(&h.admin, "triage-bot").await.unwrap();
+    assert_eq!(agent_now.status, model::AgentStatus::Quarantined);
 }
 
 #[tokio::test]

@@ -38,16 +38,30 @@ fn wall_clock_ms() -> i64 {
 
 impl Harness {
     pub async fn new() -> Harness {
+        Harness::configured(|_| {}).await
+    }
+
+    /// A fresh SQLite store with settings adjusted by `adjust`.
+    pub async fn configured(adjust: impl FnOnce(&mut Settings)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("remit.db").display());
-        Harness::with_store(url, dir).await
+        Harness::build(url, dir, adjust).await
     }
 
     pub async fn with_store(store_url: String, dir: tempfile::TempDir) -> Harness {
+        Harness::build(store_url, dir, |_| {}).await
+    }
+
+    async fn build(
+        store_url: String,
+        dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Harness {
         let clock = Arc::new(ManualClock::new(wall_clock_ms()));
         let mut settings = Settings::local(store_url);
         settings.public_url = BASE.to_string();
         settings.store_timeout = std::time::Duration::from_millis(500);
+        adjust(&mut settings);
         let authority = Authority::open(settings, clock.clone()).await.unwrap();
         Harness {
             authority,

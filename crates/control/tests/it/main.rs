@@ -11,6 +11,7 @@
 
 mod api;
 mod calls;
+mod containment;
 mod delegation;
 mod failclosed;
 mod harness;

@@ -53,12 +53,27 @@ impl Remit {
         Remit::start_with(tools_toml, env, Limits::default(), None).await
     }
 
+    /// With the default containment rules on (quarantine on off-script behaviour).
+    pub async fn start_contained(tools_toml: &str, env: &[(&str, &str)]) -> Remit {
+        Remit::start_inner(tools_toml, env, Limits::default(), None, true).await
+    }
+
     /// With explicit rate limits and, optionally, a store URL (default: a fresh SQLite file).
     pub async fn start_with(
         tools_toml: &str,
         env: &[(&str, &str)],
         limits: Limits,
         store_url: Option<String>,
+    ) -> Remit {
+        Remit::start_inner(tools_toml, env, limits, store_url, false).await
+    }
+
+    async fn start_inner(
+        tools_toml: &str,
+        env: &[(&str, &str)],
+        limits: Limits,
+        store_url: Option<String>,
+        contained: bool,
     ) -> Remit {
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -69,6 +84,17 @@ impl Remit {
         settings.listen = address;
         settings.public_url = format!("http://{address}");
         settings.store_timeout = std::time::Duration::from_millis(500);
+        // Most of these tests exercise one check at a time, and containment would quarantine
+        // their agent after a stolen proof or a dead token; `start_contained` keeps it on.
+        if !contained {
+            settings.containment = control::containment::ContainmentRules {
+                max_denials: 0,
+                unknown_tool: false,
+                dead_token: false,
+                wrong_key: false,
+                ..Default::default()
+            };
+        }
         let base = settings.public_url.clone();
         let authority = Authority::open(settings, Arc::new(SystemClock))
             .await

@@ -1276,3 +1276,40 @@ fn target_of(url: &str) -> String {
     let end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
     rest[at..end].to_string()
 }
+
+/// Containment through the gateway: probing for a tool remit does not front is off-script; the
+/// agent is quarantined and its task dies with it.
+#[tokio::test]
+async fn probing_for_tools_quarantines_the_agent() {
+    let upstream = Upstream::start().await;
+    let down = closed_port().await;
+    let env = [("UPSTREAM_TOKEN", SECRET), ("DOWN_KEY", DOWN_SECRET)];
+    let remit = Remit::start_contained(&tools(&upstream.base, &down), &env).await;
+    let agent = remit.agent("prober").await;
+    let grant = remit.grant(&agent, scopes()).await;
+    let client = reqwest::Client::new();
+    let call = |path: &str| {
+        let url = format!("{}{path}", remit.base);
+        let proof = remit.proof(&agent, "GET", &url, &grant);
+        client
+            .get(url)
+            .header("authorization", format!("DPoP {}", grant.token.expose()))
+            .header("dpop", proof)
+    };
+    check("probe", call("/http/secrets/list"), 404, "tool_unknown").await;
+    let status = remit
+        .authority
+        .get_agent(&remit.admin, "prober")
+        .await
+        .unwrap()
+        .status;
+    assert_eq!(status, model::AgentStatus::Quarantined);
+    check(
+        "after",
+        call("/http/gh/repos/acme/api/issues"),
+        401,
+        "revoked",
+    )
+    .await;
+    assert_eq!(upstream.count(), 0);
+}

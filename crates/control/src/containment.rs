@@ -1,0 +1,283 @@
+//! Containment: agents that go off-script are quarantined automatically. Rules from the
+//! configuration — N denials within T seconds, calls to tools that do not exist, use of a
+//! completed or revoked task's token, a proof from the wrong key — quarantine the agent: its
+//! status becomes `quarantined`, every credential it holds is revoked at once, new grants are
+//! refused, and an optional webhook is told. Only an operator's release restores it. Every
+//! step is in the audit log.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use audit::kinds;
+use model::{AgentName, AgentStatus, SpiffeId};
+use parking_lot::Mutex;
+use serde_json::json;
+use store::{AgentRecord, RevocationKind};
+
+use crate::authority::Authority;
+use crate::check::{CallAttempt, CallVerdict, Check};
+use crate::error::{Error, ErrorKind, Result};
+use crate::operators::Operator;
+
+/// The rules, from `[containment]` in the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainmentRules {
+    /// Quarantine after this many denied calls (out of scope, or refused by policy) …
+    pub max_denials: u32,
+    /// … within this many seconds. `max_denials = 0` turns the rule off.
+    pub window_seconds: i64,
+    /// A call to a tool remit does not front.
+    pub unknown_tool: bool,
+    /// A call with the token of a completed or revoked task.
+    pub dead_token: bool,
+    /// A call whose proof is signed by a key other than the token's.
+    pub wrong_key: bool,
+    /// Told (POST, JSON) of every quarantine; best effort, never delays the call path.
+    pub webhook: Option<String>,
+}
+
+impl Default for ContainmentRules {
+    fn default() -> Self {
+        ContainmentRules {
+            max_denials: 10,
+            window_seconds: 60,
+            unknown_tool: true,
+            dead_token: true,
+            wrong_key: true,
+            webhook: None,
+        }
+    }
+}
+
+/// Per-agent denial windows.
+#[derive(Debug, Default)]
+pub(crate) struct Containment {
+    denials: Mutex<HashMap<String, VecDeque<i64>>>,
+}
+
+impl Containment {
+    /// Records a denial at `now_ms`; true when the agent crossed the threshold.
+    fn count_denial(&self, rules: &ContainmentRules, agent: &str, now_ms: i64) -> bool {
+        if rules.max_denials == 0 {
+            return false;
+        }
+        let mut denials = self.denials.lock();
+        let window = denials.entry(agent.to_string()).or_default();
+        window.push_back(now_ms);
+        while window
+            .front()
+            .is_some_and(|&t| now_ms - t > rules.window_seconds * 1000)
+        {
+            window.pop_front();
+        }
+        window.len() >= rules.max_denials as usize
+    }
+
+    fn forget(&self, agent: &str) {
+        self.denials.lock().remove(agent);
+    }
+}
+
+/// Which rule a verdict breaks, if any.
+fn rule_broken(rules: &ContainmentRules, code: &str, unknown_tool: bool) -> Option<&'static str> {
+    match code {
+        _ if unknown_tool && rules.unknown_tool => Some("unknown_tool"),
+        "revoked" | "task_not_active" if rules.dead_token => Some("dead_token"),
+        "proof_key_mismatch" if rules.wrong_key => Some("wrong_key"),
+        _ => None,
+    }
+}
+
+impl Authority {
+    /// Feeds one recorded verdict to the rules; quarantines its agent when one breaks.
+    /// Only verdicts whose token verified name an agent, so nobody can quarantine another
+    /// agent with forged credentials.
+    pub(crate) async fn contain(&self, verdict: &CallVerdict, unknown_tool: bool) {
+        let Some(agent) = verdict.agent.as_deref() else {
+            return;
+        };
+        let rules = &self.settings.containment;
+        let rule = match rule_broken(rules, verdict.code, unknown_tool) {
+            Some(rule) => Some(rule),
+            None if matches!(verdict.code, "out_of_scope" | "policy_denied")
+                && self
+                    .containment
+                    .count_denial(rules, agent, self.clock.now_ms()) =>
+            {
+                Some("denials")
+            }
+            None => None,
+        };
+        if let Some(rule) = rule {
+            let reason = match rule {
+                "denials" => format!(
+                    "{} denied calls within {} s",
+                    rules.max_denials, rules.window_seconds
+                ),
+                "unknown_tool" => "a call to a tool remit does not front".to_string(),
+                "dead_token" => format!(
+                    "a call with the token of an ended task ({})",
+                    verdict.message
+                ),
+                _ => "a proof signed by a key other than the token's".to_string(),
+            };
+            if let Err(error) = self.quarantine(agent, rule, &reason).await {
+                tracing::warn!(agent, rule, "quarantine failed: {error}");
+            }
+        }
+    }
+
+    /// The call path for a request to a tool remit does not front: the caller is
+    /// authenticated (so the attempt is attributed), the call is refused as `tool_unknown`,
+    /// recorded, and counted against the agent by the `unknown_tool` rule.
+    pub async fn refuse_unknown_tool(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
+        let mut verdict = self.decide_timed(attempt, Check::Session).await;
+        if verdict.is_allow() {
+            verdict.report =
+                model::DecisionReport::deny(format!("no tool named `{}`", attempt.tool));
+            verdict.code = "tool_unknown";
+            verdict.message = format!("no tool named `{}`", attempt.tool);
+        }
+        let authenticated = verdict.code == "tool_unknown";
+        let verdict = self.record(attempt, verdict, Check::Call).await;
+        self.contain(&verdict, authenticated).await;
+        verdict
+    }
+
+    /// Quarantines an agent (by SPIFFE ID): status, revocation of everything it holds, event,
+    /// webhook. Idempotent: an agent that is not active is left as it is.
+    pub async fn quarantine(&self, agent: &str, rule: &str, reason: &str) -> Result<()> {
+        let name = match agent.parse::<SpiffeId>() {
+            Ok(id) => id.parts().1,
+            Err(_) => agent.parse::<AgentName>()?,
+        };
+        let Some(record) = self.store.get_agent(&name).await? else {
+            return Ok(());
+        };
+        if record.status != AgentStatus::Active {
+            return Ok(());
+        }
+        let event = self
+            .event(kinds::AGENT_QUARANTINED, "remit")
+            .agent(record.spiffe_id.as_str())
+            .detail(json!({ "rule": rule, "reason": reason }));
+        self.store
+            .set_agent_status(&name, AgentStatus::Quarantined, event)
+            .await?;
+        let system = Operator::system();
+        self.revoke(
+            &system,
+            RevocationKind::Agent,
+            name.as_str(),
+            &format!("quarantined: {reason}"),
+        )
+        .await?;
+        self.containment.forget(agent);
+        tracing::warn!(agent = %record.spiffe_id, rule, "agent quarantined: {reason}");
+        if let Some(url) = self.settings.containment.webhook.clone() {
+            let body = json!({
+                "event": "agent.quarantined",
+                "agent": record.spiffe_id,
+                "owner": record.owner,
+                "rule": rule,
+                "reason": reason,
+                "time_ms": self.clock.now_ms(),
+            });
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build();
+                let sent = match client {
+                    Ok(client) => client
+                        .post(&url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success()),
+                    Err(error) => Err(error),
+                };
+                if !matches!(sent, Ok(true)) {
+                    tracing::warn!("the quarantine webhook did not accept the notice");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// An operator's release of a quarantined agent: it may ask for tasks again. Credentials
+    /// revoked by the quarantine stay revoked.
+    pub async fn release_agent(
+        &self,
+        actor: &Operator,
+        name: &str,
+        reason: &str,
+    ) -> Result<AgentRecord> {
+        actor.require(&[])?;
+        let mut agent = self.get_agent(actor, name).await?;
+        if agent.status != AgentStatus::Quarantined {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                "agent_not_quarantined",
+                format!(
+                    "agent `{}` is {}, not quarantined",
+                    agent.name, agent.status
+                ),
+            ));
+        }
+        let event = self
+            .event(kinds::AGENT_RELEASED, actor.actor())
+            .agent(agent.spiffe_id.as_str())
+            .detail(json!({ "reason": reason }));
+        self.store
+            .set_agent_status(&agent.name, AgentStatus::Active, event)
+            .await?;
+        agent.status = AgentStatus::Active;
+        Ok(agent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denials_count_within_the_window_only() {
+        let rules = ContainmentRules {
+            max_denials: 3,
+            window_seconds: 10,
+            ..ContainmentRules::default()
+        };
+        let containment = Containment::default();
+        assert!(!containment.count_denial(&rules, "a", 0));
+        assert!(!containment.count_denial(&rules, "a", 1_000));
+        // The first denial has left the window by now.
+        assert!(!containment.count_denial(&rules, "a", 10_500));
+        assert!(containment.count_denial(&rules, "a", 11_000));
+        assert!(!containment.count_denial(&rules, "b", 11_000));
+        let off = ContainmentRules {
+            max_denials: 0,
+            ..rules
+        };
+        assert!(!containment.count_denial(&off, "c", 0));
+    }
+
+    #[test]
+    fn rules_map_codes() {
+        let rules = ContainmentRules::default();
+        assert_eq!(rule_broken(&rules, "revoked", false), Some("dead_token"));
+        assert_eq!(
+            rule_broken(&rules, "proof_key_mismatch", false),
+            Some("wrong_key")
+        );
+        assert_eq!(
+            rule_broken(&rules, "tool_unknown", true),
+            Some("unknown_tool")
+        );
+        assert_eq!(rule_broken(&rules, "out_of_scope", false), None);
+        let lenient = ContainmentRules {
+            dead_token: false,
+            ..rules
+        };
+        assert_eq!(rule_broken(&lenient, "revoked", false), None);
+    }
+}

@@ -1,0 +1,322 @@
+//! Containment: each rule quarantines the agent it names (status, every credential revoked,
+//! no new grants, a webhook told, all audited), and an operator's release restores it.
+
+use std::sync::{Arc, Mutex};
+
+use control::containment::ContainmentRules;
+use model::{ActionClass, AgentStatus};
+use serde_json::Value;
+
+use crate::harness::{Agent, BASE, Harness, github_scopes, unique};
+
+async fn status(h: &Harness, name: &str) -> AgentStatus {
+    h.authority.get_agent(&h.admin, name).await.unwrap().status
+}
+
+/// Checks the state of a quarantined agent, releases it, and checks that it works again.
+async fn quarantined_then_released(h: &Harness, agent: &Agent, old: &control::Grant, rule: &str) {
+    assert_eq!(
+        status(h, &agent.name).await,
+        AgentStatus::Quarantined,
+        "{rule}"
+    );
+    assert_eq!(
+        h.call(agent, old, "read_issue", ActionClass::Read)
+            .await
+            .code,
+        "revoked",
+        "{rule}: its tasks are revoked"
+    );
+    let error = h
+        .request(agent, github_scopes(), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code, "agent_not_active", "{rule}: no new grants");
+
+    let filter = store::AuditFilter {
+        agent: Some(format!("spiffe://remit.local/agent/{}", agent.name)),
+        limit: 1000,
+        ..Default::default()
+    };
+    let events = h.authority.audit_events(&h.admin, &filter).await.unwrap();
+    let quarantine = events
+        .iter()
+        .find(|e| e.body.kind == "agent.quarantined")
+        .expect("a quarantine event");
+    assert_eq!(
+        (
+            quarantine.body.actor.as_str(),
+            &quarantine.body.detail["rule"]
+        ),
+        ("remit", &Value::from(rule))
+    );
+
+    h.authority
+        .release_agent(&h.admin, &agent.name, "investigated")
+        .await
+        .unwrap();
+    assert_eq!(status(h, &agent.name).await, AgentStatus::Active);
+    // Agent revocations cut tokens issued up to their second (JWT `iat` has no finer grain).
+    h.clock.advance_seconds(1);
+    let fresh = h.grant(agent).await;
+    let verdict = h.call(agent, &fresh, "read_issue", ActionClass::Read).await;
+    assert!(verdict.is_allow(), "{rule}: released: {verdict:?}");
+    assert_eq!(
+        h.call(agent, old, "read_issue", ActionClass::Read)
+            .await
+            .code,
+        "revoked",
+        "{rule}: old credentials stay dead"
+    );
+    // And using them again is itself off-script (the dead-token rule): quarantined again.
+    assert_eq!(
+        status(h, &agent.name).await,
+        AgentStatus::Quarantined,
+        "{rule}"
+    );
+    h.authority
+        .release_agent(&h.admin, &agent.name, "investigated twice")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn too_many_denials_quarantine() {
+    let h = Harness::configured(|s| {
+        s.containment = ContainmentRules {
+            max_denials: 3,
+            window_seconds: 60,
+            ..ContainmentRules::default()
+        }
+    })
+    .await;
+    let agent = h.agent("prober", "alice@example.org").await;
+    let bystander = h.agent("bystander", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    let other = h.grant(&bystander).await;
+    for _ in 0..2 {
+        assert_eq!(
+            h.call(&agent, &grant, "delete_repo", ActionClass::Admin)
+                .await
+                .code,
+            "out_of_scope"
+        );
+    }
+    assert_eq!(
+        status(&h, "prober").await,
+        AgentStatus::Active,
+        "below the threshold"
+    );
+    h.call(&agent, &grant, "delete_repo", ActionClass::Admin)
+        .await;
+    quarantined_then_released(&h, &agent, &grant, "denials").await;
+    assert!(
+        h.call(&bystander, &other, "read_issue", ActionClass::Read)
+            .await
+            .is_allow(),
+        "another agent is untouched"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_token_quarantines() {
+    let h = Harness::new().await;
+    let agent = h.agent("zombie", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    let url = format!("{BASE}/v1/tasks/{}/complete", grant.task_id);
+    let proof = agent
+        .key
+        .sign_proof(
+            "POST",
+            &url,
+            Some(grant.token.expose()),
+            h.now(),
+            &unique("c"),
+        )
+        .unwrap();
+    h.authority
+        .complete_task(grant.task_id.as_str(), grant.token.expose(), Some(&proof))
+        .await
+        .unwrap();
+    assert_eq!(
+        status(&h, "zombie").await,
+        AgentStatus::Active,
+        "completing is not off-script"
+    );
+    assert_eq!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .code,
+        "revoked"
+    );
+    quarantined_then_released(&h, &agent, &grant, "dead_token").await;
+}
+
+#[tokio::test]
+async fn a_proof_from_the_wrong_key_quarantines_the_tokens_agent() {
+    let h = Harness::new().await;
+    let agent = h.agent("leaky", "alice@example.org").await;
+    let thief = h.agent("thief", "mallory@example.org").await;
+    let grant = h.grant(&agent).await;
+    let url = format!("{BASE}/http/github/read_issue");
+    let proof = thief
+        .key
+        .sign_proof(
+            "POST",
+            &url,
+            Some(grant.token.expose()),
+            h.now(),
+            &unique("p"),
+        )
+        .unwrap();
+    let verdict = h
+        .attempt(
+            grant.token.expose(),
+            Some(&proof),
+            &url,
+            "github",
+            "read_issue",
+            "acme/api",
+            ActionClass::Read,
+        )
+        .await;
+    assert_eq!(verdict.code, "proof_key_mismatch");
+    quarantined_then_released(&h, &agent, &grant, "wrong_key").await;
+}
+
+#[tokio::test]
+async fn probing_for_unknown_tools_quarantines() {
+    let h = Harness::new().await;
+    let agent = h.agent("explorer", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    let url = format!("{BASE}/http/secrets-manager/x");
+    let proof = agent
+        .key
+        .sign_proof(
+            "GET",
+            &url,
+            Some(grant.token.expose()),
+            h.now(),
+            &unique("p"),
+        )
+        .unwrap();
+    let attempt = control::CallAttempt {
+        token: grant.token.expose(),
+        proof: Some(&proof),
+        bearer_allowed: false,
+        method: "GET",
+        url: &url,
+        tool: "secrets-manager",
+        action: "unknown",
+        resource: "",
+        class: ActionClass::Admin,
+        sensitivity: &[],
+        arguments: "{}",
+        limiter: None,
+    };
+    assert_eq!(
+        h.authority.refuse_unknown_tool(&attempt).await.code,
+        "tool_unknown"
+    );
+    quarantined_then_released(&h, &agent, &grant, "unknown_tool").await;
+
+    // A forged token never names an agent, so it cannot get anyone quarantined.
+    let forged = control::CallAttempt {
+        token: "e30.e30.c2ln",
+        ..attempt
+    };
+    assert!(
+        h.authority
+            .refuse_unknown_tool(&forged)
+            .await
+            .code
+            .starts_with("token_")
+    );
+    assert_eq!(status(&h, "explorer").await, AgentStatus::Active);
+}
+
+#[tokio::test]
+async fn rules_can_be_turned_off_and_a_webhook_is_told() {
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = Arc::clone(&received);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let sink = Arc::clone(&sink);
+            async move {
+                sink.lock().unwrap().push(body);
+                "ok"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let h = Harness::configured(|s| {
+        s.containment = ContainmentRules {
+            dead_token: false,
+            webhook: Some(hook),
+            ..ContainmentRules::default()
+        };
+    })
+    .await;
+    let agent = h.agent("watched", "alice@example.org").await;
+    let thief = h.agent("thief", "mallory@example.org").await;
+    let grant = h.grant(&agent).await;
+    h.authority
+        .revoke(
+            &h.admin,
+            store::RevocationKind::Task,
+            grant.task_id.as_str(),
+            "test",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .code,
+        "revoked"
+    );
+    assert_eq!(
+        status(&h, "watched").await,
+        AgentStatus::Active,
+        "the dead-token rule is off"
+    );
+
+    let fresh = h.grant(&agent).await;
+    let url = format!("{BASE}/http/github/read_issue");
+    let proof = thief
+        .key
+        .sign_proof(
+            "POST",
+            &url,
+            Some(fresh.token.expose()),
+            h.now(),
+            &unique("p"),
+        )
+        .unwrap();
+    h.attempt(
+        fresh.token.expose(),
+        Some(&proof),
+        &url,
+        "github",
+        "read_issue",
+        "acme/api",
+        ActionClass::Read,
+    )
+    .await;
+    assert_eq!(status(&h, "watched").await, AgentStatus::Quarantined);
+    for _ in 0..50 {
+        if !received.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let notices = received.lock().unwrap().clone();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(notices[0]["agent"], "spiffe://remit.local/agent/watched");
+    assert_eq!(notices[0]["rule"], "wrong_key");
+    assert_eq!(notices[0]["owner"], "alice@example.org");
+}
