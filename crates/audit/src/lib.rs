@@ -58,6 +58,12 @@ pub mod kinds {
     pub const KEY_ROTATED: &str = "key.rotated";
     pub const CALL_DECISION: &str = "call.decision";
     pub const CALL_OUTCOME: &str = "call.outcome";
+    /// A step-up policy asked for a human: an approval was filed for the exact call.
+    pub const APPROVAL_REQUESTED: &str = "approval.requested";
+    pub const APPROVAL_APPROVED: &str = "approval.approved";
+    pub const APPROVAL_DENIED: &str = "approval.denied";
+    /// The approved call came back and spent its approval.
+    pub const APPROVAL_CONSUMED: &str = "approval.consumed";
 }
 
 /// What the writer of an event supplies; the chain adds `seq`, `prev_hash` and `hash`.

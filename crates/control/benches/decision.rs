@@ -376,6 +376,7 @@ async fn grant(authority: &Arc<Authority>, agents: &HashMap<usize, Arc<Agent>>, 
                 ttl_seconds: Some(3600),
                 budget: Some(10_000),
                 on_behalf_of: None,
+                read_only: false,
             };
             let authority = Arc::clone(authority);
             handles.push(tokio::spawn(async move {

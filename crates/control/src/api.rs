@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use store::{AgentRecord, AuditFilter, RevocationKind, TaskRecord};
 use utoipa::{OpenApi, ToSchema};
 
+use crate::approvals::ApprovalView;
 use crate::authority::{Authority, Grant, TaskRequest, VerifyReport};
 use crate::delegation::{Exchanged, TokenExchange};
 use crate::error::{Error, ErrorKind};
@@ -41,6 +42,10 @@ pub fn router(authority: Arc<Authority>) -> Router {
         .route("/v1/tasks/{id}/complete", post(complete_task))
         .route("/v1/tasks/{id}/timeline", get(task_timeline))
         .route("/v1/token", post(token_exchange))
+        .route("/v1/approvals", get(list_approvals))
+        .route("/v1/approvals/{id}", get(show_approval))
+        .route("/v1/approvals/{id}/approve", post(approve))
+        .route("/v1/approvals/{id}/deny", post(deny))
         .route("/v1/revocations", post(revoke))
         .route("/v1/keys/rotate", post(rotate_keys))
         .route("/v1/audit", get(audit_events))
@@ -61,9 +66,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     info(title = "remit", description = "Task-scoped credentials, policy checks and a hash-chained audit log for AI agents."),
     paths(
         healthz, jwks, register_agent, list_agents, show_agent, disable_agent, release_agent, request_task, show_task,
-        complete_task, task_timeline, token_exchange, revoke, rotate_keys, audit_events, audit_verify
+        complete_task, task_timeline, token_exchange, list_approvals, show_approval, approve, deny, revoke, rotate_keys, audit_events, audit_verify
     ),
-    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, TimelineEntry, Revoke, RevocationView, Rotated, AuditPage, VerifyReport)),
+    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, TimelineEntry, ApprovalView, DecideApproval, Revoke, RevocationView, Rotated, AuditPage, VerifyReport)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
@@ -546,6 +551,97 @@ async fn token_exchange(
         StatusCode::OK,
         [(header::CACHE_CONTROL, "no-store")],
         axum::Json(exchanged),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+/// Step-up approvals, newest first; `status` (`pending`, `approved`, `denied`, `consumed`,
+/// `expired`) keeps those that have it now. Needs the `approver` or `admin` role.
+#[utoipa::path(get, path = "/v1/approvals", security(("operator" = [])), params(
+    ("status" = Option<String>, Query, description = "e.g. `pending`"), ("limit" = Option<u32>, Query)),
+    responses((status = 200, body = [ApprovalView]), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn list_approvals(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    uri: axum::http::Uri,
+) -> Result<axum::Json<Vec<ApprovalView>>, Error> {
+    let q: ApprovalQuery = query(&uri)?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(text) => Some(store::ApprovalStatus::parse(text).ok_or_else(|| {
+            Error::bad_request(
+                "invalid_query",
+                format!(
+                    "unknown approval status `{text}`: expected `pending`, `approved`, `denied`, `consumed` or `expired`"
+                ),
+            )
+        })?),
+    };
+    Ok(axum::Json(
+        authority
+            .list_approvals(&operator, status, q.limit.unwrap_or(100))
+            .await?,
+    ))
+}
+
+/// Show one approval.
+#[utoipa::path(get, path = "/v1/approvals/{id}", security(("operator" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = ApprovalView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn show_approval(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ApprovalView>, Error> {
+    Ok(axum::Json(authority.get_approval(&operator, &id).await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DecideApproval {
+    /// Why, for the audit log: 1 to 1024 bytes.
+    #[schema(example = "change ticket OPS-1234")]
+    pub reason: String,
+}
+
+/// Approve a pending approval: the exact call it names may pass once before it expires.
+/// Needs the `approver` or `admin` role; the agent's owner may not approve unless configured.
+#[utoipa::path(post, path = "/v1/approvals/{id}/approve", request_body = DecideApproval, security(("operator" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = ApprovalView), (status = 400, body = ErrorBody),
+    (status = 403, description = "the operator's role, or the operator owns the agent", body = ErrorBody),
+    (status = 404, body = ErrorBody), (status = 409, description = "not pending, or expired", body = ErrorBody)))]
+async fn approve(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<DecideApproval>,
+) -> Result<axum::Json<ApprovalView>, Error> {
+    Ok(axum::Json(
+        authority
+            .decide_approval(&operator, &id, true, &body.reason)
+            .await?,
+    ))
+}
+
+/// Deny a pending approval: the call it names does not pass on it.
+#[utoipa::path(post, path = "/v1/approvals/{id}/deny", request_body = DecideApproval, security(("operator" = [])),
+    params(("id" = String, Path)), responses((status = 200, body = ApprovalView), (status = 400, body = ErrorBody),
+    (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn deny(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<DecideApproval>,
+) -> Result<axum::Json<ApprovalView>, Error> {
+    Ok(axum::Json(
+        authority
+            .decide_approval(&operator, &id, false, &body.reason)
+            .await?,
     ))
 }
 

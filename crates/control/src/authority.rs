@@ -67,6 +67,10 @@ pub struct TaskRequest {
     /// The user the agent acts for, if any.
     #[serde(default)]
     pub on_behalf_of: Option<String>,
+    /// Limit every scope to `read` actions: a discovery task. Widening it later takes a new
+    /// task request, which policy evaluates again.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A granted task and its token.
@@ -350,8 +354,22 @@ impl Authority {
     // Tasks.
 
     /// The grant path: authenticate the agent by its proof, ask policy, record, sign.
-    pub async fn request_task(&self, proof: Option<&str>, request: TaskRequest) -> Result<Grant> {
+    pub async fn request_task(
+        &self,
+        proof: Option<&str>,
+        mut request: TaskRequest,
+    ) -> Result<Grant> {
         let now = self.now();
+        if request.read_only {
+            request.scopes = ScopeSet(
+                request
+                    .scopes
+                    .0
+                    .into_iter()
+                    .map(model::Scope::read_only)
+                    .collect(),
+            );
+        }
         let limits = self.settings.tasks;
         let ttl = request.ttl_seconds.unwrap_or(limits.default_ttl_seconds);
         let budget = request.budget.unwrap_or(limits.default_budget);
@@ -543,6 +561,7 @@ impl Authority {
                 budget: i64::from(budget),
                 obo: obo.map(Owner::as_str),
                 delegated: false,
+                read_only: request.scopes.is_read_only(),
                 depth: 0,
                 now,
             });

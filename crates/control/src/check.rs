@@ -82,6 +82,9 @@ pub struct CallVerdict {
     pub decision_micros: u64,
     /// For `rate_limited`: when the caller may try again, in seconds.
     pub retry_after: Option<u64>,
+    /// The step-up approval this call filed or waits on (`approval_required`,
+    /// `approval_denied`), or the one it spent (an allowed call).
+    pub approval: Option<String>,
     /// The verified token's claims (its scopes, for filtering what a caller is shown),
     /// whenever the token verified. Never serialized.
     #[serde(skip)]
@@ -105,20 +108,22 @@ impl CallVerdict {
     }
 }
 
-struct Denial {
-    code: &'static str,
-    message: String,
-    report: Option<DecisionReport>,
-    retry_after: Option<u64>,
+pub(crate) struct Denial {
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+    pub(crate) report: Option<DecisionReport>,
+    pub(crate) retry_after: Option<u64>,
+    pub(crate) approval: Option<String>,
 }
 
 impl Denial {
-    fn new(code: &'static str, message: impl Into<String>) -> Denial {
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Denial {
         Denial {
             code,
             message: message.into(),
             report: None,
             retry_after: None,
+            approval: None,
         }
     }
 }
@@ -237,6 +242,9 @@ impl Authority {
             "policies": verdict.report.policies,
             "reasons": verdict.report.reasons,
         });
+        if let (Some(approval), Some(detail)) = (&verdict.approval, detail.as_object_mut()) {
+            detail.insert("approval".to_string(), json!(approval));
+        }
         // Marks a session check, so that an auditor does not read it as a tool call.
         if let (Check::Session, Some(detail)) = (check, detail.as_object_mut()) {
             detail.insert("check".to_string(), json!("session"));
@@ -305,7 +313,7 @@ impl Authority {
         let started = Instant::now();
         let now = self.now();
         let mut verdict = match self.decide(attempt, now, check).await {
-            Ok((claims, mode, report)) => CallVerdict {
+            Ok((claims, mode, report, approval)) => CallVerdict {
                 code: "allowed",
                 message: "allowed".to_string(),
                 report,
@@ -315,6 +323,7 @@ impl Authority {
                 audit_seq: None,
                 decision_micros: 0,
                 retry_after: None,
+                approval,
                 claims: Some(claims),
             },
             Err((denial, claims)) => CallVerdict {
@@ -329,6 +338,7 @@ impl Authority {
                 audit_seq: None,
                 decision_micros: 0,
                 retry_after: denial.retry_after,
+                approval: denial.approval,
                 claims,
             },
         };
@@ -342,8 +352,10 @@ impl Authority {
         attempt: &CallAttempt<'_>,
         now: i64,
         check: Check,
-    ) -> Result<(Arc<TaskClaims>, ProofMode, DecisionReport), (Denial, Option<Arc<TaskClaims>>)>
-    {
+    ) -> Result<
+        (Arc<TaskClaims>, ProofMode, DecisionReport, Option<String>),
+        (Denial, Option<Arc<TaskClaims>>),
+    > {
         // 1. The token, verified once and then cached by its hash until it expires.
         if attempt.token.len() > MAX_TOKEN_BYTES {
             return Err((
@@ -458,14 +470,16 @@ impl Authority {
                 Vec::new(),
                 vec!["the caller is authenticated; the message calls no tool".to_string()],
             );
-            return Ok((Arc::clone(&claims), mode, report));
+            return Ok((Arc::clone(&claims), mode, report, None));
         }
 
         // 6. Scope: the call must lie inside the token's scopes.
-        if !claims
-            .scope
-            .permits(attempt.tool, attempt.action, attempt.resource)
-        {
+        if !claims.scope.permits_call(
+            attempt.tool,
+            attempt.action,
+            attempt.resource,
+            attempt.class,
+        ) {
             let message = format!(
                 "`{}` on `{}` of tool `{}` is outside the task's scopes",
                 attempt.action, attempt.resource, attempt.tool
@@ -474,28 +488,45 @@ impl Authority {
         }
 
         // 7. Policy, with the task's context.
-        let engine = self.policy.load();
-        let report = engine.decide_call(&policy::CallRequest {
-            agent: policy::AgentFacts {
-                name: agent_name.as_str(),
-                spiffe_id: &claims.sub,
-                owner: &task.owner,
-            },
-            tool: attempt.tool,
-            action: attempt.action,
-            resource: attempt.resource,
-            class: attempt.class,
-            sensitivity: attempt.sensitivity,
-            arguments: attempt.arguments,
-            task: &claims.task,
-            intent: &task.intent,
-            obo: task.obo.as_deref(),
-            depth: i64::from(task.depth),
-            delegators: &delegators_of(&claims),
-            approved: false,
-            bearer: mode == ProofMode::Bearer,
-            now,
-        });
+        let delegators = delegators_of(&claims);
+        let evaluate = |approved: bool| {
+            self.policy.load().decide_call(&policy::CallRequest {
+                agent: policy::AgentFacts {
+                    name: agent_name.as_str(),
+                    spiffe_id: &claims.sub,
+                    owner: &task.owner,
+                },
+                tool: attempt.tool,
+                action: attempt.action,
+                resource: attempt.resource,
+                class: attempt.class,
+                sensitivity: attempt.sensitivity,
+                arguments: attempt.arguments,
+                task: &claims.task,
+                intent: &task.intent,
+                obo: task.obo.as_deref(),
+                depth: i64::from(task.depth),
+                delegators: &delegators,
+                approved,
+                bearer: mode == ProofMode::Bearer,
+                now,
+            })
+        };
+        let mut report = evaluate(false);
+        let mut approval = None;
+        // Only `@step_up` policies refuse: a human's approval of this exact call may lift
+        // them, once.
+        if report.decision == Decision::ApprovalRequired {
+            let call = crate::approvals::StepUpCall {
+                attempt,
+                claims: &claims,
+                task: &task,
+                now,
+            };
+            let (approved, id) = self.step_up(call, report, &evaluate).await.map_err(fail)?;
+            report = approved;
+            approval = Some(id);
+        }
         // 4. The budget is taken only by a call that is otherwise allowed.
         if report.is_allow() && !task.consume() {
             return Err(fail(Denial::new(
@@ -507,27 +538,14 @@ impl Authority {
             )));
         }
         if !report.is_allow() {
+            let message = denial_sentence(&report);
             let denial = Denial {
-                code: "policy_denied",
-                message: denial_sentence(&report),
                 report: Some(report),
-                retry_after: None,
-            };
-            let denial = if denial
-                .report
-                .as_ref()
-                .is_some_and(|r| r.decision == Decision::ApprovalRequired)
-            {
-                Denial {
-                    code: "approval_required",
-                    ..denial
-                }
-            } else {
-                denial
+                ..Denial::new("policy_denied", message)
             };
             return Err(fail(denial));
         }
-        Ok((Arc::clone(&claims), mode, report))
+        Ok((Arc::clone(&claims), mode, report, approval))
     }
 
     /// The task's state on this node, loaded from the store on first sight.

@@ -86,6 +86,7 @@ pub fn parse_scope(text: &str) -> Result<ScopeSet> {
             tool: tool.to_string(),
             actions: vec![action.to_string()],
             resources: resource.map(|r| vec![r.to_string()]).unwrap_or_default(),
+            classes: Vec::new(),
         };
         match scopes
             .iter_mut()
@@ -234,6 +235,15 @@ impl Authority {
 
         // Only narrower: scopes, lifetime, budget, depth.
         let scopes = match &request.scope {
+            // RFC 8693 scope strings cannot name classes: a read-only parent's child is
+            // read-only too.
+            Some(text) if parent.scope.is_read_only() => ScopeSet(
+                parse_scope(text)?
+                    .0
+                    .into_iter()
+                    .map(Scope::read_only)
+                    .collect(),
+            ),
             Some(text) => parse_scope(text)?,
             None => parent.scope.clone(),
         };
@@ -415,6 +425,7 @@ impl Authority {
                 budget: i64::from(budget),
                 obo,
                 delegated: true,
+                read_only: scopes.is_read_only(),
                 depth: i64::from(depth),
                 now,
             });

@@ -2,6 +2,7 @@
 //! admin API over HTTP, and the call-path decision the gateway asks for every tool call.
 
 pub mod api;
+pub mod approvals;
 mod authority;
 mod check;
 pub mod clock;

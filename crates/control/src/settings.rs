@@ -30,6 +30,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Rules that quarantine an agent going off-script.
     pub containment: crate::containment::ContainmentRules,
+    /// Step-up approvals: their lifetime, who may approve, how long a call waits for one.
+    pub approvals: crate::approvals::ApprovalRules,
 }
 
 /// Bounds on the tasks agents may ask for.
@@ -71,6 +73,7 @@ impl Settings {
             sync_interval: Duration::from_millis(100),
             max_body_bytes: 64 * 1024,
             containment: crate::containment::ContainmentRules::default(),
+            approvals: crate::approvals::ApprovalRules::default(),
         }
     }
 

@@ -72,11 +72,20 @@ impl Refusal {
             retry_after,
             challenge,
             resource_metadata: resource_metadata.to_string(),
-            detail: Some(json!({
-                "decision": verdict.report.decision,
-                "policies": verdict.report.policies,
-                "reasons": verdict.report.reasons,
-            })),
+            detail: Some(match &verdict.approval {
+                // The agent (or its human) quotes this id to an approver, then retries.
+                Some(approval) => json!({
+                    "decision": verdict.report.decision,
+                    "policies": verdict.report.policies,
+                    "reasons": verdict.report.reasons,
+                    "approval_id": approval,
+                }),
+                None => json!({
+                    "decision": verdict.report.decision,
+                    "policies": verdict.report.policies,
+                    "reasons": verdict.report.reasons,
+                }),
+            }),
         }
     }
 

@@ -72,10 +72,11 @@ const DISCOVERY: [&str; 6] = [
 
 /// Verdict codes that refuse one message but leave its caller authenticated (token, proof,
 /// revocation and task state all passed): the other messages of the request may proceed.
-const ITEM_CODES: [&str; 4] = [
+const ITEM_CODES: [&str; 5] = [
     "out_of_scope",
     "policy_denied",
     "approval_required",
+    "approval_denied",
     "budget_exhausted",
 ];
 
@@ -441,7 +442,8 @@ impl Call<'_> {
     }
 
     /// The tools this task may call, for filtering `tools/list` answers: the scope ceiling
-    /// (a scope of this tool naming the MCP tool or `*`, whatever its resources).
+    /// (a scope of this tool naming the MCP tool or `*` and allowing its class, whatever its
+    /// resources).
     fn tools_filter(&self, verdict: &CallVerdict) -> ToolsFilter {
         let allowed = verdict.claims.as_ref().map(|claims| {
             claims
@@ -449,11 +451,22 @@ impl Call<'_> {
                 .0
                 .iter()
                 .filter(|scope| scope.tool == self.tool.name)
-                .flat_map(|scope| scope.actions.iter().cloned())
-                .collect::<Vec<String>>()
+                .flat_map(|scope| {
+                    scope
+                        .actions
+                        .iter()
+                        .map(|action| (action.clone(), scope.classes.clone()))
+                })
+                .collect::<Vec<_>>()
         });
         ToolsFilter {
             allowed: allowed.unwrap_or_default(),
+            classes: self
+                .tool
+                .mcp_tools
+                .iter()
+                .map(|(name, entry)| (name.clone(), entry.class))
+                .collect(),
         }
     }
 
@@ -602,14 +615,23 @@ impl Call<'_> {
 /// Keeps only the tools a task may call in `tools/list` results.
 #[derive(Debug, Clone)]
 pub(crate) struct ToolsFilter {
-    allowed: Vec<String>,
+    /// Action names (or `*`) the task's scopes grant on this tool, each with the classes its
+    /// scope allows (empty: every class).
+    allowed: Vec<(String, Vec<ActionClass>)>,
+    /// The class of each declared MCP tool; undeclared tools are `admin`.
+    classes: std::collections::HashMap<String, ActionClass>,
 }
 
 impl ToolsFilter {
     fn permits(&self, name: &str) -> bool {
-        self.allowed
-            .iter()
-            .any(|action| action == "*" || action == name)
+        let class = self
+            .classes
+            .get(name)
+            .copied()
+            .unwrap_or(ActionClass::Admin);
+        self.allowed.iter().any(|(action, classes)| {
+            (action == "*" || action == name) && (classes.is_empty() || classes.contains(&class))
+        })
     }
 
     /// Filters every JSON-RPC response in `value` whose result lists tools. Any result with a

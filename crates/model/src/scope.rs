@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ActionClass;
+
 /// Bounds on what a client may ask for, so that checking a scope set stays cheap.
 pub const MAX_SCOPES: usize = 32;
 pub const MAX_ITEMS: usize = 64;
@@ -41,6 +43,10 @@ pub struct Scope {
     /// Resource patterns (`*` matches any run of characters). Empty means any resource.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<String>,
+    /// The classes of action allowed (`read`, `write`, `admin`). Empty means every class; a
+    /// read-only task for discovery has `["read"]` on every scope.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ActionClass>,
 }
 
 impl Scope {
@@ -49,6 +55,7 @@ impl Scope {
             tool: tool.to_string(),
             actions: actions.iter().map(|a| a.to_string()).collect(),
             resources: resources.iter().map(|r| r.to_string()).collect(),
+            classes: Vec::new(),
         }
     }
 
@@ -98,9 +105,30 @@ impl Scope {
         self.resources.is_empty() || self.resources.iter().any(|p| pattern_matches(p, resource))
     }
 
-    /// Does this scope permit `action` on `resource` of `tool`?
+    /// Does this scope permit `action` on `resource` of `tool`, whatever its class?
     pub fn permits(&self, tool: &str, action: &str, resource: &str) -> bool {
         self.tool == tool && self.allows_action(action) && self.allows_resource(resource)
+    }
+
+    /// Does this scope permit the call, its class included?
+    pub fn permits_call(
+        &self,
+        tool: &str,
+        action: &str,
+        resource: &str,
+        class: ActionClass,
+    ) -> bool {
+        self.permits(tool, action, resource) && self.allows_class(class)
+    }
+
+    fn allows_class(&self, class: ActionClass) -> bool {
+        self.classes.is_empty() || self.classes.contains(&class)
+    }
+
+    /// The same scope, limited to `read` actions.
+    pub fn read_only(mut self) -> Scope {
+        self.classes = vec![ActionClass::Read];
+        self
     }
 
     /// Is every call this scope permits also permitted by `outer`?
@@ -114,13 +142,15 @@ impl Scope {
                 .iter()
                 .any(|o| o == "*" || (o == a && a != "*"))
         });
+        let classes_within = outer.classes.is_empty()
+            || (!self.classes.is_empty() && self.classes.iter().all(|c| outer.classes.contains(c)));
         let resources_within = outer.resources.is_empty()
             || (!self.resources.is_empty()
                 && self
                     .resources
                     .iter()
                     .all(|r| outer.resources.iter().any(|o| pattern_covers(o, r))));
-        actions_within && resources_within
+        actions_within && resources_within && classes_within
     }
 }
 
@@ -141,9 +171,27 @@ impl ScopeSet {
         self.0.iter().try_for_each(Scope::validate)
     }
 
-    /// The ceiling check of the call path: does any scope permit this call?
+    /// Does any scope permit this action, whatever its class?
     pub fn permits(&self, tool: &str, action: &str, resource: &str) -> bool {
         self.0.iter().any(|s| s.permits(tool, action, resource))
+    }
+
+    /// The ceiling check of the call path: does any scope permit this call, class included?
+    pub fn permits_call(
+        &self,
+        tool: &str,
+        action: &str,
+        resource: &str,
+        class: ActionClass,
+    ) -> bool {
+        self.0
+            .iter()
+            .any(|s| s.permits_call(tool, action, resource, class))
+    }
+
+    /// True when every scope is limited to `read` actions.
+    pub fn is_read_only(&self) -> bool {
+        self.0.iter().all(|s| s.classes == [ActionClass::Read])
     }
 
     /// Attenuation: is every scope here inside some scope of `outer`? Conservative: a scope
@@ -252,6 +300,22 @@ mod tests {
         let wider_resource = ScopeSet(vec![Scope::new("github", &["read_issue"], &[])]);
         assert!(!wider_resource.is_within(&parent));
         assert_eq!(wider_resource.outside(&parent).len(), 1);
+    }
+
+    #[test]
+    fn classes_narrow_a_scope() {
+        let everything = ScopeSet(vec![Scope::new("iam", &["*"], &[])]);
+        let discovery = ScopeSet(vec![Scope::new("iam", &["*"], &[]).read_only()]);
+        assert!(discovery.is_read_only() && !everything.is_read_only());
+        assert!(discovery.permits_call("iam", "list_roles", "", ActionClass::Read));
+        assert!(!discovery.permits_call("iam", "attach_policy", "", ActionClass::Write));
+        assert!(everything.permits_call("iam", "attach_policy", "", ActionClass::Write));
+        // Read-only lies within everything; widening back to every class does not.
+        assert!(discovery.is_within(&everything));
+        assert!(!everything.is_within(&discovery));
+        let round_trip: ScopeSet =
+            serde_json::from_value(serde_json::to_value(&discovery).unwrap()).unwrap();
+        assert_eq!(round_trip, discovery);
     }
 
     #[test]

@@ -114,6 +114,7 @@ impl PolicyEngine {
             ("ttl_seconds".into(), Value::from(task.ttl_seconds)),
             ("budget".into(), Value::from(task.budget)),
             ("delegated".into(), Value::from(task.delegated)),
+            ("read_only".into(), Value::from(task.read_only)),
             ("depth".into(), Value::from(task.depth)),
             ("time".into(), Value::from(task.now)),
             ("hour".into(), Value::from(hour_of(task.now))),

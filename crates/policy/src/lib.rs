@@ -43,6 +43,8 @@ pub struct TaskRequest<'a> {
     pub budget: i64,
     pub obo: Option<&'a str>,
     pub delegated: bool,
+    /// Every requested scope is limited to `read` actions (a discovery task).
+    pub read_only: bool,
     pub depth: i64,
     pub now: model::UnixSeconds,
 }

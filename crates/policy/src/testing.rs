@@ -150,6 +150,7 @@ struct RawCase {
     ttl_seconds: Option<i64>,
     budget: Option<i64>,
     delegated: Option<bool>,
+    read_only: Option<bool>,
     // Expectations.
     expect: String,
     expect_policies: Option<Vec<String>>,
@@ -191,6 +192,7 @@ impl RawCase {
                     ("ttl_seconds", self.ttl_seconds.is_some()),
                     ("budget", self.budget.is_some()),
                     ("delegated", self.delegated.is_some()),
+                    ("read_only", self.read_only.is_some()),
                 ]);
                 if !foreign.is_empty() {
                     return Err(format!(
@@ -259,6 +261,7 @@ impl RawCase {
                     budget: self.budget.unwrap_or(100),
                     obo: self.obo.as_deref(),
                     delegated: self.delegated.unwrap_or(false),
+                    read_only: self.read_only.unwrap_or(false),
                     depth,
                     now,
                 }))

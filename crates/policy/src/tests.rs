@@ -66,6 +66,7 @@ fn task(tool: &'static str, actions: &'static [String]) -> TaskRequest<'static> 
         budget: 100,
         obo: None,
         delegated: false,
+        read_only: false,
         depth: 0,
         now: NOW,
     }

@@ -53,6 +53,9 @@ pub enum Command {
     /// Manage the task-token signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// List, approve and deny step-up approvals (calls held for a human).
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
     /// Revoke a token (by `jti`), a task, an agent or an owner.
     Revoke(RevokeArgs),
     /// Read and verify the audit log.
@@ -121,6 +124,33 @@ pub enum AgentCommand {
     Release {
         name: String,
         #[arg(long, default_value = "released by an operator")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// List approvals, newest first (pending ones by default).
+    List {
+        /// `pending`, `approved`, `denied`, `consumed`, `expired` or `all`.
+        #[arg(long, default_value = "pending")]
+        status: String,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending approval: the exact call it names may pass once.
+    Approve {
+        id: String,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Deny a pending approval.
+    Deny {
+        id: String,
+        /// Why, for the audit log.
+        #[arg(long)]
         reason: String,
     },
 }

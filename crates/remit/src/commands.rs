@@ -11,8 +11,8 @@ use model::Role;
 use store::{AuditFilter, RevocationKind};
 
 use crate::cli::{
-    AgentCommand, AuditCommand, Cli, Command, Global, KeysCommand, OperatorCommand, PolicyCommand,
-    RevokeKind, RoleArg,
+    AgentCommand, ApprovalsCommand, AuditCommand, Cli, Command, Global, KeysCommand,
+    OperatorCommand, PolicyCommand, RevokeKind, RoleArg,
 };
 use crate::config::{Overrides, RawConfig};
 use crate::demo;
@@ -226,6 +226,42 @@ async fn admin(authority: &Authority, operator: &Operator, command: Command) -> 
                 "new signing key {kid}; the previous key stays published until its tokens have expired"
             );
         }
+        Command::Approvals(ApprovalsCommand::List { status, json }) => {
+            let status = match status.as_str() {
+                "all" => None,
+                text => Some(store::ApprovalStatus::parse(text).ok_or_else(|| {
+                    anyhow!("unknown approval status `{text}`: expected `pending`, `approved`, `denied`, `consumed`, `expired` or `all`")
+                })?),
+            };
+            for approval in authority
+                .list_approvals(operator, status, 1000)
+                .await
+                .map_err(fail)?
+            {
+                if json {
+                    println!("{}", serde_json::to_string(&approval)?);
+                } else {
+                    println!("{}", approval_line(&approval));
+                }
+            }
+        }
+        Command::Approvals(ApprovalsCommand::Approve { id, reason }) => {
+            let approval = authority
+                .decide_approval(operator, &id, true, &reason)
+                .await
+                .map_err(fail)?;
+            println!(
+                "approved {}: the same call may pass once before {}",
+                approval.id, approval.expires_at
+            );
+        }
+        Command::Approvals(ApprovalsCommand::Deny { id, reason }) => {
+            let approval = authority
+                .decide_approval(operator, &id, false, &reason)
+                .await
+                .map_err(fail)?;
+            println!("denied {}", approval.id);
+        }
         Command::Revoke(args) => {
             let kind = match args.kind {
                 RevokeKind::Token => RevocationKind::Token,
@@ -304,6 +340,22 @@ async fn admin(authority: &Authority, operator: &Operator, command: Command) -> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// One approval as a line of text: id, status, what, for whom, until when.
+fn approval_line(approval: &control::approvals::ApprovalView) -> String {
+    format!(
+        "{}\t{}\t{} {} on {}\ttask {}\tagent {}\targs sha256 {}\texpires {}",
+        approval.id,
+        approval.status,
+        approval.tool,
+        approval.action,
+        approval.resource,
+        approval.task,
+        approval.agent,
+        approval.args_digest,
+        approval.expires_at
+    )
+}
+
 fn policy(command: PolicyCommand) -> Result<ExitCode> {
     match command {
         PolicyCommand::Validate { dir } => {
@@ -350,5 +402,31 @@ mod tests {
             "postgres://remit:[redacted]@db:5432/remit"
         );
         assert_eq!(redact_url("sqlite://remit.db"), "sqlite://remit.db");
+    }
+
+    #[test]
+    fn approvals_list_one_per_line() {
+        let view = control::approvals::ApprovalView {
+            id: "apr_01".to_string(),
+            task: "task_x".to_string(),
+            agent: "spiffe://remit.local/agent/ops-bot".to_string(),
+            owner: "alice@example.org".to_string(),
+            tool: "iam".to_string(),
+            action: "attach_policy".to_string(),
+            resource: "roles/admin".to_string(),
+            args_digest: "ab".repeat(32),
+            status: "pending".to_string(),
+            created_at: 1,
+            expires_at: 601,
+            decided_by: None,
+            reason: None,
+            decided_at: None,
+        };
+        let line = approval_line(&view);
+        assert!(
+            line.starts_with("apr_01\tpending\tiam attach_policy on roles/admin\ttask task_x"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
     }
 }

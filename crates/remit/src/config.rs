@@ -36,6 +36,8 @@ pub struct RawConfig {
     pub gateway: RawGateway,
     #[serde(default)]
     pub containment: RawContainment,
+    #[serde(default)]
+    pub approvals: RawApprovals,
     /// The tools the gateway fronts (`[[tools]]`).
     #[serde(default)]
     pub tools: Vec<gateway::RawTool>,
@@ -51,6 +53,15 @@ pub struct RawContainment {
     pub dead_token: Option<bool>,
     pub wrong_key: Option<bool>,
     pub webhook: Option<String>,
+}
+
+/// `[approvals]`: step-up approvals (calls that `@step_up` policies hold for a human).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApprovals {
+    pub ttl_seconds: Option<i64>,
+    pub owner_may_approve: Option<bool>,
+    pub hold_seconds: Option<u64>,
 }
 
 /// `[gateway]`: rate limits per agent and per task (calls per second, and bursts).
@@ -295,6 +306,28 @@ impl RawConfig {
         }
         settings.containment = containment;
 
+        let defaults = control::approvals::ApprovalRules::default();
+        let a = &self.approvals;
+        let approvals = control::approvals::ApprovalRules {
+            ttl_seconds: a.ttl_seconds.unwrap_or(defaults.ttl_seconds),
+            owner_may_approve: a.owner_may_approve.unwrap_or(defaults.owner_may_approve),
+            hold_seconds: a.hold_seconds.unwrap_or(defaults.hold_seconds),
+        };
+        if !(10..=86_400).contains(&approvals.ttl_seconds) {
+            bail!(
+                "`approvals.ttl_seconds` must be between 10 and 86400, not {}",
+                approvals.ttl_seconds
+            );
+        }
+        // A held call keeps its HTTP request open; agents' clients time out long before this.
+        if approvals.hold_seconds > 300 {
+            bail!(
+                "`approvals.hold_seconds` must be between 0 and 300, not {}",
+                approvals.hold_seconds
+            );
+        }
+        settings.approvals = approvals;
+
         if let Some(skew) = self.max_skew_seconds {
             if !(0..=300).contains(&skew) {
                 bail!("`max_skew_seconds` must be between 0 and 300, not {skew}");
@@ -373,6 +406,20 @@ mod tests {
         assert_eq!(settings.store_url, DEFAULT_STORE);
         assert_eq!(settings.public_url, "http://127.0.0.1:8470");
         assert_eq!(settings.tasks.default_ttl_seconds, 300);
+        assert_eq!(
+            settings.approvals,
+            control::approvals::ApprovalRules {
+                ttl_seconds: 600,
+                owner_may_approve: false,
+                hold_seconds: 0,
+            }
+        );
+        let configured =
+            settle("[approvals]\nttl_seconds = 120\nowner_may_approve = true\nhold_seconds = 5")
+                .unwrap();
+        assert_eq!(configured.approvals.ttl_seconds, 120);
+        assert!(configured.approvals.owner_may_approve);
+        assert_eq!(configured.approvals.hold_seconds, 5);
     }
 
     #[test]
@@ -386,6 +433,9 @@ mod tests {
         );
         assert!(error("trust_domain = \"Bad Domain\"").contains("`trust_domain`"));
         assert!(toml::from_str::<RawConfig>("unknown = 1").is_err());
+        assert!(error("[approvals]\nttl_seconds = 0").contains("`approvals.ttl_seconds`"));
+        assert!(error("[approvals]\nhold_seconds = 301").contains("`approvals.hold_seconds`"));
+        assert!(toml::from_str::<RawConfig>("[approvals]\nhold = 1").is_err());
     }
 
     #[test]

@@ -22,8 +22,9 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    AgentRecord, AuditFilter, NewRevocation, OperatorRecord, Result, Revocation, RevocationKind,
-    SigningKeyRecord, Store, StoreError, TaskRecord,
+    AgentRecord, ApprovalKey, ApprovalRecord, ApprovalStatus, AuditFilter, NewRevocation,
+    OperatorRecord, Result, Revocation, RevocationKind, SigningKeyRecord, Store, StoreError,
+    TaskRecord,
 };
 
 /// Most operations one transaction carries. Bounds the time a batch holds the chain lock.
@@ -224,7 +225,53 @@ enum WriteOp {
     FinishTask(TaskId, TaskStatus, EventBody),
     AddTaskCalls(TaskId, u32),
     InsertRevocation(NewRevocation, EventBody),
+    InsertApproval(Box<ApprovalRecord>, EventBody),
+    DecideApproval {
+        id: String,
+        status: ApprovalStatus,
+        by: String,
+        reason: String,
+        now: UnixSeconds,
+        event: EventBody,
+    },
+    ConsumeApproval {
+        call: OwnedCall,
+        now: UnixSeconds,
+        event: EventBody,
+    },
     Append(Vec<EventBody>),
+}
+
+/// An [`ApprovalKey`] that can wait in the writer's queue.
+#[derive(Debug)]
+struct OwnedCall {
+    task: String,
+    tool: String,
+    action: String,
+    resource: String,
+    args_digest: String,
+}
+
+impl OwnedCall {
+    fn of(call: ApprovalKey<'_>) -> OwnedCall {
+        OwnedCall {
+            task: call.task.to_string(),
+            tool: call.tool.to_string(),
+            action: call.action.to_string(),
+            resource: call.resource.to_string(),
+            args_digest: call.args_digest.to_string(),
+        }
+    }
+
+    fn args(&self) -> Vec<Arg> {
+        vec![
+            Arg::Text(self.task.clone()),
+            Arg::Text(self.tool.clone()),
+            Arg::Text(self.action.clone()),
+            Arg::Text(self.resource.clone()),
+            Arg::Text(self.args_digest.clone()),
+        ]
+    }
 }
 
 #[derive(Debug)]
@@ -233,6 +280,7 @@ enum Outcome {
     Finished(Option<Event>),
     Done,
     Revocation(Revocation, Event),
+    Approval(Option<ApprovalRecord>),
     Events(Vec<Event>),
 }
 
@@ -704,12 +752,130 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
                 event,
             ))
         }
+        WriteOp::InsertApproval(approval, event) => {
+            insert_approval(conn, &approval).await?;
+            Ok(Outcome::Event(append_one(conn, head, event).await?))
+        }
+        WriteOp::DecideApproval {
+            id,
+            status,
+            by,
+            reason,
+            now,
+            event,
+        } => {
+            let changed = conn
+                .execute(
+                    "UPDATE approvals SET status = $1, decided_by = $2, decision_reason = $3, decided_at = $4 \
+                     WHERE id = $5 AND status = 'pending' AND expires_at > $4",
+                    vec![
+                        Arg::Text(status.as_str().to_string()),
+                        Arg::Text(by),
+                        Arg::Text(reason),
+                        Arg::Int(now),
+                        Arg::Text(id.clone()),
+                    ],
+                )
+                .await
+                .map_err(db_error)?;
+            if changed == 0 {
+                return Ok(Outcome::Approval(None));
+            }
+            let approval = select_approval(conn, &id)
+                .await?
+                .ok_or_else(wrong_outcome)?;
+            append_one(conn, head, event).await?;
+            Ok(Outcome::Approval(Some(approval)))
+        }
+        WriteOp::ConsumeApproval {
+            call,
+            now,
+            mut event,
+        } => {
+            // The writer holds the chain lock (in every process sharing the store), so the
+            // row found here cannot be spent by anyone else before the update below; the
+            // status condition on the update is a second guard.
+            let sql = format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE task = $1 AND tool = $2 AND action = $3 \
+                 AND resource = $4 AND args_digest = $5 AND status = 'approved' AND expires_at > $6 \
+                 ORDER BY created_at, id LIMIT 1"
+            );
+            let mut args = call.args();
+            args.push(Arg::Int(now));
+            let Some(row) = conn.fetch_optional(&sql, args).await.map_err(db_error)? else {
+                return Ok(Outcome::Approval(None));
+            };
+            let mut approval = approval_from_row(&row)?;
+            let changed = conn
+                .execute(
+                    "UPDATE approvals SET status = 'consumed' WHERE id = $1 AND status = 'approved'",
+                    vec![Arg::Text(approval.id.clone())],
+                )
+                .await
+                .map_err(db_error)?;
+            if changed == 0 {
+                return Ok(Outcome::Approval(None));
+            }
+            approval.status = ApprovalStatus::Consumed;
+            if let serde_json::Value::Object(detail) = &mut event.detail {
+                detail.insert("approval".to_string(), approval.id.clone().into());
+            }
+            append_one(conn, head, event).await?;
+            Ok(Outcome::Approval(Some(approval)))
+        }
         WriteOp::Append(bodies) => {
             let events = seal(head, bodies);
             insert_events(conn, &events).await?;
             Ok(Outcome::Events(events))
         }
     }
+}
+
+async fn insert_approval<C: Conn>(conn: &mut C, approval: &ApprovalRecord) -> Result<()> {
+    let args = vec![
+        Arg::Text(approval.id.clone()),
+        Arg::Text(approval.task.to_string()),
+        Arg::Text(approval.agent.to_string()),
+        Arg::Text(approval.owner.to_string()),
+        Arg::Text(approval.tool.clone()),
+        Arg::Text(approval.action.clone()),
+        Arg::Text(approval.resource.clone()),
+        Arg::Text(approval.args_digest.clone()),
+        Arg::Text(approval.status.as_str().to_string()),
+        Arg::Int(approval.created_at),
+        Arg::Int(approval.expires_at),
+        Arg::OptText(approval.decided_by.clone()),
+        Arg::OptText(approval.decision_reason.clone()),
+        Arg::OptInt(approval.decided_at),
+    ];
+    conn.execute(
+        &format!(
+            "INSERT INTO approvals ({APPROVAL_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        ),
+        args,
+    )
+    .await
+    .map_err(|error| {
+        if is_foreign_key_violation(&error) {
+            StoreError::NotFound {
+                what: "task",
+                key: approval.task.to_string(),
+            }
+        } else {
+            conflict_or(error, "approval", &approval.id)
+        }
+    })?;
+    Ok(())
+}
+
+async fn select_approval<C: Conn>(conn: &mut C, id: &str) -> Result<Option<ApprovalRecord>> {
+    let sql = format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1");
+    let row = conn
+        .fetch_optional(&sql, vec![Arg::Text(id.to_string())])
+        .await
+        .map_err(db_error)?;
+    row.as_ref().map(approval_from_row).transpose()
 }
 
 async fn insert_signing_key<C: Conn>(
@@ -1050,6 +1216,28 @@ fn revocation_from_row(row: &impl RowExt) -> Result<Revocation> {
     })
 }
 
+fn approval_from_row(row: &impl RowExt) -> Result<ApprovalRecord> {
+    let fields = Fields::keyed_by_text(row, "approval", "id")?;
+    let status = fields.text("status")?;
+    Ok(ApprovalRecord {
+        id: fields.key.clone(),
+        task: fields.parse("task")?,
+        agent: fields.parse("agent")?,
+        owner: fields.parse("owner")?,
+        tool: fields.text("tool")?,
+        action: fields.text("action")?,
+        resource: fields.text("resource")?,
+        args_digest: fields.text("args_digest")?,
+        status: ApprovalStatus::parse(&status)
+            .ok_or_else(|| fields.fail("status", format_args!("unknown status `{status}`")))?,
+        created_at: fields.int("created_at")?,
+        expires_at: fields.int("expires_at")?,
+        decided_by: fields.opt_text("decided_by")?,
+        decision_reason: fields.opt_text("decision_reason")?,
+        decided_at: fields.opt_int("decided_at")?,
+    })
+}
+
 fn event_from_row(row: &impl RowExt) -> Result<Event> {
     let fields = Fields::keyed_by_int(row, "audit event", "seq")?;
     Ok(Event {
@@ -1072,6 +1260,8 @@ const AGENT_COLUMNS: &str = "name, spiffe_id, owner, status, keys, created_at";
 const OPERATOR_COLUMNS: &str = "id, name, role, token_hash, created_at, disabled";
 const SIGNING_KEY_COLUMNS: &str = "kid, pkcs8, public_jwk, created_at, retired_at, publish_until";
 const TASK_COLUMNS: &str = "id, agent, owner, intent, scopes, obo, parent, depth, status, created_at, expires_at, budget, calls_used, token_jti, jkt";
+const APPROVAL_COLUMNS: &str = "id, task, agent, owner, tool, action, resource, args_digest, status, \
+     created_at, expires_at, decided_by, decision_reason, decided_at";
 const EVENT_COLUMNS: &str =
     "seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash";
 
@@ -1293,6 +1483,111 @@ impl<B: Backend> Store for SqlStore<B> {
             .await
             .map_err(db_error)?;
         rows.iter().map(revocation_from_row).collect()
+    }
+
+    async fn insert_approval(&self, approval: &ApprovalRecord, event: EventBody) -> Result<Event> {
+        self.write_event(WriteOp::InsertApproval(Box::new(approval.clone()), event))
+            .await
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRecord>> {
+        let mut conn = self.read().await?;
+        select_approval(&mut *conn, id).await
+    }
+
+    async fn list_approvals(
+        &self,
+        status: Option<ApprovalStatus>,
+        limit: u32,
+    ) -> Result<Vec<ApprovalRecord>> {
+        let limit = page(limit, QUERY_DEFAULT, QUERY_CAP);
+        let (sql, args) = match status {
+            Some(status) => (
+                format!(
+                    "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE status = $1 \
+                     ORDER BY created_at DESC, id LIMIT $2"
+                ),
+                vec![Arg::Text(status.as_str().to_string()), Arg::Int(limit)],
+            ),
+            None => (
+                format!(
+                    "SELECT {APPROVAL_COLUMNS} FROM approvals ORDER BY created_at DESC, id LIMIT $1"
+                ),
+                vec![Arg::Int(limit)],
+            ),
+        };
+        let rows = self
+            .read()
+            .await?
+            .fetch_all(&sql, args)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(approval_from_row).collect()
+    }
+
+    async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        by: &str,
+        reason: &str,
+        now: UnixSeconds,
+        event: EventBody,
+    ) -> Result<Option<ApprovalRecord>> {
+        let op = WriteOp::DecideApproval {
+            id: id.to_string(),
+            status: if approve {
+                ApprovalStatus::Approved
+            } else {
+                ApprovalStatus::Denied
+            },
+            by: by.to_string(),
+            reason: reason.to_string(),
+            now,
+            event,
+        };
+        match self.write(op).await? {
+            Outcome::Approval(approval) => Ok(approval),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn consume_approval(
+        &self,
+        call: ApprovalKey<'_>,
+        now: UnixSeconds,
+        event: EventBody,
+    ) -> Result<Option<ApprovalRecord>> {
+        let op = WriteOp::ConsumeApproval {
+            call: OwnedCall::of(call),
+            now,
+            event,
+        };
+        match self.write(op).await? {
+            Outcome::Approval(approval) => Ok(approval),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn pending_approval_for(
+        &self,
+        call: ApprovalKey<'_>,
+        now: UnixSeconds,
+    ) -> Result<Option<ApprovalRecord>> {
+        let sql = format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE task = $1 AND tool = $2 AND action = $3 \
+             AND resource = $4 AND args_digest = $5 AND status = 'pending' AND expires_at > $6 \
+             ORDER BY created_at DESC, id LIMIT 1"
+        );
+        let mut args = OwnedCall::of(call).args();
+        args.push(Arg::Int(now));
+        let row = self
+            .read()
+            .await?
+            .fetch_optional(&sql, args)
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(approval_from_row).transpose()
     }
 
     async fn append_events(&self, events: Vec<EventBody>) -> Result<Vec<Event>> {

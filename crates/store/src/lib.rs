@@ -152,6 +152,86 @@ pub struct Revocation {
     pub created_at: UnixSeconds,
 }
 
+/// Where a step-up approval stands. `Expired` is never stored by remit itself: an approval
+/// whose `expires_at` has passed is expired whatever its stored status, and views say so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    /// Filed, waiting for a human.
+    Pending,
+    /// A human approved: the exact call may pass once.
+    Approved,
+    /// A human refused: the call never passes on this approval.
+    Denied,
+    /// Spent by the one call it allowed.
+    Consumed,
+    Expired,
+}
+
+impl ApprovalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalStatus::Pending => "pending",
+            ApprovalStatus::Approved => "approved",
+            ApprovalStatus::Denied => "denied",
+            ApprovalStatus::Consumed => "consumed",
+            ApprovalStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ApprovalStatus> {
+        match text {
+            "pending" => Some(ApprovalStatus::Pending),
+            "approved" => Some(ApprovalStatus::Approved),
+            "denied" => Some(ApprovalStatus::Denied),
+            "consumed" => Some(ApprovalStatus::Consumed),
+            "expired" => Some(ApprovalStatus::Expired),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ApprovalStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A step-up approval: a human's leave for one exact call (task, tool, action, resource and
+/// the SHA-256 of its canonical arguments), usable once before `expires_at`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// `apr_` and 16 random bytes in hexadecimal.
+    pub id: String,
+    pub task: TaskId,
+    /// The calling agent's SPIFFE ID.
+    pub agent: SpiffeId,
+    /// The agent's accountable owner, who may not approve unless configured to.
+    pub owner: Owner,
+    pub tool: String,
+    pub action: String,
+    pub resource: String,
+    /// Lowercase hexadecimal SHA-256 of the call's canonical arguments JSON.
+    pub args_digest: String,
+    pub status: ApprovalStatus,
+    pub created_at: UnixSeconds,
+    pub expires_at: UnixSeconds,
+    /// The operator (`operator:<id>`) who approved or denied.
+    pub decided_by: Option<String>,
+    pub decision_reason: Option<String>,
+    pub decided_at: Option<UnixSeconds>,
+}
+
+/// The exact call an approval is bound to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApprovalKey<'a> {
+    pub task: &'a TaskId,
+    pub tool: &'a str,
+    pub action: &'a str,
+    pub resource: &'a str,
+    pub args_digest: &'a str,
+}
+
 /// Which audit events to return, newest last.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditFilter {
@@ -243,6 +323,47 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The revocation feed: revocations with `seq` greater than `after`, in order; at most
     /// `limit` (0 means 1,000; capped at 10,000).
     async fn revocations_after(&self, after: i64, limit: u32) -> Result<Vec<Revocation>>;
+
+    // Approvals.
+    /// Files an approval. `Conflict` when the id exists; `NotFound` when its task does not.
+    async fn insert_approval(&self, approval: &ApprovalRecord, event: EventBody) -> Result<Event>;
+    async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRecord>>;
+    /// Approvals with this stored status (any when `None`), newest first; at most `limit` (0
+    /// means 100; capped at 1,000).
+    async fn list_approvals(
+        &self,
+        status: Option<ApprovalStatus>,
+        limit: u32,
+    ) -> Result<Vec<ApprovalRecord>>;
+    /// Approves or denies a pending approval that has not expired at `now`, recording who and
+    /// why. `Ok(None)` (nothing written, no event) when there is no such approval, it is no
+    /// longer pending, or it has expired.
+    async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        by: &str,
+        reason: &str,
+        now: UnixSeconds,
+        event: EventBody,
+    ) -> Result<Option<ApprovalRecord>>;
+    /// Spends one approved, unexpired approval bound to exactly this call: it becomes
+    /// `consumed` and the event is written with its id set as `detail.approval`. Atomic, so
+    /// that of concurrent callers (in this process or another) only one spends it. `Ok(None)`
+    /// (nothing written) when none matches.
+    async fn consume_approval(
+        &self,
+        call: ApprovalKey<'_>,
+        now: UnixSeconds,
+        event: EventBody,
+    ) -> Result<Option<ApprovalRecord>>;
+    /// The newest pending, unexpired approval bound to exactly this call, so that a retried
+    /// call reuses it instead of filing another.
+    async fn pending_approval_for(
+        &self,
+        call: ApprovalKey<'_>,
+        now: UnixSeconds,
+    ) -> Result<Option<ApprovalRecord>>;
 
     // Audit.
     /// Appends events that record decisions rather than state changes (refusals, calls).

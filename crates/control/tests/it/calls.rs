@@ -485,3 +485,93 @@ async fn the_limiter_is_asked_with_the_verified_identity_and_can_refuse() {
     );
     assert_eq!(limiter.1.lock().unwrap().len(), before);
 }
+
+/// Read and write kept apart: a read-only discovery task may look at everything on `iam` and
+/// change nothing; changing something takes a new task request, which policy evaluates.
+#[tokio::test]
+async fn a_read_only_task_discovers_and_changes_nothing() {
+    let h = Harness::new().await;
+    let agent = h.agent("ops-bot", "alice@example.org").await;
+    let wildcard = json!([{ "tool": "iam", "actions": ["*"] }]);
+    let refused = h
+        .request(&agent, wildcard.clone(), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code, "task_refused",
+        "a wildcard on iam is refused unless read-only"
+    );
+
+    let request: control::TaskRequest = serde_json::from_value(json!({
+        "agent": "ops-bot", "intent": "map the roles", "scopes": wildcard, "read_only": true,
+    }))
+    .unwrap();
+    let grant = h
+        .authority
+        .request_task(Some(&h.task_proof(&agent)), request)
+        .await
+        .unwrap();
+    assert_eq!(grant.scopes.0[0].classes, [model::ActionClass::Read]);
+    let url = format!("{BASE}/http/iam/x");
+    let token = grant.token.expose();
+    let call = |action: &'static str, class: ActionClass| {
+        let proof = agent
+            .key
+            .sign_proof("POST", &url, Some(token), h.now(), &unique("ro"))
+            .unwrap();
+        let h = &h;
+        let url = url.clone();
+        async move {
+            h.attempt(
+                token,
+                Some(&proof),
+                &url,
+                "iam",
+                action,
+                "roles/admin",
+                class,
+            )
+            .await
+        }
+    };
+    assert!(call("list_roles", ActionClass::Read).await.is_allow());
+    let write = call("attach_policy", ActionClass::Write).await;
+    assert_eq!(
+        write.code, "out_of_scope",
+        "not even a step-up: the task cannot write at all"
+    );
+
+    // Widening takes a new request, which policy evaluates (here: a step-up on each write).
+    let wider = h
+        .request(
+            &agent,
+            json!([{ "tool": "iam", "actions": ["attach_policy"] }]),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    let url = format!("{BASE}/http/iam/x");
+    let proof = agent
+        .key
+        .sign_proof(
+            "POST",
+            &url,
+            Some(wider.token.expose()),
+            h.now(),
+            &unique("w"),
+        )
+        .unwrap();
+    let verdict = h
+        .attempt(
+            wider.token.expose(),
+            Some(&proof),
+            &url,
+            "iam",
+            "attach_policy",
+            "roles/admin",
+            ActionClass::Write,
+        )
+        .await;
+    assert_eq!(verdict.code, "approval_required");
+}

@@ -10,6 +10,7 @@
 )]
 
 mod api;
+mod approvals;
 mod calls;
 mod containment;
 mod delegation;

@@ -181,7 +181,11 @@ mod tests {
             crate::forward::Upstream::new(secrets.iter().map(|s| s.to_string()).collect()).unwrap();
         let scrubber = Scrubber::new(&upstream.secrets);
         let tools = ToolsFilter {
-            allowed: allowed.iter().map(|s| s.to_string()).collect(),
+            allowed: allowed
+                .iter()
+                .map(|s| (s.to_string(), Vec::new()))
+                .collect(),
+            classes: Default::default(),
         };
         let mut parser = Parser::new(tools, scrubber);
         let mut out = Vec::new();

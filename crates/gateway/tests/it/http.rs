@@ -1313,3 +1313,61 @@ async fn probing_for_tools_quarantines_the_agent() {
     .await;
     assert_eq!(upstream.count(), 0);
 }
+
+#[tokio::test]
+async fn a_step_up_call_answers_403_with_an_approval_id_and_passes_once_approved() {
+    let upstream = Upstream::start().await;
+    let tools = format!(
+        r#"
+[[tools]]
+name = "iam"
+kind = "http"
+upstream = "{}"
+auth = {{ bearer = "env:UPSTREAM_TOKEN" }}
+routes = [
+  {{ method = "POST", path = "/repos/{{owner}}/{{repo}}/issues", action = "attach_policy", class = "write", resource = "{{owner}}/{{repo}}" }},
+]
+"#,
+        upstream.base
+    );
+    let remit = Remit::start(&tools, &[("UPSTREAM_TOKEN", SECRET)]).await;
+    let agent = remit.agent("ops-bot").await;
+    let grant = remit
+        .grant(
+            &agent,
+            json!([{ "tool": "iam", "actions": ["attach_policy"] }]),
+        )
+        .await;
+    let client = reqwest::Client::new();
+    let call = || {
+        let url = format!("{}/http/iam/repos/octo/roles/issues", remit.base);
+        let proof = remit.proof(&agent, "POST", &url, &grant);
+        client
+            .post(url)
+            .header("authorization", format!("DPoP {}", grant.token.expose()))
+            .header("dpop", proof)
+            .body("{}")
+    };
+
+    let refused = check("first", call(), 403, "approval_required").await;
+    let id = refused["approval_id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("apr_"), "{refused}");
+    assert_eq!(refused["decision"], "approval_required");
+    assert_eq!(upstream.count(), 0);
+    // Asking again before anyone decided reuses the same approval.
+    let again = check("again", call(), 403, "approval_required").await;
+    assert_eq!(again["approval_id"], id.as_str());
+
+    remit
+        .authority
+        .decide_approval(&remit.admin, &id, true, "change ticket OPS-1")
+        .await
+        .unwrap();
+    let response = call().send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(upstream.count(), 1);
+    // Spent: the same request needs a new approval.
+    let next = check("after", call(), 403, "approval_required").await;
+    assert_ne!(next["approval_id"], id.as_str());
+    assert_eq!(upstream.count(), 1);
+}

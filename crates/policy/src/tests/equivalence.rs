@@ -189,6 +189,7 @@ fn sliced_and_unsliced_decisions_agree() {
                     budget: 50 * rng.below(5) as i64,
                     obo,
                     delegated: rng.chance(30),
+                    read_only: rng.chance(30),
                     depth,
                     now,
                 };

@@ -407,6 +407,34 @@ fn mistakes_get_one_clear_line() {
     assert!(run.stderr.contains("bad.cedar:3"), "{}", run.stderr);
 }
 
+/// `remit approvals` on the local store: an empty list, and clear refusals.
+#[test]
+fn approvals_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(ok(d, &["approvals", "list"]), "");
+    assert_eq!(
+        ok(d, &["approvals", "list", "--status", "all", "--json"]),
+        ""
+    );
+    let refused = run(d, &["approvals", "approve", "apr_00", "--reason", "ok"]);
+    assert_eq!(refused.status, 1);
+    assert!(
+        refused.stderr.starts_with("error: no approval `apr_00`"),
+        "{}",
+        refused.stderr
+    );
+    let refused = run(d, &["approvals", "list", "--status", "maybe"]);
+    assert_eq!(refused.status, 1);
+    assert!(
+        refused.stderr.contains("unknown approval status `maybe`"),
+        "{}",
+        refused.stderr
+    );
+    // The reason is required.
+    assert_eq!(run(d, &["approvals", "deny", "apr_00"]).status, 2);
+}
+
 #[test]
 fn the_shipped_policies_validate_and_pass_their_tests() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -420,7 +448,15 @@ fn the_shipped_policies_validate_and_pass_their_tests() {
 fn help_lists_every_command() {
     let out = support::ok(Path::new("."), &["--help"]);
     for command in [
-        "serve", "demo", "operator", "agent", "keys", "revoke", "audit", "policy",
+        "serve",
+        "demo",
+        "operator",
+        "agent",
+        "keys",
+        "approvals",
+        "revoke",
+        "audit",
+        "policy",
     ] {
         assert!(out.contains(command), "{command} missing from --help");
     }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use audit::kinds;
 use model::{AgentStatus, Role, Secret, TaskStatus};
 use store::{
-    AuditFilter, NewRevocation, OperatorRecord, RevocationKind, SigningKeyRecord, Store, StoreError,
+    ApprovalKey, ApprovalRecord, ApprovalStatus, AuditFilter, NewRevocation, OperatorRecord,
+    RevocationKind, SigningKeyRecord, Store, StoreError,
 };
 
 use crate::harness::{TestDb, agent, all_events, event, task, task_id, verify};
@@ -800,4 +801,344 @@ pub async fn reopen_continues_the_chain(db: &TestDb) {
         }
     );
     second.ping().await.unwrap();
+}
+
+fn approval(id: &str, task: u8, digest: &str, expires_at: i64) -> ApprovalRecord {
+    ApprovalRecord {
+        id: id.to_string(),
+        task: task_id(task),
+        agent: "spiffe://example.org/agent/ops-bot".parse().unwrap(),
+        owner: "alice@example.org".parse().unwrap(),
+        tool: "iam".to_string(),
+        action: "attach_policy".to_string(),
+        resource: "roles/admin".to_string(),
+        args_digest: digest.to_string(),
+        status: ApprovalStatus::Pending,
+        created_at: 1_700_000_000,
+        expires_at,
+        decided_by: None,
+        decision_reason: None,
+        decided_at: None,
+    }
+}
+
+fn call<'a>(task: &'a model::TaskId, digest: &'a str) -> ApprovalKey<'a> {
+    ApprovalKey {
+        task,
+        tool: "iam",
+        action: "attach_policy",
+        resource: "roles/admin",
+        args_digest: digest,
+    }
+}
+
+async fn with_task(store: &Arc<dyn Store>) -> model::TaskId {
+    store
+        .insert_agent(&agent("ops-bot"), event(kinds::AGENT_REGISTERED))
+        .await
+        .unwrap();
+    let task = task(1, "ops-bot");
+    store
+        .insert_task(&task, event(kinds::TASK_GRANTED))
+        .await
+        .unwrap();
+    task.id
+}
+
+pub async fn approvals(db: &TestDb) {
+    let store = &db.store;
+    let task = with_task(store).await;
+    let now = 1_700_000_100;
+    let filed = approval("apr_01", 1, "d1", now + 600);
+    let before = all_events(store.as_ref()).await.len();
+    let event_written = store
+        .insert_approval(&filed, event(kinds::APPROVAL_REQUESTED).task(task.as_str()))
+        .await
+        .unwrap();
+    assert_eq!(event_written.body.kind, kinds::APPROVAL_REQUESTED);
+    assert_eq!(all_events(store.as_ref()).await.len(), before + 1);
+    assert_eq!(
+        store.get_approval("apr_01").await.unwrap(),
+        Some(filed.clone())
+    );
+    assert_eq!(store.get_approval("apr_none").await.unwrap(), None);
+    let again = store
+        .insert_approval(&filed, event(kinds::APPROVAL_REQUESTED))
+        .await;
+    assert!(
+        matches!(
+            &again,
+            Err(StoreError::Conflict {
+                what: "approval",
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    let orphan = store
+        .insert_approval(
+            &approval("apr_02", 9, "d1", now + 600),
+            event(kinds::APPROVAL_REQUESTED),
+        )
+        .await;
+    assert!(
+        matches!(&orphan, Err(StoreError::NotFound { what: "task", .. })),
+        "{orphan:?}"
+    );
+
+    // A pending approval is found for the exact call only, and not once it expired.
+    let found = store
+        .pending_approval_for(call(&task, "d1"), now)
+        .await
+        .unwrap();
+    assert_eq!(found.map(|a| a.id), Some("apr_01".to_string()));
+    let other = store
+        .pending_approval_for(call(&task, "d2"), now)
+        .await
+        .unwrap();
+    assert_eq!(other, None);
+    let late = store
+        .pending_approval_for(call(&task, "d1"), now + 600)
+        .await
+        .unwrap();
+    assert_eq!(late, None);
+
+    // Nothing to consume while it is pending.
+    let count = all_events(store.as_ref()).await.len();
+    let early = store
+        .consume_approval(call(&task, "d1"), now, event(kinds::APPROVAL_CONSUMED))
+        .await
+        .unwrap();
+    assert_eq!(early, None);
+    assert_eq!(all_events(store.as_ref()).await.len(), count, "no event");
+
+    // Approve: who, why and when are recorded with one event; a second decision changes nothing.
+    let approved = store
+        .decide_approval(
+            "apr_01",
+            true,
+            "operator:op_1",
+            "change ticket 42",
+            now + 10,
+            event(kinds::APPROVAL_APPROVED),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(approved.status, ApprovalStatus::Approved);
+    assert_eq!(approved.decided_by.as_deref(), Some("operator:op_1"));
+    assert_eq!(
+        approved.decision_reason.as_deref(),
+        Some("change ticket 42")
+    );
+    assert_eq!(approved.decided_at, Some(now + 10));
+    assert_eq!(all_events(store.as_ref()).await.len(), count + 1);
+    let twice = store
+        .decide_approval(
+            "apr_01",
+            false,
+            "operator:op_2",
+            "no",
+            now + 11,
+            event(kinds::APPROVAL_DENIED),
+        )
+        .await
+        .unwrap();
+    assert_eq!(twice, None);
+    let unknown = store
+        .decide_approval(
+            "apr_none",
+            true,
+            "operator:op_1",
+            "x",
+            now,
+            event(kinds::APPROVAL_APPROVED),
+        )
+        .await
+        .unwrap();
+    assert_eq!(unknown, None);
+    assert_eq!(all_events(store.as_ref()).await.len(), count + 1);
+    assert_eq!(
+        store
+            .pending_approval_for(call(&task, "d1"), now)
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Other arguments do not spend it; the exact call does, once, and its event names it.
+    assert_eq!(
+        store
+            .consume_approval(call(&task, "d2"), now + 20, event(kinds::APPROVAL_CONSUMED))
+            .await
+            .unwrap(),
+        None
+    );
+    let spent = store
+        .consume_approval(call(&task, "d1"), now + 20, event(kinds::APPROVAL_CONSUMED))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(spent.id, "apr_01");
+    assert_eq!(spent.status, ApprovalStatus::Consumed);
+    let last = all_events(store.as_ref()).await.pop().unwrap();
+    assert_eq!(last.body.kind, kinds::APPROVAL_CONSUMED);
+    assert_eq!(last.body.detail["approval"], "apr_01");
+    assert_eq!(
+        store
+            .consume_approval(call(&task, "d1"), now + 21, event(kinds::APPROVAL_CONSUMED))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.get_approval("apr_01").await.unwrap().unwrap().status,
+        ApprovalStatus::Consumed
+    );
+
+    // Expiry: an approved approval past its time is not spent, a pending one not decided.
+    store
+        .insert_approval(
+            &approval("apr_03", 1, "d3", now + 60),
+            event(kinds::APPROVAL_REQUESTED),
+        )
+        .await
+        .unwrap();
+    store
+        .decide_approval(
+            "apr_03",
+            true,
+            "operator:op_1",
+            "ok",
+            now + 30,
+            event(kinds::APPROVAL_APPROVED),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store
+            .consume_approval(call(&task, "d3"), now + 60, event(kinds::APPROVAL_CONSUMED))
+            .await
+            .unwrap(),
+        None
+    );
+    store
+        .insert_approval(
+            &approval("apr_04", 1, "d4", now + 60),
+            event(kinds::APPROVAL_REQUESTED),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .decide_approval(
+                "apr_04",
+                true,
+                "operator:op_1",
+                "ok",
+                now + 61,
+                event(kinds::APPROVAL_APPROVED)
+            )
+            .await
+            .unwrap(),
+        None
+    );
+
+    // A denied approval is never spent.
+    store
+        .insert_approval(
+            &approval("apr_05", 1, "d5", now + 600),
+            event(kinds::APPROVAL_REQUESTED),
+        )
+        .await
+        .unwrap();
+    let denied = store
+        .decide_approval(
+            "apr_05",
+            false,
+            "operator:op_1",
+            "not during the freeze",
+            now,
+            event(kinds::APPROVAL_DENIED),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(denied.status, ApprovalStatus::Denied);
+    assert_eq!(
+        store
+            .consume_approval(call(&task, "d5"), now, event(kinds::APPROVAL_CONSUMED))
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Listing: by stored status, newest first.
+    let ids = |list: Vec<ApprovalRecord>| list.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    let pending = store
+        .list_approvals(Some(ApprovalStatus::Pending), 0)
+        .await
+        .unwrap();
+    assert_eq!(ids(pending), ["apr_04"]);
+    assert_eq!(store.list_approvals(None, 0).await.unwrap().len(), 4);
+    assert_eq!(store.list_approvals(None, 2).await.unwrap().len(), 2);
+    assert_eq!(verify(store.as_ref()).await.map(|n| n > 0), Ok(true));
+}
+
+pub async fn approval_is_spent_once_under_race(db: &TestDb) {
+    let store = &db.store;
+    let task = with_task(store).await;
+    let now = 1_700_000_100;
+    store
+        .insert_approval(
+            &approval("apr_race", 1, "d1", now + 600),
+            event(kinds::APPROVAL_REQUESTED),
+        )
+        .await
+        .unwrap();
+    store
+        .decide_approval(
+            "apr_race",
+            true,
+            "operator:op_1",
+            "ok",
+            now,
+            event(kinds::APPROVAL_APPROVED),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    // Consumers on two stores over the same data: two writers, as two replicas would have.
+    let other = store::open(&db.url).await.unwrap();
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                Arc::clone(store)
+            } else {
+                Arc::clone(&other)
+            };
+            let task = task.clone();
+            tokio::spawn(async move {
+                store
+                    .consume_approval(call(&task, "d1"), now + 1, event(kinds::APPROVAL_CONSUMED))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for racer in racers {
+        if racer.await.unwrap().is_some() {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1);
+    let consumed = all_events(store.as_ref())
+        .await
+        .into_iter()
+        .filter(|e| e.body.kind == kinds::APPROVAL_CONSUMED)
+        .count();
+    assert_eq!(consumed, 1);
+    drop(other);
 }

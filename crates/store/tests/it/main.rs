@@ -51,6 +51,8 @@ on_both_backends!(
     cases::query_filters,
     cases::two_stores_share_one_chain,
     cases::reopen_continues_the_chain,
+    cases::approvals,
+    cases::approval_is_spent_once_under_race,
     tamper::edited_detail,
     tamper::edited_actor,
     tamper::deleted_event,
