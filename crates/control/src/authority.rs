@@ -46,6 +46,8 @@ pub struct Authority {
     pub(crate) tokens: TokenCache,
     pub(crate) tasks: TaskCache,
     pub(crate) containment: crate::containment::Containment,
+    /// Allowed calls per task not yet added to the store's `calls_used`.
+    pub(crate) unflushed_calls: parking_lot::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// What an agent sends to `POST /v1/tasks`.
@@ -153,6 +155,7 @@ impl Authority {
             tokens: TokenCache::default(),
             tasks: TaskCache::default(),
             containment: Default::default(),
+            unflushed_calls: Default::default(),
         };
         authority
             .revocations
@@ -194,6 +197,7 @@ impl Authority {
         self.keys.reload(self.store.as_ref(), now).await?;
         self.tokens.purge_expired(now);
         self.tasks.purge_expired(now);
+        self.flush_call_counts().await;
         Ok(())
     }
 
@@ -210,6 +214,28 @@ impl Authority {
                 }
             }
         })
+    }
+
+    /// Adds the calls counted since the last flush to each task's `calls_used`, concurrently
+    /// so that the store's writer commits them in one batch. A count that cannot be written
+    /// is kept for the next flush.
+    pub async fn flush_call_counts(&self) {
+        let pending: Vec<(String, u32)> = self.unflushed_calls.lock().drain().collect();
+        let writes = pending.into_iter().map(|(task, calls)| async move {
+            let written = match task.parse::<TaskId>() {
+                Ok(id) => self.store.add_task_calls(&id, calls).await,
+                Err(_) => Ok(()),
+            };
+            (task, calls, written)
+        });
+        for (task, calls, written) in futures::future::join_all(writes).await {
+            if let Err(error) = written {
+                tracing::warn!(task = %task, "could not persist the call count: {error}");
+                if matches!(error, store::StoreError::Unavailable(_)) {
+                    *self.unflushed_calls.lock().entry(task).or_insert(0) += calls;
+                }
+            }
+        }
     }
 
     pub(crate) fn event(&self, kind: &str, actor: impl Into<String>) -> EventBody {

@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::revocation::RevocationQuery;
 
 /// Verified tokens kept by hash until they expire, so a token's signature is checked once.
-const TOKEN_CACHE_CAPACITY: usize = 100_000;
+const TOKEN_CACHE_CAPACITY: usize = 250_000;
 /// Longest ancestor chain walked when loading a delegated task.
 const MAX_CHAIN: usize = 16;
 /// Longest token accepted before any parsing.
@@ -181,11 +181,11 @@ impl TokenCache {
         self.0.read().get(hash).cloned()
     }
 
-    fn insert(&self, hash: [u8; 32], claims: Arc<TaskClaims>, now: i64) {
+    /// Caches a verified token unless the cache is full. Expired entries are swept by the
+    /// periodic sync, never here: a sweep of a full map under the write lock would stall
+    /// every reader on the call path.
+    fn insert(&self, hash: [u8; 32], claims: Arc<TaskClaims>) {
         let mut map = self.0.write();
-        if map.len() >= TOKEN_CACHE_CAPACITY {
-            map.retain(|_, c| c.exp > now);
-        }
         if map.len() < TOKEN_CACHE_CAPACITY {
             map.insert(hash, claims);
         }
@@ -279,20 +279,17 @@ impl Authority {
                 return verdict;
             }
         }
-        // The budget is enforced from memory; its count is persisted off the call path.
+        // The budget is enforced from memory; the count is persisted by the periodic sync,
+        // in one batch, off the call path (the audit log holds every call exactly).
         if verdict.is_allow()
             && check == Check::Call
-            && let Some(task) = verdict
-                .task
-                .as_deref()
-                .and_then(|t| t.parse::<TaskId>().ok())
+            && let Some(task) = verdict.task.as_deref()
         {
-            let store = Arc::clone(&self.store);
-            tokio::spawn(async move {
-                if let Err(error) = store.add_task_calls(&task, 1).await {
-                    tracing::warn!(task = %task, "could not persist the call count: {error}");
-                }
-            });
+            *self
+                .unflushed_calls
+                .lock()
+                .entry(task.to_string())
+                .or_insert(0) += 1;
         }
         verdict
     }
@@ -382,7 +379,7 @@ impl Authority {
                     .verify(attempt.token, now)
                     .map_err(|e| (Denial::new(e.code(), e.to_string()), None))?;
                 let claims = Arc::new(claims);
-                self.tokens.insert(hash, Arc::clone(&claims), now);
+                self.tokens.insert(hash, Arc::clone(&claims));
                 claims
             }
         };

@@ -127,6 +127,7 @@ async fn serve(
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     sync.abort();
+    authority.flush_call_counts().await;
     tracing::info!("remit stopped");
     Ok(())
 }

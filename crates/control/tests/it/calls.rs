@@ -180,6 +180,22 @@ async fn budget_and_expiry_end_a_task() {
         (verdict.report.decision, verdict.code),
         (Decision::Deny, "budget_exhausted")
     );
+    // The count reaches the store with the next catch-up, in one batch.
+    let stored = |id: model::TaskId| {
+        let authority = h.authority.clone();
+        async move {
+            authority
+                .store()
+                .get_task(&id)
+                .await
+                .unwrap()
+                .unwrap()
+                .calls_used
+        }
+    };
+    assert_eq!(stored(grant.task_id.clone()).await, 0);
+    h.authority.sync().await.unwrap();
+    assert_eq!(stored(grant.task_id.clone()).await, 2);
 
     let grant = h.request(&agent, scopes, Some(60), None).await.unwrap();
     h.clock.advance_seconds(59);
