@@ -344,6 +344,20 @@ async fn show_agent(
     ))
 }
 
+/// The `reason` of an optional JSON body `{"reason": "…"}`, or `default` without a body.
+fn optional_reason(body: &Bytes, default: &str) -> Result<String, Error> {
+    if body.is_empty() {
+        return Ok(default.to_string());
+    }
+    let body: DisableAgent = serde_json::from_slice(body).map_err(|e| {
+        Error::bad_request(
+            "invalid_json",
+            format!("the request body is not valid JSON for this call: {e}"),
+        )
+    })?;
+    Ok(body.reason.unwrap_or_else(|| default.to_string()))
+}
+
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DisableAgent {
@@ -360,19 +374,7 @@ async fn disable_agent(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<AgentView>, Error> {
-    let body: DisableAgent = if body.is_empty() {
-        DisableAgent::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            Error::bad_request(
-                "invalid_json",
-                format!("the request body is not valid JSON for this call: {e}"),
-            )
-        })?
-    };
-    let reason = body
-        .reason
-        .unwrap_or_else(|| "disabled by an operator".to_string());
+    let reason = optional_reason(&body, "disabled by an operator")?;
     Ok(axum::Json(
         authority
             .disable_agent(&operator, &name, &reason)
@@ -391,19 +393,7 @@ async fn release_agent(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<AgentView>, Error> {
-    let body: DisableAgent = if body.is_empty() {
-        DisableAgent::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            Error::bad_request(
-                "invalid_json",
-                format!("the request body is not valid JSON for this call: {e}"),
-            )
-        })?
-    };
-    let reason = body
-        .reason
-        .unwrap_or_else(|| "released by an operator".to_string());
+    let reason = optional_reason(&body, "released by an operator")?;
     Ok(axum::Json(
         authority
             .release_agent(&operator, &name, &reason)

@@ -97,6 +97,18 @@ pub struct Grant {
     pub budget: u32,
 }
 
+/// What a task request asks for besides its scopes, as policy sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TaskAsk<'a> {
+    pub(crate) intent: &'a str,
+    pub(crate) ttl_seconds: i64,
+    pub(crate) budget: u32,
+    pub(crate) obo: Option<&'a str>,
+    pub(crate) delegated: bool,
+    pub(crate) depth: u32,
+    pub(crate) now: i64,
+}
+
 /// The result of walking the audit chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VerifyReport {
@@ -431,52 +443,20 @@ impl Authority {
             None => None,
         };
 
-        let agent = self.store.get_agent(&request.agent).await?.ok_or_else(|| {
-            Error::unauthorized(
-                "agent_unknown",
-                format!("no agent named `{}` is registered", request.agent),
-            )
-        })?;
-        let proof = proof.ok_or_else(|| {
-            Error::unauthorized(
-                "proof_missing",
-                "a task request needs a `DPoP` proof header signed by the agent's registered key",
-            )
-        })?;
-        let htu = self.settings.url_of("/v1/tasks");
-        let check = ProofCheck {
-            method: "POST",
-            url: &htu,
-            access_token: None,
-            expected_jkt: None,
+        let (agent, verified) = self
+            .authenticate_agent(&request.agent, proof, "/v1/tasks", now)
+            .await?;
+
+        let ask = TaskAsk {
+            intent: &request.intent,
+            ttl_seconds: ttl,
+            budget,
+            obo: obo.as_ref().map(Owner::as_str),
+            delegated: false,
+            depth: 0,
             now,
         };
-        let verified = self
-            .proofs
-            .verify(proof, &check)
-            .map_err(|e| Error::unauthorized(e.code(), e.to_string()))?;
-        let registered = agent
-            .keys
-            .iter()
-            .filter_map(|jwk| AgentKey::from_jwk(jwk).ok())
-            .any(|key| constant_time_eq(key.thumbprint(), &verified.jkt));
-        if !registered {
-            return Err(Error::unauthorized(
-                "proof_key_unknown",
-                format!(
-                    "the proof is not signed by a key registered for agent `{}`",
-                    agent.name
-                ),
-            ));
-        }
-        if agent.status != AgentStatus::Active {
-            return Err(Error::forbidden(
-                "agent_not_active",
-                format!("agent `{}` is {}", agent.name, agent.status),
-            ));
-        }
-
-        let report = self.decide_task(&agent, &request, ttl, budget, obo.as_ref(), now);
+        let report = self.decide_scopes(&agent, &request.scopes, &ask);
         if !report.is_allow() {
             let event = self
                 .event(kinds::TASK_REFUSED, agent.spiffe_id.as_str())
@@ -560,14 +540,68 @@ impl Authority {
         })
     }
 
-    fn decide_task(
+    /// Authenticates an agent by a DPoP proof (no access token) for `path`, signed by one of
+    /// its registered keys, and requires it to be active.
+    pub(crate) async fn authenticate_agent(
+        &self,
+        name: &AgentName,
+        proof: Option<&str>,
+        path: &str,
+        now: i64,
+    ) -> Result<(AgentRecord, credentials::VerifiedProof)> {
+        let agent = self.store.get_agent(name).await?.ok_or_else(|| {
+            Error::unauthorized(
+                "agent_unknown",
+                format!("no agent named `{name}` is registered"),
+            )
+        })?;
+        let proof = proof.ok_or_else(|| {
+            Error::unauthorized(
+                "proof_missing",
+                "this request needs a `DPoP` proof header signed by the agent's registered key",
+            )
+        })?;
+        let htu = self.settings.url_of(path);
+        let check = ProofCheck {
+            method: "POST",
+            url: &htu,
+            access_token: None,
+            expected_jkt: None,
+            now,
+        };
+        let verified = self
+            .proofs
+            .verify(proof, &check)
+            .map_err(|e| Error::unauthorized(e.code(), e.to_string()))?;
+        let registered = agent
+            .keys
+            .iter()
+            .filter_map(|jwk| AgentKey::from_jwk(jwk).ok())
+            .any(|key| constant_time_eq(key.thumbprint(), &verified.jkt));
+        if !registered {
+            return Err(Error::unauthorized(
+                "proof_key_unknown",
+                format!(
+                    "the proof is not signed by a key registered for agent `{}`",
+                    agent.name
+                ),
+            ));
+        }
+        if agent.status != AgentStatus::Active {
+            return Err(Error::forbidden(
+                "agent_not_active",
+                format!("agent `{}` is {}", agent.name, agent.status),
+            ));
+        }
+        Ok((agent, verified))
+    }
+
+    /// Asks policy the `RequestTask` question once per scope; the first refusal answers.
+    pub(crate) fn decide_scopes(
         &self,
         agent: &AgentRecord,
-        request: &TaskRequest,
-        ttl: i64,
-        budget: u32,
-        obo: Option<&Owner>,
-        now: i64,
+        scopes: &ScopeSet,
+        ask: &TaskAsk<'_>,
     ) -> DecisionReport {
         let engine = self.policy.load();
         let facts = policy::AgentFacts {
@@ -576,20 +610,20 @@ impl Authority {
             owner: agent.owner.as_str(),
         };
         let mut allowed = DecisionReport::allow(Vec::new(), Vec::new());
-        for scope in &request.scopes.0 {
+        for scope in &scopes.0 {
             let report = engine.decide_task(&policy::TaskRequest {
                 agent: facts,
                 tool: &scope.tool,
                 actions: &scope.actions,
                 resources: &scope.resources,
-                intent: &request.intent,
-                ttl_seconds: ttl,
-                budget: i64::from(budget),
-                obo: obo.map(Owner::as_str),
-                delegated: false,
-                read_only: request.scopes.is_read_only(),
-                depth: 0,
-                now,
+                intent: ask.intent,
+                ttl_seconds: ask.ttl_seconds,
+                budget: i64::from(ask.budget),
+                obo: ask.obo,
+                delegated: ask.delegated,
+                read_only: scopes.is_read_only(),
+                depth: i64::from(ask.depth),
+                now: ask.now,
             });
             if !report.is_allow() {
                 return report;

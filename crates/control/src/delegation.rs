@@ -6,13 +6,13 @@
 //! because the call path checks every task in the chain.
 
 use audit::kinds;
-use credentials::{Actor, AgentKey, Confirmation, ProofCheck, TaskClaims};
-use model::{AgentName, AgentStatus, DecisionReport, Scope, ScopeSet, TaskId, TaskStatus};
+use credentials::{Actor, Confirmation, TaskClaims};
+use model::{AgentName, Scope, ScopeSet, TaskId, TaskStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use store::TaskRecord;
 
-use crate::authority::{Authority, refusal};
+use crate::authority::{Authority, TaskAsk, refusal};
 use crate::error::{Error, Result};
 use crate::random;
 use crate::revocation::RevocationQuery;
@@ -188,50 +188,9 @@ impl Authority {
 
         // The receiving agent, by its proof.
         let agent_name: AgentName = request.agent.parse()?;
-        let agent = self.store.get_agent(&agent_name).await?.ok_or_else(|| {
-            Error::unauthorized(
-                "agent_unknown",
-                format!("no agent named `{agent_name}` is registered"),
-            )
-        })?;
-        let proof = proof.ok_or_else(|| {
-            Error::unauthorized(
-                "proof_missing",
-                "a token exchange needs a `DPoP` proof signed by the receiving agent's key",
-            )
-        })?;
-        let htu = self.settings.url_of("/v1/token");
-        let check = ProofCheck {
-            method: "POST",
-            url: &htu,
-            access_token: None,
-            expected_jkt: None,
-            now,
-        };
-        let verified = self
-            .proofs
-            .verify(proof, &check)
-            .map_err(|e| Error::unauthorized(e.code(), e.to_string()))?;
-        let registered = agent
-            .keys
-            .iter()
-            .filter_map(|jwk| AgentKey::from_jwk(jwk).ok())
-            .any(|key| key.thumbprint() == verified.jkt);
-        if !registered {
-            return Err(Error::unauthorized(
-                "proof_key_unknown",
-                format!(
-                    "the proof is not signed by a key registered for agent `{}`",
-                    agent.name
-                ),
-            ));
-        }
-        if agent.status != AgentStatus::Active {
-            return Err(Error::forbidden(
-                "agent_not_active",
-                format!("agent `{}` is {}", agent.name, agent.status),
-            ));
-        }
+        let (agent, verified) = self
+            .authenticate_agent(&agent_name, proof, "/v1/token", now)
+            .await?;
 
         // Only narrower: scopes, lifetime, budget, depth.
         let scopes = match &request.scope {
@@ -299,16 +258,16 @@ impl Authority {
             .unwrap_or_else(|| parent_state.intent.clone());
 
         // Policy: the same RequestTask question, with the delegation in its context.
-        let report = self.decide_delegation(
-            &agent,
-            &scopes,
-            &intent,
-            ttl,
+        let ask = TaskAsk {
+            intent: &intent,
+            ttl_seconds: ttl,
             budget,
-            parent_state.obo.as_deref(),
+            obo: parent_state.obo.as_deref(),
+            delegated: true,
             depth,
             now,
-        );
+        };
+        let report = self.decide_scopes(&agent, &scopes, &ask);
         if !report.is_allow() {
             let event = self
                 .event(kinds::TASK_REFUSED, agent.spiffe_id.as_str())
@@ -393,50 +352,6 @@ impl Authority {
             task_id: task_id.to_string(),
             depth,
         })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn decide_delegation(
-        &self,
-        agent: &store::AgentRecord,
-        scopes: &ScopeSet,
-        intent: &str,
-        ttl: i64,
-        budget: u32,
-        obo: Option<&str>,
-        depth: u32,
-        now: i64,
-    ) -> DecisionReport {
-        let engine = self.policy.load();
-        let facts = policy::AgentFacts {
-            name: agent.name.as_str(),
-            spiffe_id: agent.spiffe_id.as_str(),
-            owner: agent.owner.as_str(),
-        };
-        let mut allowed = DecisionReport::allow(Vec::new(), Vec::new());
-        for scope in &scopes.0 {
-            let report = engine.decide_task(&policy::TaskRequest {
-                agent: facts,
-                tool: &scope.tool,
-                actions: &scope.actions,
-                resources: &scope.resources,
-                intent,
-                ttl_seconds: ttl,
-                budget: i64::from(budget),
-                obo,
-                delegated: true,
-                read_only: scopes.is_read_only(),
-                depth: i64::from(depth),
-                now,
-            });
-            if !report.is_allow() {
-                return report;
-            }
-            allowed.policies.extend(report.policies);
-        }
-        allowed.policies.sort();
-        allowed.policies.dedup();
-        allowed
     }
 }
 

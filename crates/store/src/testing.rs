@@ -72,3 +72,94 @@ fn random_u64() -> u64 {
     hasher.write_u128(nanos);
     hasher.finish()
 }
+
+/// A TCP relay to a database that a test can cut, which is what a network partition looks
+/// like from remit's side: every open connection drops and new ones are refused.
+#[derive(Debug)]
+pub struct Relay {
+    address: String,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    /// Listens on a loopback port and forwards every connection to `target` (`host:port`).
+    pub async fn start(target: String) -> Result<Relay> {
+        let unavailable = |e: std::io::Error| StoreError::Unavailable(e.to_string());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(unavailable)?;
+        let address = listener.local_addr().map_err(unavailable)?.to_string();
+        let tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> =
+            Default::default();
+        let registry = std::sync::Arc::clone(&tasks);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                if let Ok(mut tasks) = registry.lock() {
+                    tasks.push(pipe);
+                }
+            }
+        });
+        if let Ok(mut list) = tasks.lock() {
+            list.push(accept);
+        }
+        Ok(Relay { address, tasks })
+    }
+
+    /// `url` (a database URL naming the relay's target) rerouted through the relay.
+    pub fn reroute(&self, url: &str) -> String {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.to_string();
+        };
+        let (at, end) = authority_span(rest);
+        format!("{scheme}://{}{}{}", &rest[..at], self.address, &rest[end..])
+    }
+
+    /// Drops every connection and stops accepting.
+    pub fn cut(&self) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for task in tasks.drain(..) {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// The `host:port` a database URL names.
+pub fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (at, end) = authority_span(rest);
+    rest[at..end].to_string()
+}
+
+/// Where `host:port` starts and ends after the scheme (past any `user@`).
+fn authority_span(rest: &str) -> (usize, usize) {
+    let at = rest.find('@').map_or(0, |i| i + 1);
+    let end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
+    (at, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urls_are_rerouted_through_the_relay() {
+        let url = "postgres://postgres@127.0.0.1:5432/test?options=x";
+        assert_eq!(host_port(url), "127.0.0.1:5432");
+        assert_eq!(host_port("postgres://db:5432/x"), "db:5432");
+        let relay = Relay::start("127.0.0.1:9".into()).await.unwrap();
+        let rerouted = relay.reroute(url);
+        assert!(
+            rerouted.starts_with("postgres://postgres@127.0.0.1:")
+                && rerouted.ends_with("/test?options=x")
+        );
+        assert_ne!(host_port(&rerouted), "127.0.0.1:5432");
+        relay.cut();
+    }
+}

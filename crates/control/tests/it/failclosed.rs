@@ -2,64 +2,9 @@
 //! The store is a real PostgreSQL reached through a TCP relay that the test cuts, which is
 //! what a network partition looks like from remit's side.
 
-use std::sync::Arc;
-
 use model::{ActionClass, Decision};
-use parking_lot::Mutex;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 use crate::harness::Harness;
-
-/// Forwards TCP connections to `target` until cut.
-struct Relay {
-    address: String,
-    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Relay {
-    async fn start(target: String) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let registry = Arc::clone(&tasks);
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let target = target.clone();
-                let pipe = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                registry.lock().push(pipe);
-            }
-        });
-        tasks.lock().push(accept);
-        Relay { address, tasks }
-    }
-
-    /// Drops every connection and stops accepting: the store is gone.
-    fn cut(&self) {
-        for task in self.tasks.lock().drain(..) {
-            task.abort();
-        }
-    }
-}
-
-/// `url` with its host and port replaced by `address`.
-fn through(url: &str, address: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let at = rest.find('@').map_or(0, |i| i + 1);
-    let end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
-    format!("{scheme}://{}{address}{}", &rest[..at], &rest[end..])
-}
-
-fn target_of(url: &str) -> String {
-    let rest = url.split_once("://").unwrap().1;
-    let at = rest.find('@').map_or(0, |i| i + 1);
-    let end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
-    rest[at..end].to_string()
-}
 
 #[tokio::test]
 async fn an_unreachable_store_denies_every_call() {
@@ -67,8 +12,10 @@ async fn an_unreachable_store_denies_every_call() {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();
-    let relay = Relay::start(target_of(&schema.url)).await;
-    let url = through(&schema.url, &relay.address);
+    let relay = store::testing::Relay::start(store::testing::host_port(&schema.url))
+        .await
+        .unwrap();
+    let url = relay.reroute(&schema.url);
     let h = Harness::with_store(url, tempfile::tempdir().unwrap()).await;
     assert_eq!(h.authority.store().kind(), "postgres");
 
@@ -113,15 +60,4 @@ async fn an_unreachable_store_denies_every_call() {
 
     drop(h);
     schema.drop_schema().await.unwrap();
-}
-
-#[test]
-fn urls_are_rerouted_through_the_relay() {
-    let url = "postgres://postgres@127.0.0.1:5432/test?options=x";
-    assert_eq!(target_of(url), "127.0.0.1:5432");
-    assert_eq!(
-        through(url, "127.0.0.1:9"),
-        "postgres://postgres@127.0.0.1:9/test?options=x"
-    );
-    assert_eq!(through("postgres://db:5432/x", "h:1"), "postgres://h:1/x");
 }

@@ -1196,12 +1196,10 @@ async fn an_unreachable_store_denies_and_forwards_nothing() {
     let schema = store::testing::PostgresSchema::create(&server)
         .await
         .unwrap();
-    let relay = Relay::start(target_of(&schema.url)).await;
-    let s = Setup::start_with(
-        Limits::default(),
-        Some(through(&schema.url, &relay.address)),
-    )
-    .await;
+    let relay = store::testing::Relay::start(store::testing::host_port(&schema.url))
+        .await
+        .unwrap();
+    let s = Setup::start_with(Limits::default(), Some(relay.reroute(&schema.url))).await;
     assert_eq!(s.remit.authority.store().kind(), "postgres");
     let path = "/http/gh/repos/octo/hello/issues";
     assert_eq!(
@@ -1225,56 +1223,6 @@ async fn an_unreachable_store_denies_and_forwards_nothing() {
 
     drop(s);
     schema.drop_schema().await.unwrap();
-}
-
-/// Forwards TCP connections to `target` until cut.
-struct Relay {
-    address: String,
-    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Relay {
-    async fn start(target: String) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let registry = Arc::clone(&tasks);
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let target = target.clone();
-                let pipe = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                registry.lock().push(pipe);
-            }
-        });
-        tasks.lock().push(accept);
-        Relay { address, tasks }
-    }
-
-    /// Drops every connection and stops accepting: the store is gone.
-    fn cut(&self) {
-        for task in self.tasks.lock().drain(..) {
-            task.abort();
-        }
-    }
-}
-
-/// `url` with its host and port replaced by `address`.
-fn through(url: &str, address: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let at = rest.find('@').map_or(0, |i| i + 1);
-    let end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
-    format!("{scheme}://{}{address}{}", &rest[..at], &rest[end..])
-}
-
-fn target_of(url: &str) -> String {
-    let rest = url.split_once("://").unwrap().1;
-    let at = rest.find('@').map_or(0, |i| i + 1);
-    let end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
-    rest[at..end].to_string()
 }
 
 /// Containment through the gateway: probing for a tool remit does not front is off-script; the
