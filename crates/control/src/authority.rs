@@ -48,7 +48,13 @@ pub struct Authority {
     pub(crate) containment: crate::containment::Containment,
     /// Allowed calls per task not yet added to the store's `calls_used`.
     pub(crate) unflushed_calls: parking_lot::Mutex<std::collections::HashMap<String, u32>>,
+    /// Events that need not be durable before anything proceeds (call outcomes), appended in
+    /// batches a few milliseconds apart.
+    deferred: Arc<parking_lot::Mutex<Vec<EventBody>>>,
 }
+
+/// How long deferred events wait for company before they are appended together.
+const DEFER_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// What an agent sends to `POST /v1/tasks`.
 #[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
@@ -168,6 +174,7 @@ impl Authority {
             tasks: TaskCache::default(),
             containment: Default::default(),
             unflushed_calls: Default::default(),
+            deferred: Default::default(),
         };
         authority
             .revocations
@@ -226,6 +233,41 @@ impl Authority {
                 }
             }
         })
+    }
+
+    /// Appends `event` soon, batched with others: for records that follow an action already
+    /// decided and recorded durably (a call's outcome), so that they cost the writer one
+    /// append per batch instead of one per call.
+    pub fn record_later(&self, event: EventBody) {
+        let first = {
+            let mut deferred = self.deferred.lock();
+            deferred.push(event);
+            deferred.len() == 1
+        };
+        // The first event of a batch schedules its append; later ones ride along.
+        if first && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let deferred = Arc::clone(&self.deferred);
+            let store = Arc::clone(&self.store);
+            runtime.spawn(async move {
+                tokio::time::sleep(DEFER_WINDOW).await;
+                let batch = std::mem::take(&mut *deferred.lock());
+                if !batch.is_empty()
+                    && let Err(error) = store.append_events(batch).await
+                {
+                    tracing::warn!("could not record deferred events: {error}");
+                }
+            });
+        }
+    }
+
+    /// Appends whatever is deferred now (at shutdown).
+    pub async fn flush_deferred(&self) {
+        let batch = std::mem::take(&mut *self.deferred.lock());
+        if !batch.is_empty()
+            && let Err(error) = self.store.append_events(batch).await
+        {
+            tracing::warn!("could not record deferred events: {error}");
+        }
     }
 
     /// Adds the calls counted since the last flush to each task's `calls_used`, concurrently

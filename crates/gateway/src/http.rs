@@ -176,8 +176,8 @@ impl Call {
         .into_response()
     }
 
-    /// Appends the `call.outcome` event, off the response path: the decision is already
-    /// durable, and an agent must not wait for the record of what it already received.
+    /// Appends the `call.outcome` event, off the response path and batched: the decision is
+    /// already durable, and an agent must not wait for the record of what it already received.
     fn record(self, status: StatusCode, end: BodyEnd, took: Duration, reached: bool) {
         let Call {
             gateway,
@@ -186,10 +186,6 @@ impl Call {
             verdict,
             ..
         } = self;
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(tool = %tool.name, "no runtime to record a call outcome on");
-            return;
-        };
         let agent = verdict.agent.clone().unwrap_or_default();
         let mut event = audit::EventBody::new(
             SystemClock.now_ms(),
@@ -210,11 +206,8 @@ impl Call {
         if let Some(task) = &verdict.task {
             event = event.task(task.clone());
         }
-        runtime.spawn(async move {
-            if let Err(error) = gateway.authority().store().append_events(vec![event]).await {
-                tracing::warn!(tool = %tool.name, "could not record a call outcome: {error}");
-            }
-        });
+        // Batched with other outcomes a few milliseconds apart.
+        gateway.authority().record_later(event);
     }
 }
 

@@ -755,15 +755,7 @@ impl Outcome {
         if let Some(task) = self.task {
             event = event.task(task);
         }
-        let authority = self.authority;
-        // Dropped after the runtime stopped: nothing left to record into.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(error) = authority.store().append_events(vec![event]).await {
-                    tracing::warn!("could not record a call outcome: {error}");
-                }
-            });
-        }
+        self.authority.record_later(event);
     }
 }
 

@@ -128,6 +128,7 @@ async fn serve(
         .await?;
     sync.abort();
     authority.flush_call_counts().await;
+    authority.flush_deferred().await;
     tracing::info!("remit stopped");
     Ok(())
 }
