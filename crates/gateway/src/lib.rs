@@ -89,22 +89,13 @@ impl Gateway {
         arguments: &str,
     ) -> CallVerdict {
         let started = Instant::now();
-        let bearer = presented.scheme == Scheme::Bearer;
         let attempt = CallAttempt {
-            token: presented.token,
-            // A DPoP-bound token presented as a bearer token has no proof, whatever else
-            // the request carries; only tools that accept bearer tokens let that pass.
-            proof: if bearer { None } else { presented.proof },
-            bearer_allowed: bearer && tool.bearer_tokens,
-            method: method.as_str(),
-            url,
-            tool: &tool.name,
             action: &classified.action,
             resource: &classified.resource,
             class: classified.class,
             sensitivity: &classified.sensitivity,
             arguments,
-            limiter: Some(&self.limiter),
+            ..self.attempt(presented, tool.bearer_tokens, method, url, &tool.name)
         };
         let verdict = self.authority.authorize(&attempt).await;
         self.metrics.decision(
@@ -129,20 +120,9 @@ impl Gateway {
         action: &str,
     ) -> CallVerdict {
         let started = Instant::now();
-        let bearer = presented.scheme == Scheme::Bearer;
         let attempt = CallAttempt {
-            token: presented.token,
-            proof: if bearer { None } else { presented.proof },
-            bearer_allowed: bearer && tool.bearer_tokens,
-            method: method.as_str(),
-            url,
-            tool: &tool.name,
             action,
-            resource: "",
-            class: model::ActionClass::Read,
-            sensitivity: &[],
-            arguments: "{}",
-            limiter: Some(&self.limiter),
+            ..self.attempt(presented, tool.bearer_tokens, method, url, &tool.name)
         };
         let verdict = self.authority.authorize_session(&attempt).await;
         self.metrics.decision(
@@ -156,6 +136,35 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// The attempt of one request by `presented`, before it names an action: a read of
+    /// nothing with no arguments, which call sites narrow. A DPoP-bound token presented as a
+    /// bearer token has no proof, whatever else the request carries; only a tool that
+    /// accepts bearer tokens (`bearer_tokens`) lets that pass.
+    fn attempt<'a>(
+        &'a self,
+        presented: &Presented<'a>,
+        bearer_tokens: bool,
+        method: &'a Method,
+        url: &'a str,
+        tool: &'a str,
+    ) -> CallAttempt<'a> {
+        let bearer = presented.scheme == Scheme::Bearer;
+        CallAttempt {
+            token: presented.token,
+            proof: if bearer { None } else { presented.proof },
+            bearer_allowed: bearer && bearer_tokens,
+            method: method.as_str(),
+            url,
+            tool,
+            action: "",
+            resource: "",
+            class: model::ActionClass::Read,
+            sensitivity: &[],
+            arguments: "{}",
+            limiter: Some(&self.limiter),
+        }
+    }
+
     /// A request for a tool remit does not front. With credentials, the caller is
     /// authenticated and the attempt recorded and counted by the containment rules (probing
     /// for tools is off-script); either way the answer is 404 `tool_unknown`, unless the
@@ -180,22 +189,9 @@ impl Gateway {
             return not_found().into_response();
         };
         let attempt = CallAttempt {
-            token: presented.token,
-            proof: if presented.scheme == Scheme::Bearer {
-                None
-            } else {
-                presented.proof
-            },
-            bearer_allowed: false,
-            method: method.as_str(),
-            url,
-            tool: name,
             action: "unknown",
-            resource: "",
             class: model::ActionClass::Admin,
-            sensitivity: &[],
-            arguments: "{}",
-            limiter: Some(&self.limiter),
+            ..self.attempt(&presented, false, method, url, name)
         };
         let verdict = self.authority.refuse_unknown_tool(&attempt).await;
         if verdict.code == "tool_unknown" {

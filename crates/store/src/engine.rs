@@ -195,6 +195,14 @@ impl<B: Backend> SqlStore<B> {
         }
     }
 
+    /// A write whose answer is the approval it changed, if any.
+    async fn write_approval(&self, op: WriteOp) -> Result<Option<ApprovalRecord>> {
+        match self.write(op).await? {
+            Outcome::Approval(approval) => Ok(approval),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
     async fn read(&self) -> Result<PoolConnection<B::Db>> {
         self.backend.pool().acquire().await.map_err(db_error)
     }
@@ -1546,10 +1554,7 @@ impl<B: Backend> Store for SqlStore<B> {
             now,
             event,
         };
-        match self.write(op).await? {
-            Outcome::Approval(approval) => Ok(approval),
-            _ => Err(wrong_outcome()),
-        }
+        self.write_approval(op).await
     }
 
     async fn consume_approval(
@@ -1563,10 +1568,7 @@ impl<B: Backend> Store for SqlStore<B> {
             now,
             event,
         };
-        match self.write(op).await? {
-            Outcome::Approval(approval) => Ok(approval),
-            _ => Err(wrong_outcome()),
-        }
+        self.write_approval(op).await
     }
 
     async fn pending_approval_for(
