@@ -19,6 +19,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::approvals::ApprovalView;
 use crate::authority::{Authority, Grant, TaskRequest, VerifyReport};
+use crate::checkpoint::Checkpoint;
 use crate::delegation::{Exchanged, TokenExchange};
 use crate::error::{Error, ErrorKind};
 use crate::operators::Operator;
@@ -50,6 +51,7 @@ pub fn router(authority: Arc<Authority>) -> Router {
         .route("/v1/keys/rotate", post(rotate_keys))
         .route("/v1/audit", get(audit_events))
         .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/audit/checkpoint", get(audit_checkpoint))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -66,9 +68,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     info(title = "remit", description = "Task-scoped credentials, policy checks and a hash-chained audit log for AI agents."),
     paths(
         healthz, jwks, register_agent, list_agents, show_agent, disable_agent, release_agent, request_task, show_task,
-        complete_task, task_timeline, token_exchange, list_approvals, show_approval, approve, deny, revoke, rotate_keys, audit_events, audit_verify
+        complete_task, task_timeline, token_exchange, list_approvals, show_approval, approve, deny, revoke, rotate_keys, audit_events, audit_verify,
+        audit_checkpoint
     ),
-    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, TimelineEntry, ApprovalView, DecideApproval, Revoke, RevocationView, Rotated, AuditPage, VerifyReport)),
+    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, TimelineEntry, ApprovalView, DecideApproval, Revoke, RevocationView, Rotated, AuditPage, VerifyReport, Checkpoint)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
@@ -764,11 +767,42 @@ async fn audit_events(
     Ok(axum::Json(AuditPage { events }))
 }
 
-/// Walk the hash chain and report the first broken sequence number, if any.
-#[utoipa::path(get, path = "/v1/audit/verify", security(("operator" = [])), responses((status = 200, body = VerifyReport)))]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyQuery {
+    checkpoint: Option<String>,
+}
+
+/// Walk the hash chain and report the first broken sequence number, if any. With
+/// `checkpoint`, the log must also reach that signed checkpoint's event with the same hash,
+/// which shows a cut-off tail or a rewritten history.
+#[utoipa::path(get, path = "/v1/audit/verify", security(("operator" = [])),
+    params(("checkpoint" = Option<String>, Query, description = "a checkpoint from `GET /v1/audit/checkpoint`, kept since")),
+    responses((status = 200, body = VerifyReport), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn audit_verify(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
+    uri: axum::http::Uri,
 ) -> Result<axum::Json<VerifyReport>, Error> {
-    Ok(axum::Json(authority.verify_audit(&operator).await?))
+    let q: VerifyQuery = query(&uri)?;
+    let report = match q.checkpoint {
+        Some(checkpoint) => {
+            authority
+                .verify_audit_against(&operator, &checkpoint)
+                .await?
+        }
+        None => authority.verify_audit(&operator).await?,
+    };
+    Ok(axum::Json(report))
+}
+
+/// Sign the audit chain's current head: a checkpoint to keep outside remit and hand to
+/// `GET /v1/audit/verify?checkpoint=` later.
+#[utoipa::path(get, path = "/v1/audit/checkpoint", security(("operator" = [])),
+    responses((status = 200, body = Checkpoint), (status = 403, body = ErrorBody)))]
+async fn audit_checkpoint(
+    State(authority): State<AppState>,
+    OperatorAuth(operator): OperatorAuth,
+) -> Result<axum::Json<Checkpoint>, Error> {
+    Ok(axum::Json(authority.audit_checkpoint(&operator).await?))
 }

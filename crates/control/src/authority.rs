@@ -127,6 +127,10 @@ pub struct VerifyReport {
     pub first_bad_seq: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The sequence number of the signed checkpoint the log was held against, if one was
+    /// given (`GET /v1/audit/verify?checkpoint=…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_seq: Option<u64>,
 }
 
 impl Authority {
@@ -858,6 +862,7 @@ impl Authority {
                         head: audit::to_hex(&verifier.head()),
                         first_bad_seq: Some(broken.seq),
                         reason: Some(broken.reason.to_string()),
+                        checkpoint_seq: None,
                     });
                 }
             }
@@ -868,6 +873,7 @@ impl Authority {
             head: audit::to_hex(&verifier.head()),
             first_bad_seq: None,
             reason: None,
+            checkpoint_seq: None,
         })
     }
 }

@@ -130,6 +130,17 @@ impl KeyRing {
             .map_err(|e| Error::internal(e.to_string()))
     }
 
+    /// Signs an audit checkpoint with the current key; returns the key's id and the JWS.
+    pub fn sign_checkpoint(
+        &self,
+        claims: &credentials::CheckpointClaims,
+    ) -> Result<(String, String)> {
+        let key = self.current.load();
+        let text = credentials::mint_checkpoint(&key, claims)
+            .map_err(|e| Error::internal(e.to_string()))?;
+        Ok((key.kid().to_string(), text))
+    }
+
     pub fn current_kid(&self) -> String {
         self.current.load().kid().to_string()
     }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod approvals;
 mod authority;
 mod check;
+mod checkpoint;
 pub mod clock;
 pub mod containment;
 pub mod delegation;
@@ -20,6 +21,7 @@ pub mod timeline;
 
 pub use authority::{Authority, Grant, TaskRequest, VerifyReport, load_policies};
 pub use check::{CallAttempt, CallLimiter, CallVerdict, ProofMode};
+pub use checkpoint::Checkpoint;
 pub use error::{Error, ErrorKind, Result};
 pub use examples::{EXAMPLE_POLICIES, EXAMPLE_SCHEMA, engine as example_policies};
 pub use keyring::KeyRing;

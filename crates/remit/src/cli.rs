@@ -182,7 +182,15 @@ pub enum RevokeKind {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Walk the hash chain; name the first bad sequence number if any.
-    Verify,
+    Verify {
+        /// A checkpoint from `remit audit checkpoint`, kept since: the log must still reach
+        /// its event, with the same hash (shows a cut-off tail or a rewritten history).
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Sign the chain's current head and print the checkpoint (one line) to keep outside
+    /// remit's store.
+    Checkpoint,
     /// What a task did, in order, with every task delegated from it.
     Timeline {
         task: String,

@@ -282,8 +282,17 @@ async fn admin(authority: &Authority, operator: &Operator, command: Command) -> 
                 revocation.seq
             );
         }
-        Command::Audit(AuditCommand::Verify) => {
-            let report = authority.verify_audit(operator).await.map_err(fail)?;
+        Command::Audit(AuditCommand::Verify { checkpoint }) => {
+            let report = match checkpoint {
+                Some(path) => {
+                    let text = read_checkpoint(&path)?;
+                    authority
+                        .verify_audit_against(operator, &text)
+                        .await
+                        .map_err(fail)?
+                }
+                None => authority.verify_audit(operator).await.map_err(fail)?,
+            };
             if let Some(seq) = report.first_bad_seq {
                 eprintln!(
                     "error: audit chain broken at sequence number {seq}: {}",
@@ -295,6 +304,18 @@ async fn admin(authority: &Authority, operator: &Operator, command: Command) -> 
             println!(
                 "audit chain intact: {} events, head {}",
                 report.checked, report.head
+            );
+            if let Some(seq) = report.checkpoint_seq {
+                println!("the log matches the signed checkpoint of event {seq}");
+            }
+        }
+        Command::Audit(AuditCommand::Checkpoint) => {
+            let checkpoint = authority.audit_checkpoint(operator).await.map_err(fail)?;
+            println!("{}", checkpoint.checkpoint);
+            eprintln!(
+                "checkpoint of event {} (hash {}), signed by key {}; keep it outside remit's store \
+                 and check the log against it with `remit audit verify --checkpoint FILE`",
+                checkpoint.seq, checkpoint.hash, checkpoint.kid
             );
         }
         Command::Audit(AuditCommand::Timeline { task, json }) => {
@@ -391,6 +412,23 @@ fn policy(command: PolicyCommand) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// A checkpoint file's text, read with a bound: a checkpoint is well under 1 KiB.
+fn read_checkpoint(path: &std::path::Path) -> Result<String> {
+    const MAX: u64 = 16 * 1024;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read the checkpoint `{}`", path.display()))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX + 1), &mut text)
+        .with_context(|| format!("cannot read the checkpoint `{}`", path.display()))?;
+    if text.len() as u64 > MAX {
+        return Err(anyhow!(
+            "the checkpoint `{}` is larger than 16 KiB; hint: give the file that `remit audit checkpoint` printed",
+            path.display()
+        ));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Support for other crates' tests and benchmarks that need a PostgreSQL of their own: a
-//! throw-away schema on the server named by `REMIT_TEST_POSTGRES_URL`. Compiled only with the
+//! Support for other crates' tests and benchmarks that need a PostgreSQL of their own (a
+//! throw-away schema on the server named by `REMIT_TEST_POSTGRES_URL`), a network cut, or a
+//! way around the store to tamper with its rows. Compiled only with the
 //! `testing` feature, so production builds carry none of it.
 
 use sqlx::Executor;
@@ -71,6 +72,25 @@ fn random_u64() -> u64 {
         .unwrap_or(0);
     hasher.write_u128(nanos);
     hasher.finish()
+}
+
+/// Runs `sql` on the database at `url` (`sqlite://…` or `postgres://…`) behind the store's
+/// back, as someone with write access to the database could: for tamper tests.
+pub async fn tamper(url: &str, sql: &str) -> Result<()> {
+    let failed = |e: sqlx::Error| StoreError::Unavailable(format!("tampering failed: {e}"));
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+        let pool = sqlx::SqlitePool::connect_with(options)
+            .await
+            .map_err(failed)?;
+        sqlx::raw_sql(sql).execute(&pool).await.map_err(failed)?;
+        pool.close().await;
+    } else {
+        let pool = PgPool::connect(url).await.map_err(failed)?;
+        sqlx::raw_sql(sql).execute(&pool).await.map_err(failed)?;
+        pool.close().await;
+    }
+    Ok(())
 }
 
 /// A TCP relay to a database that a test can cut, which is what a network partition looks

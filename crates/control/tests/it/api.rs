@@ -194,6 +194,46 @@ async fn an_agents_credentials_never_open_the_admin_api() {
     );
     let (status, _, body) = send(&h, get("/v1/audit/verify", Some(&auditor))).await;
     assert_eq!((status, &body["ok"]), (StatusCode::OK, &json!(true)));
+
+    // Signed checkpoints: an auditor takes one and holds the log against it later.
+    let (status, _, checkpoint) = send(&h, get("/v1/audit/checkpoint", Some(&auditor))).await;
+    assert_eq!(status, StatusCode::OK, "{checkpoint}");
+    let text = checkpoint["checkpoint"].as_str().unwrap();
+    let (status, _, body) = send(
+        &h,
+        get(
+            &format!("/v1/audit/verify?checkpoint={text}"),
+            Some(&auditor),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["ok"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
+    assert_eq!(body["checkpoint_seq"], checkpoint["seq"]);
+    for (query, code) in [
+        ("checkpoint=not-a-checkpoint", "invalid_checkpoint"),
+        ("checkpint=x", "invalid_query"),
+    ] {
+        let (status, _, body) = send(
+            &h,
+            get(&format!("/v1/audit/verify?{query}"), Some(&auditor)),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{query}: {body}"
+        );
+    }
+    let approver = admin_bearer(&h, model::Role::Approver).await;
+    let (status, _, body) = send(&h, get("/v1/audit/checkpoint", Some(&approver))).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("operator_role"))
+    );
 }
 
 #[tokio::test]
@@ -298,6 +338,7 @@ async fn published_documents() {
         "/v1/revocations",
         "/v1/audit",
         "/v1/audit/verify",
+        "/v1/audit/checkpoint",
         "/.well-known/jwks.json",
     ] {
         assert!(

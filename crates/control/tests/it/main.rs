@@ -12,6 +12,7 @@
 mod api;
 mod approvals;
 mod calls;
+mod checkpoint;
 mod containment;
 mod delegation;
 mod failclosed;

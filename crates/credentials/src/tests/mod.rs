@@ -2,6 +2,7 @@
 //! the replay cache and interoperability with an independent JOSE implementation.
 
 mod acceptance;
+mod checkpoint;
 mod interop;
 mod keys;
 mod replay;

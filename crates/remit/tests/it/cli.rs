@@ -231,11 +231,20 @@ async fn a_scripted_session() {
     assert_eq!(kinds, ["task.granted", "revocation", "task.revoked"]);
     let verify = ok(d, &["audit", "verify"]);
     assert!(verify.starts_with("audit chain intact: "), "{verify}");
+    // A signed checkpoint of the head, kept in a file, holds against the log as it grows.
+    let checkpoint = ok(d, &["audit", "checkpoint"]);
+    assert_eq!(checkpoint.trim().split('.').count(), 3, "{checkpoint}");
+    std::fs::write(d.join("checkpoint.jws"), &checkpoint).unwrap();
+    ok(d, &["agent", "disable", "triage-bot"]);
+    let verify = ok(d, &["audit", "verify", "--checkpoint", "checkpoint.jws"]);
+    assert!(
+        verify.contains("the log matches the signed checkpoint of event"),
+        "{verify}"
+    );
     let all = ok(d, &["audit", "tail", "-n", "1000"]);
     assert!(!all.contains(&operator_token) && !all.contains(&token));
 
-    // Disable: the agent is refused new tasks.
-    ok(d, &["agent", "disable", "triage-bot"]);
+    // Disabled above: the agent is listed so.
     assert!(ok(d, &["agent", "list"]).contains("triage-bot\tdisabled"));
 }
 
@@ -374,6 +383,15 @@ fn mistakes_get_one_clear_line() {
         "not a JSON JWK",
     );
     check(&["agent", "show", "ghost"], "no agent named `ghost`");
+    check(
+        &["audit", "verify", "--checkpoint", "nowhere.jws"],
+        "cannot read the checkpoint `nowhere.jws`",
+    );
+    std::fs::write(d.join("forged.jws"), "eyJhbGciOiJub25lIn0.e30.").unwrap();
+    check(
+        &["audit", "verify", "--checkpoint", "forged.jws"],
+        "is not ES256",
+    );
     check(&["revoke", "task", "nonsense"], "invalid task id");
     check(
         &["--store", "mysql://x", "agent", "list"],
