@@ -57,7 +57,9 @@ impl Histogram {
 
 #[derive(Debug, Default)]
 struct State {
-    decisions: BTreeMap<(String, String, String), u64>,
+    /// Tool → (outcome, reason) → count. Outcomes and reasons are the call path's fixed
+    /// codes, so once a tool has been seen, counting a decision allocates nothing.
+    decisions: BTreeMap<String, BTreeMap<(&'static str, &'static str), u64>>,
     decision_latency: Histogram,
     upstream_latency: BTreeMap<String, Histogram>,
     upstream_errors: BTreeMap<String, u64>,
@@ -76,25 +78,41 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Applies `change` to the value of `key`, allocating the owned key only the first time the
+/// key is seen.
+fn update<V: Default>(map: &mut BTreeMap<String, V>, key: &str, change: impl FnOnce(&mut V)) {
+    match map.get_mut(key) {
+        Some(value) => change(value),
+        None => {
+            let mut value = V::default();
+            change(&mut value);
+            map.insert(key.to_string(), value);
+        }
+    }
+}
+
 impl Metrics {
-    pub fn decision(&self, outcome: &str, tool: &str, reason: &str, took: Duration) {
+    pub fn decision(
+        &self,
+        outcome: &'static str,
+        tool: &str,
+        reason: &'static str,
+        took: Duration,
+    ) {
         let mut state = self.state.lock();
-        *state
-            .decisions
-            .entry((outcome.to_string(), tool.to_string(), reason.to_string()))
-            .or_insert(0) += 1;
+        update(&mut state.decisions, tool, |counts| {
+            *counts.entry((outcome, reason)).or_insert(0) += 1;
+        });
         state.decision_latency.observe(took.as_secs_f64());
     }
 
     pub fn upstream(&self, tool: &str, took: Duration, failed: bool) {
         let mut state = self.state.lock();
-        state
-            .upstream_latency
-            .entry(tool.to_string())
-            .or_default()
-            .observe(took.as_secs_f64());
+        update(&mut state.upstream_latency, tool, |histogram| {
+            histogram.observe(took.as_secs_f64());
+        });
         if failed {
-            *state.upstream_errors.entry(tool.to_string()).or_insert(0) += 1;
+            update(&mut state.upstream_errors, tool, |count| *count += 1);
         }
     }
 
@@ -103,14 +121,16 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP remit_decisions_total Call decisions by outcome, tool and reason.\n");
         out.push_str("# TYPE remit_decisions_total counter\n");
-        for ((outcome, tool, reason), count) in &state.decisions {
-            let _ = writeln!(
-                out,
-                "remit_decisions_total{{outcome=\"{}\",tool=\"{}\",reason=\"{}\"}} {count}",
-                label(outcome),
-                label(tool),
-                label(reason)
-            );
+        for (tool, counts) in &state.decisions {
+            for ((outcome, reason), count) in counts {
+                let _ = writeln!(
+                    out,
+                    "remit_decisions_total{{outcome=\"{}\",tool=\"{}\",reason=\"{}\"}} {count}",
+                    label(outcome),
+                    label(tool),
+                    label(reason)
+                );
+            }
         }
         out.push_str("# HELP remit_decision_seconds Time to decide a call (token, proof, revocation, scope, policy, audit).\n");
         out.push_str("# TYPE remit_decision_seconds histogram\n");
