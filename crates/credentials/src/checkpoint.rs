@@ -102,7 +102,7 @@ pub fn verify_checkpoint(
         ));
     }
     let compact = Compact::split(text).map_err(malformed)?;
-    let header: Header = compact.header().map_err(malformed)?;
+    let header: jws::Header = compact.header().map_err(malformed)?;
     if header.alg != "ES256" {
         return Err(CheckpointError::AlgorithmNotAllowed(jws::shown(
             &header.alg,
@@ -141,17 +141,6 @@ pub fn verify_checkpoint(
         ));
     }
     Ok(claims)
-}
-
-#[derive(Deserialize)]
-struct Header {
-    alg: String,
-    #[serde(default)]
-    kid: Option<String>,
-    #[serde(default)]
-    typ: Option<String>,
-    #[serde(default)]
-    crit: Option<serde::de::IgnoredAny>,
 }
 
 fn malformed(error: FramingError) -> CheckpointError {

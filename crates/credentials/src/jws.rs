@@ -3,8 +3,8 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// Longest token or proof we look at. Real ones are well under 2 KiB; the bound keeps a
 /// hostile header from costing more than a glance.
@@ -18,6 +18,20 @@ pub struct Compact<'a> {
     pub signature: &'a str,
     /// `header.payload`: the bytes the signature covers.
     pub signing_input: &'a str,
+}
+
+/// The protected header of remit's own JWS kinds (task tokens, checkpoints): what each
+/// verifier inspects before it looks at a key. Unknown members are ignored; `crit` is kept so
+/// that a verifier can refuse extensions it does not understand.
+#[derive(Debug, Deserialize)]
+pub struct Header {
+    pub alg: String,
+    #[serde(default)]
+    pub kid: Option<String>,
+    #[serde(default)]
+    pub typ: Option<String>,
+    #[serde(default)]
+    pub crit: Option<serde::de::IgnoredAny>,
 }
 
 /// Why the JWS framing was rejected; each caller turns it into its own error.

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use aws_lc_rs::signature::ParsedPublicKey;
 use model::{ScopeSet, Secret};
 use parking_lot::RwLock;
-use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -158,7 +157,7 @@ impl TokenVerifier {
             return Err(TokenError::Oversized(token.len()));
         }
         let compact = Compact::split(token).map_err(malformed)?;
-        let header: TokenHeader = compact.header().map_err(malformed)?;
+        let header: jws::Header = compact.header().map_err(malformed)?;
         // The algorithm is fixed by remit, never chosen by the token: `none`, HMAC with the
         // public key as secret and every other confusion stop here.
         if header.alg != "ES256" {
@@ -231,17 +230,6 @@ struct Shared {
     audience: String,
     max_skew_seconds: i64,
     keys: RwLock<Arc<HashMap<String, ParsedPublicKey>>>,
-}
-
-#[derive(Deserialize)]
-struct TokenHeader {
-    alg: String,
-    #[serde(default)]
-    kid: Option<String>,
-    #[serde(default)]
-    typ: Option<String>,
-    #[serde(default)]
-    crit: Option<IgnoredAny>,
 }
 
 fn malformed(error: FramingError) -> TokenError {
