@@ -61,7 +61,8 @@ fn task(
     random[..8].copy_from_slice(&(i as u64).to_be_bytes());
     random[8..].copy_from_slice(&(now as u64).to_be_bytes());
     let id = TaskId::from_random(random);
-    let jti = format!("jti-{i}");
+    // 32 hex digits, as the grant path's `jti`s are.
+    let jti = format!("{i:016x}{now:016x}");
     let record = TaskRecord {
         id: id.clone(),
         agent: agent.name.clone(),
@@ -119,6 +120,8 @@ async fn main() {
     let authority = Authority::open(settings, clock.clone())
         .await
         .expect("authority");
+    // The periodic catch-up `remit serve` runs: it persists call counts and sweeps caches.
+    let _sync = authority.spawn_sync();
     let admin = Operator::local("bench");
     let key = AgentKeyPair::generate_ed25519().expect("key");
     let jkt = key.public().thumbprint().to_string();
@@ -244,7 +247,7 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(allowed, TASKS, "every task's first call should be allowed");
-    // Let the background writes of the call counts drain, then write once more behind them.
+    // Let the periodic catch-up write the call counts, then write once more behind them.
     tokio::time::sleep(Duration::from_secs(2)).await;
     authority
         .store()

@@ -10,14 +10,13 @@ use std::time::{Duration, Instant};
 
 use audit::kinds;
 use aws_lc_rs::digest;
-use credentials::TaskClaims;
 use model::{Decision, DecisionReport, Role, TaskId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use store::{ApprovalKey, ApprovalRecord, ApprovalStatus};
 
 use crate::authority::Authority;
-use crate::check::{CallAttempt, Denial, TaskState};
+use crate::check::{CallAttempt, Denial, TaskState, VerifiedToken};
 use crate::error::{Error, ErrorKind, Result};
 use crate::operators::Operator;
 use crate::random;
@@ -127,7 +126,7 @@ enum Held {
 /// The call a step-up applies to, as the call path knows it.
 pub(crate) struct StepUpCall<'a> {
     pub(crate) attempt: &'a CallAttempt<'a>,
-    pub(crate) claims: &'a TaskClaims,
+    pub(crate) claims: &'a VerifiedToken,
     pub(crate) task: &'a TaskState,
     pub(crate) now: i64,
 }
@@ -143,7 +142,7 @@ impl Authority {
         first: DecisionReport,
         evaluate: &(impl Fn(bool) -> DecisionReport + Sync),
     ) -> std::result::Result<(DecisionReport, String), Denial> {
-        let task: TaskId = call.claims.task.parse().map_err(Error::from)?;
+        let task: TaskId = call.claims.task.task_id();
         let digest = args_digest(call.attempt.arguments);
         let key = ApprovalKey {
             task: &task,
@@ -226,9 +225,9 @@ impl Authority {
             });
         }
         let event = self
-            .event(kinds::APPROVAL_CONSUMED, call.claims.sub.as_str())
-            .agent(call.claims.sub.as_str())
-            .task(call.claims.task.as_str())
+            .event(kinds::APPROVAL_CONSUMED, call.claims.subject())
+            .agent(call.claims.subject())
+            .task(key.task.as_str())
             .detail(json!({
                 "tool": key.tool,
                 "action": key.action,
@@ -263,8 +262,8 @@ impl Authority {
         let approval = ApprovalRecord {
             id: random::hex_id::<16>("apr_")?,
             task: key.task.clone(),
-            agent: call.claims.sub.parse().map_err(Error::from)?,
-            owner: call.task.owner.parse().map_err(Error::from)?,
+            agent: call.claims.subject().parse().map_err(Error::from)?,
+            owner: call.task.context.owner.parse().map_err(Error::from)?,
             tool: key.tool.to_string(),
             action: key.action.to_string(),
             resource: key.resource.to_string(),
@@ -277,9 +276,9 @@ impl Authority {
             decided_at: None,
         };
         let event = self
-            .event(kinds::APPROVAL_REQUESTED, call.claims.sub.as_str())
-            .agent(call.claims.sub.as_str())
-            .task(call.claims.task.as_str())
+            .event(kinds::APPROVAL_REQUESTED, call.claims.subject())
+            .agent(call.claims.subject())
+            .task(key.task.as_str())
             .detail(json!({
                 "approval": approval.id,
                 "tool": approval.tool,

@@ -10,12 +10,13 @@ use std::time::Instant;
 use audit::kinds;
 use aws_lc_rs::digest;
 use credentials::{ProofCheck, TaskClaims};
-use model::{ActionClass, Decision, DecisionReport, SpiffeId, TaskId, TaskStatus};
+use model::{ActionClass, Decision, DecisionReport, ScopeSet, SpiffeId, TaskStatus};
 use parking_lot::RwLock;
 use serde::Serialize;
 use serde_json::json;
 
 use crate::authority::Authority;
+use crate::compact::{Interner, TaskKey, Thumbprint, TokenJti};
 use crate::error::Error;
 use crate::revocation::RevocationQuery;
 
@@ -85,10 +86,55 @@ pub struct CallVerdict {
     /// The step-up approval this call filed or waits on (`approval_required`,
     /// `approval_denied`), or the one it spent (an allowed call).
     pub approval: Option<String>,
-    /// The verified token's claims (its scopes, for filtering what a caller is shown),
-    /// whenever the token verified. Never serialized.
+    /// What the call path keeps of the verified token (its scopes, for filtering what a
+    /// caller is shown), whenever the token verified. Never serialized.
     #[serde(skip)]
-    pub claims: Option<Arc<TaskClaims>>,
+    pub claims: Option<Arc<VerifiedToken>>,
+}
+
+/// What the call path keeps of a verified task token, cached by the token's hash until it
+/// expires: only what later calls check, ids as the bytes they encode, and the agent, its
+/// key's thumbprint and the scope set shared by every token that repeats them (80 bytes per
+/// token, three of them pointers to shared values). `iss` and `aud` were checked against
+/// this node's own values and are not kept, nor is `nbf` (the token was valid when it was
+/// verified and stays so until `exp`).
+#[derive(Debug)]
+pub struct VerifiedToken {
+    /// The token's `scope` claim.
+    pub scope: Arc<ScopeSet>,
+    pub(crate) agent: Arc<TokenAgent>,
+    pub(crate) task: TaskKey,
+    pub(crate) jti: TokenJti,
+    /// `cnf.jkt`: a proof must come from the key of this thumbprint.
+    pub(crate) jkt: Arc<Thumbprint>,
+    pub(crate) iat: i64,
+    pub(crate) exp: i64,
+}
+
+impl VerifiedToken {
+    /// The agent's SPIFFE ID (`sub`).
+    pub fn subject(&self) -> &str {
+        &self.agent.spiffe_id
+    }
+
+    /// The task the token is for.
+    pub fn task(&self) -> String {
+        self.task.to_string()
+    }
+
+    pub fn expires_at(&self) -> i64 {
+        self.exp
+    }
+}
+
+/// The agent side of a token, the same for every token of that agent and delegation chain.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TokenAgent {
+    pub(crate) spiffe_id: Box<str>,
+    /// The agent's name, when `spiffe_id` is an agent SPIFFE ID (a call is refused otherwise).
+    pub(crate) name: Option<Box<str>>,
+    /// The delegating agents of the token's `act` claim, nearest first.
+    pub(crate) delegators: Box<[String]>,
 }
 
 /// How far the call path goes for one attempt.
@@ -137,16 +183,23 @@ impl From<Error> for Denial {
 /// What the call path needs to know about a task beyond its token, loaded once per node.
 #[derive(Debug)]
 pub(crate) struct TaskState {
-    pub(crate) owner: String,
-    pub(crate) intent: String,
-    pub(crate) obo: Option<String>,
-    pub(crate) depth: u32,
-    pub(crate) status: TaskStatus,
+    /// Owner, intent, on-behalf-of user and ancestors, shared by the tasks that have the
+    /// same ones.
+    pub(crate) context: Arc<TaskContext>,
     pub(crate) expires_at: i64,
+    pub(crate) depth: u32,
     pub(crate) budget: u32,
     pub(crate) used: AtomicU32,
-    /// The task followed by its ancestors, nearest first.
-    pub(crate) chain: Vec<String>,
+    pub(crate) status: TaskStatus,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TaskContext {
+    pub(crate) owner: Box<str>,
+    pub(crate) intent: Box<str>,
+    pub(crate) obo: Option<Box<str>>,
+    /// The task's ancestors, nearest first (empty for a task that was not delegated).
+    pub(crate) ancestors: Box<[TaskKey]>,
 }
 
 impl TaskState {
@@ -161,38 +214,76 @@ impl TaskState {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct TaskCache(RwLock<HashMap<String, Arc<TaskState>>>);
+pub(crate) struct TaskCache {
+    tasks: RwLock<HashMap<TaskKey, Arc<TaskState>>>,
+    contexts: Interner<TaskContext>,
+}
 
 impl TaskCache {
     pub(crate) fn purge_expired(&self, now: i64) {
-        self.0.write().retain(|_, task| task.expires_at > now);
+        self.tasks.write().retain(|_, task| task.expires_at > now);
+        self.contexts.sweep();
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.0.read().len()
+        self.tasks.read().len()
     }
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct TokenCache(RwLock<HashMap<[u8; 32], Arc<TaskClaims>>>);
+pub(crate) struct TokenCache {
+    tokens: RwLock<HashMap<[u8; 32], Arc<VerifiedToken>>>,
+    agents: Interner<TokenAgent>,
+    thumbprints: Interner<Thumbprint>,
+    scopes: Interner<ScopeSet>,
+}
 
 impl TokenCache {
-    fn get(&self, hash: &[u8; 32]) -> Option<Arc<TaskClaims>> {
-        self.0.read().get(hash).cloned()
+    fn get(&self, hash: &[u8; 32]) -> Option<Arc<VerifiedToken>> {
+        self.tokens.read().get(hash).cloned()
+    }
+
+    /// What is kept of `claims`, or `None` for claims no token remit issues can carry (a
+    /// task id or key thumbprint in another form), which are refused rather than cached.
+    fn compact(&self, claims: &TaskClaims) -> Option<VerifiedToken> {
+        let name = claims
+            .sub
+            .parse::<SpiffeId>()
+            .ok()
+            .map(|id| id.parts().1.as_str().into());
+        let agent = TokenAgent {
+            spiffe_id: claims.sub.as_str().into(),
+            name,
+            delegators: delegators_of(claims).into(),
+        };
+        Some(VerifiedToken {
+            scope: self.scopes.intern(&claims.scope),
+            agent: self.agents.intern(&agent),
+            task: TaskKey::parse(&claims.task)?,
+            jti: TokenJti::from(claims.jti.as_str()),
+            jkt: self
+                .thumbprints
+                .intern(&Thumbprint::parse(&claims.cnf.jkt)?),
+            iat: claims.iat,
+            exp: claims.exp,
+        })
     }
 
     /// Caches a verified token unless the cache is full. Expired entries are swept by the
     /// periodic sync, never here: a sweep of a full map under the write lock would stall
     /// every reader on the call path.
-    fn insert(&self, hash: [u8; 32], claims: Arc<TaskClaims>) {
-        let mut map = self.0.write();
+    fn insert(&self, hash: [u8; 32], token: Arc<VerifiedToken>) {
+        let mut map = self.tokens.write();
         if map.len() < TOKEN_CACHE_CAPACITY {
-            map.insert(hash, claims);
+            map.insert(hash, token);
         }
     }
 
     pub(crate) fn purge_expired(&self, now: i64) {
-        self.0.write().retain(|_, c| c.exp > now);
+        self.tokens.write().retain(|_, token| token.exp > now);
+        self.agents.sweep();
+        self.thumbprints.sweep();
+        self.scopes.sweep();
     }
 }
 
@@ -314,8 +405,8 @@ impl Authority {
                 code: "allowed",
                 message: "allowed".to_string(),
                 report,
-                task: Some(claims.task.clone()),
-                agent: Some(claims.sub.clone()),
+                task: Some(claims.task()),
+                agent: Some(claims.subject().to_string()),
                 mode: Some(mode),
                 audit_seq: None,
                 decision_micros: 0,
@@ -329,8 +420,8 @@ impl Authority {
                     .unwrap_or_else(|| DecisionReport::deny(denial.message.clone())),
                 code: denial.code,
                 message: denial.message,
-                task: claims.as_ref().map(|c| c.task.clone()),
-                agent: claims.as_ref().map(|c| c.sub.clone()),
+                task: claims.as_ref().map(|c| c.task()),
+                agent: claims.as_ref().map(|c| c.subject().to_string()),
                 mode: None,
                 audit_seq: None,
                 decision_micros: 0,
@@ -350,8 +441,13 @@ impl Authority {
         now: i64,
         check: Check,
     ) -> Result<
-        (Arc<TaskClaims>, ProofMode, DecisionReport, Option<String>),
-        (Denial, Option<Arc<TaskClaims>>),
+        (
+            Arc<VerifiedToken>,
+            ProofMode,
+            DecisionReport,
+            Option<String>,
+        ),
+        (Denial, Option<Arc<VerifiedToken>>),
     > {
         // 1. The token, verified once and then cached by its hash until it expires.
         if attempt.token.len() > MAX_TOKEN_BYTES {
@@ -364,7 +460,7 @@ impl Authority {
         let claims = match self.tokens.get(&hash) {
             Some(claims) => {
                 let skew = self.settings.max_skew_seconds;
-                if now > claims.exp + skew {
+                if now > claims.exp.saturating_add(skew) {
                     return Err((
                         Denial::new("token_expired", "the token has expired"),
                         Some(claims),
@@ -378,7 +474,14 @@ impl Authority {
                     .verifier()
                     .verify(attempt.token, now)
                     .map_err(|e| (Denial::new(e.code(), e.to_string()), None))?;
-                let claims = Arc::new(claims);
+                let compact = self.tokens.compact(&claims).ok_or_else(|| {
+                    let denial = Denial::new(
+                        "token_malformed",
+                        "the token's task or key binding is not in the form remit issues",
+                    );
+                    (denial, None)
+                })?;
+                let claims = Arc::new(compact);
                 self.tokens.insert(hash, Arc::clone(&claims));
                 claims
             }
@@ -388,11 +491,12 @@ impl Authority {
         // 2. The proof of possession, bound to the token's key and to this request.
         let mode = match attempt.proof {
             Some(proof) => {
+                let expected_jkt = claims.jkt.encode();
                 let check = ProofCheck {
                     method: attempt.method,
                     url: attempt.url,
                     access_token: Some(attempt.token),
-                    expected_jkt: Some(&claims.cnf.jkt),
+                    expected_jkt: Some(&expected_jkt),
                     now,
                 };
                 self.proofs
@@ -410,8 +514,9 @@ impl Authority {
         };
 
         // Admission: rate limits per agent and task, now that both are authenticated.
+        let task_id = claims.task();
         if let Some(limiter) = attempt.limiter
-            && let Err(retry_after) = limiter.admit(&claims.sub, &claims.task, self.clock.now_ms())
+            && let Err(retry_after) = limiter.admit(claims.subject(), &task_id, self.clock.now_ms())
         {
             let denial = Denial {
                 retry_after: Some(retry_after),
@@ -425,24 +530,21 @@ impl Authority {
 
         // 3 and 4. Revocation of the token, its task chain, its agent or owner; task state.
         let task = self
-            .task_state(&claims.task)
+            .task_state(claims.task)
             .await
             .map_err(|e| fail(e.into()))?;
-        let (_, agent_name) = claims
-            .sub
-            .parse::<SpiffeId>()
-            .map_err(|_| {
-                fail(Denial::new(
-                    "token_malformed",
-                    "the token's subject is not an agent SPIFFE ID",
-                ))
-            })?
-            .parts();
+        let agent_name = claims.agent.name.as_deref().ok_or_else(|| {
+            fail(Denial::new(
+                "token_malformed",
+                "the token's subject is not an agent SPIFFE ID",
+            ))
+        })?;
         let query = RevocationQuery {
             token_jti: &claims.jti,
-            task_chain: &task.chain,
-            agent: agent_name.as_str(),
-            owner: &task.owner,
+            task: claims.task,
+            ancestors: &task.context.ancestors,
+            agent: agent_name,
+            owner: &task.context.owner,
             issued_at: claims.iat,
         };
         if let Some(revoked) = self.revocations.check(&query) {
@@ -452,13 +554,13 @@ impl Authority {
         if task.status != TaskStatus::Active {
             return Err(fail(Denial::new(
                 "task_not_active",
-                format!("task `{}` is {}", claims.task, task.status),
+                format!("task `{task_id}` is {}", task.status),
             )));
         }
         if now >= task.expires_at {
             return Err(fail(Denial::new(
                 "task_expired",
-                format!("task `{}` has expired", claims.task),
+                format!("task `{task_id}` has expired"),
             )));
         }
 
@@ -485,13 +587,12 @@ impl Authority {
         }
 
         // 7. Policy, with the task's context.
-        let delegators = delegators_of(&claims);
         let evaluate = |approved: bool| {
             self.policy.load().decide_call(&policy::CallRequest {
                 agent: policy::AgentFacts {
-                    name: agent_name.as_str(),
-                    spiffe_id: &claims.sub,
-                    owner: &task.owner,
+                    name: agent_name,
+                    spiffe_id: claims.subject(),
+                    owner: &task.context.owner,
                 },
                 tool: attempt.tool,
                 action: attempt.action,
@@ -499,11 +600,11 @@ impl Authority {
                 class: attempt.class,
                 sensitivity: attempt.sensitivity,
                 arguments: attempt.arguments,
-                task: &claims.task,
-                intent: &task.intent,
-                obo: task.obo.as_deref(),
+                task: &task_id,
+                intent: &task.context.intent,
+                obo: task.context.obo.as_deref(),
                 depth: i64::from(task.depth),
-                delegators: &delegators,
+                delegators: &claims.agent.delegators,
                 approved,
                 bearer: mode == ProofMode::Bearer,
                 now,
@@ -529,8 +630,8 @@ impl Authority {
             return Err(fail(Denial::new(
                 "budget_exhausted",
                 format!(
-                    "task `{}` has used all {} calls of its budget",
-                    claims.task, task.budget
+                    "task `{task_id}` has used all {} calls of its budget",
+                    task.budget
                 ),
             )));
         }
@@ -546,41 +647,48 @@ impl Authority {
     }
 
     /// The task's state on this node, loaded from the store on first sight.
-    pub(crate) async fn task_state(&self, task: &str) -> Result<Arc<TaskState>, Error> {
-        if let Some(state) = self.tasks.0.read().get(task) {
+    pub(crate) async fn task_state(&self, task: TaskKey) -> Result<Arc<TaskState>, Error> {
+        if let Some(state) = self.tasks.tasks.read().get(&task) {
             return Ok(Arc::clone(state));
         }
-        let id: TaskId = task.parse()?;
+        let id = task.task_id();
         let record = self
             .store
             .get_task(&id)
             .await?
             .ok_or_else(|| Error::unauthorized("task_unknown", format!("no task `{id}`")))?;
-        let mut chain = vec![record.id.to_string()];
+        let mut ancestors = Vec::new();
         let mut parent = record.parent.clone();
         while let Some(id) = parent {
-            if chain.len() >= MAX_CHAIN {
+            // The task itself is the first link of the chain.
+            if ancestors.len() + 1 >= MAX_CHAIN {
                 return Err(Error::forbidden(
                     "delegation_too_deep",
                     "the task's delegation chain is too long",
                 ));
             }
-            chain.push(id.to_string());
+            // Every id in the store was issued by remit, so each has a key; fail closed if not.
+            let key = TaskKey::parse(id.as_str())
+                .ok_or_else(|| Error::unauthorized("task_unknown", format!("no task `{id}`")))?;
+            ancestors.push(key);
             parent = self.store.get_task(&id).await?.and_then(|t| t.parent);
         }
+        let context = self.tasks.contexts.intern(&TaskContext {
+            owner: record.owner.as_str().into(),
+            intent: record.intent.into(),
+            obo: record.obo.map(String::into_boxed_str),
+            ancestors: ancestors.into_boxed_slice(),
+        });
         let state = Arc::new(TaskState {
-            owner: record.owner.to_string(),
-            intent: record.intent,
-            obo: record.obo,
-            depth: record.depth,
-            status: record.status,
+            context,
             expires_at: record.expires_at,
+            depth: record.depth,
             budget: record.budget,
             used: AtomicU32::new(record.calls_used),
-            chain,
+            status: record.status,
         });
-        let mut tasks = self.tasks.0.write();
-        Ok(Arc::clone(tasks.entry(task.to_string()).or_insert(state)))
+        let mut tasks = self.tasks.tasks.write();
+        Ok(Arc::clone(tasks.entry(task).or_insert(state)))
     }
 
     /// How many tasks this node holds in memory (for the memory benchmark and metrics).
@@ -592,6 +700,14 @@ impl Authority {
     pub fn revocation_count(&self) -> usize {
         self.revocations.len()
     }
+}
+
+/// The key of the task named `task`, refused as the store would refuse it: a malformed id
+/// as such, an id in a form remit never issues as an unknown task.
+pub(crate) fn task_key(task: &str) -> Result<TaskKey, Error> {
+    let id: model::TaskId = task.parse()?;
+    TaskKey::parse(id.as_str())
+        .ok_or_else(|| Error::unauthorized("task_unknown", format!("no task `{id}`")))
 }
 
 /// The delegating agents recorded in a token's `act` claim, nearest first.
@@ -610,5 +726,18 @@ fn denial_sentence(report: &DecisionReport) -> String {
         "policy denies this call".to_string()
     } else {
         format!("policy denies this call: {}", report.reasons.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The memory budget of a node (BENCHMARKS.md, "Memory") rests on these sizes: a field
+    /// added to either should be a deliberate choice.
+    #[test]
+    fn cache_entries_stay_small() {
+        assert_eq!(size_of::<VerifiedToken>(), 80);
+        assert_eq!(size_of::<TaskState>(), 32);
     }
 }

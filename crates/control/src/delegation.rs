@@ -13,6 +13,8 @@ use serde_json::json;
 use store::TaskRecord;
 
 use crate::authority::{Authority, TaskAsk, refusal};
+use crate::check::task_key;
+use crate::compact::TokenJti;
 use crate::error::{Error, Result};
 use crate::random;
 use crate::revocation::RevocationQuery;
@@ -151,7 +153,8 @@ impl Authority {
                     format!("the subject token is not valid: {e}"),
                 )
             })?;
-        let parent_state = self.task_state(&parent.task).await?;
+        let parent_key = task_key(&parent.task)?;
+        let parent_state = self.task_state(parent_key).await?;
         let (_, parent_agent) = parent
             .sub
             .parse::<model::SpiffeId>()
@@ -163,10 +166,11 @@ impl Authority {
             })?
             .parts();
         let query = RevocationQuery {
-            token_jti: &parent.jti,
-            task_chain: &parent_state.chain,
+            token_jti: &TokenJti::from(parent.jti.as_str()),
+            task: parent_key,
+            ancestors: &parent_state.context.ancestors,
             agent: parent_agent.as_str(),
-            owner: &parent_state.owner,
+            owner: &parent_state.context.owner,
             issued_at: parent.iat,
         };
         if let Some(revoked) = self.revocations.check(&query) {
@@ -255,14 +259,14 @@ impl Authority {
         let intent = request
             .intent
             .clone()
-            .unwrap_or_else(|| parent_state.intent.clone());
+            .unwrap_or_else(|| parent_state.context.intent.to_string());
 
         // Policy: the same RequestTask question, with the delegation in its context.
         let ask = TaskAsk {
             intent: &intent,
             ttl_seconds: ttl,
             budget,
-            obo: parent_state.obo.as_deref(),
+            obo: parent_state.context.obo.as_deref(),
             delegated: true,
             depth,
             now,
@@ -287,7 +291,7 @@ impl Authority {
             owner: agent.owner.clone(),
             intent,
             scopes: scopes.clone(),
-            obo: parent_state.obo.clone(),
+            obo: parent_state.context.obo.as_deref().map(str::to_string),
             parent: Some(parent.task.parse()?),
             depth,
             status: TaskStatus::Active,

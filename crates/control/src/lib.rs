@@ -7,6 +7,7 @@ mod authority;
 mod check;
 mod checkpoint;
 pub mod clock;
+mod compact;
 pub mod containment;
 pub mod delegation;
 mod error;
@@ -20,7 +21,7 @@ pub mod settings;
 pub mod timeline;
 
 pub use authority::{Authority, Grant, TaskRequest, VerifyReport, load_policies};
-pub use check::{CallAttempt, CallLimiter, CallVerdict, ProofMode};
+pub use check::{CallAttempt, CallLimiter, CallVerdict, ProofMode, VerifiedToken};
 pub use checkpoint::Checkpoint;
 pub use error::{Error, ErrorKind, Result};
 pub use examples::{EXAMPLE_POLICIES, EXAMPLE_SCHEMA, engine as example_policies};

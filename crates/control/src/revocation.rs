@@ -9,12 +9,18 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use parking_lot::RwLock;
 use store::{Revocation, RevocationKind, Store};
 
+use crate::compact::{TaskKey, TokenJti};
 use crate::error::Result;
 
+/// Tokens and tasks are kept in the compact forms the call path holds them in, so that a
+/// call is checked without turning its ids back into strings.
 #[derive(Debug, Default)]
 struct Sets {
-    tokens: HashSet<String>,
-    tasks: HashSet<String>,
+    tokens: HashSet<TokenJti>,
+    tasks: HashSet<TaskKey>,
+    /// Task revocations whose target is not a task id remit issues: no task can match them,
+    /// but they are kept (and counted) like the others.
+    other_tasks: HashSet<String>,
     /// Agent name → time of its latest revocation: tokens issued until then are dead.
     agents: HashMap<String, i64>,
     /// Owner → time of its latest revocation.
@@ -31,9 +37,10 @@ pub struct Revoked {
 /// What the call path asks about one call.
 #[derive(Clone, Copy, Debug)]
 pub struct RevocationQuery<'a> {
-    pub token_jti: &'a str,
-    /// The task and every ancestor task.
-    pub task_chain: &'a [String],
+    pub token_jti: &'a TokenJti,
+    pub task: TaskKey,
+    /// Every ancestor of the task, nearest first.
+    pub ancestors: &'a [TaskKey],
     pub agent: &'a str,
     pub owner: &'a str,
     /// When the token was issued: agent and owner revocations cut tokens issued up to then.
@@ -53,11 +60,16 @@ impl RevocationIndex {
         let target = revocation.target.clone();
         match revocation.kind {
             RevocationKind::Token => {
-                sets.tokens.insert(target);
+                sets.tokens.insert(TokenJti::from(target.as_str()));
             }
-            RevocationKind::Task => {
-                sets.tasks.insert(target);
-            }
+            RevocationKind::Task => match TaskKey::parse(&target) {
+                Some(task) => {
+                    sets.tasks.insert(task);
+                }
+                None => {
+                    sets.other_tasks.insert(target);
+                }
+            },
             RevocationKind::Agent => {
                 let at = sets.agents.entry(target).or_insert(revocation.created_at);
                 *at = (*at).max(revocation.created_at);
@@ -72,7 +84,7 @@ impl RevocationIndex {
 
     pub fn check(&self, query: &RevocationQuery<'_>) -> Option<Revoked> {
         let sets = self.sets.read();
-        let revoked = |kind, target: &str| {
+        let revoked = |kind, target: &dyn std::fmt::Display| {
             Some(Revoked {
                 kind,
                 target: target.to_string(),
@@ -81,10 +93,9 @@ impl RevocationIndex {
         if sets.tokens.contains(query.token_jti) {
             return revoked(RevocationKind::Token, query.token_jti);
         }
-        if let Some(task) = query
-            .task_chain
-            .iter()
-            .find(|t| sets.tasks.contains(t.as_str()))
+        if let Some(task) = std::iter::once(&query.task)
+            .chain(query.ancestors)
+            .find(|task| sets.tasks.contains(task))
         {
             return revoked(RevocationKind::Task, task);
         }
@@ -93,14 +104,14 @@ impl RevocationIndex {
             .get(query.agent)
             .is_some_and(|&at| query.issued_at <= at)
         {
-            return revoked(RevocationKind::Agent, query.agent);
+            return revoked(RevocationKind::Agent, &query.agent);
         }
         if sets
             .owners
             .get(query.owner)
             .is_some_and(|&at| query.issued_at <= at)
         {
-            return revoked(RevocationKind::Owner, query.owner);
+            return revoked(RevocationKind::Owner, &query.owner);
         }
         None
     }
@@ -121,7 +132,11 @@ impl RevocationIndex {
 
     pub fn len(&self) -> usize {
         let sets = self.sets.read();
-        sets.tokens.len() + sets.tasks.len() + sets.agents.len() + sets.owners.len()
+        sets.tokens.len()
+            + sets.tasks.len()
+            + sets.other_tasks.len()
+            + sets.agents.len()
+            + sets.owners.len()
     }
 }
 
@@ -139,28 +154,39 @@ mod tests {
         }
     }
 
+    fn task(n: u8) -> TaskKey {
+        TaskKey::parse(model::TaskId::from_random([n; 16]).as_str()).unwrap()
+    }
+
     #[test]
     fn each_kind_bites() {
         let index = RevocationIndex::default();
-        let chain = vec!["task_child".to_string(), "task_parent".to_string()];
+        let (child, parent, other) = (task(1), task(2), task(3));
+        let jti = TokenJti::from("0123456789abcdef0123456789abcdef");
         let query = RevocationQuery {
-            token_jti: "jti-1",
-            task_chain: &chain,
+            token_jti: &jti,
+            task: child,
+            ancestors: &[parent],
             agent: "bot",
             owner: "alice",
             issued_at: 100,
         };
         assert_eq!(index.check(&query), None);
 
-        index.apply(&revocation(1, RevocationKind::Task, "task_parent", 50));
+        index.apply(&revocation(
+            1,
+            RevocationKind::Task,
+            &parent.to_string(),
+            50,
+        ));
         assert_eq!(
             index.check(&query).map(|r| r.target),
-            Some("task_parent".into())
+            Some(parent.to_string())
         );
 
-        let other_chain = vec!["task_other".to_string()];
         let fresh = RevocationQuery {
-            task_chain: &other_chain,
+            task: other,
+            ancestors: &[],
             ..query
         };
         assert_eq!(index.check(&fresh), None);
@@ -190,15 +216,59 @@ mod tests {
         );
 
         index.apply(&revocation(4, RevocationKind::Token, "jti-9", 0));
+        let text_jti = TokenJti::from("jti-9");
         let by_token = RevocationQuery {
-            token_jti: "jti-9",
+            token_jti: &text_jti,
             issued_at: 300,
             ..fresh
         };
         assert_eq!(
-            index.check(&by_token).map(|r| r.kind),
-            Some(RevocationKind::Token)
+            index.check(&by_token).map(|r| (r.kind, r.target)),
+            Some((RevocationKind::Token, "jti-9".to_string()))
         );
         assert_eq!(index.watermark.load(Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn compact_ids_match_exactly_their_own_spelling() {
+        let index = RevocationIndex::default();
+        let hex = "0123456789abcdef0123456789abcdef";
+        index.apply(&revocation(1, RevocationKind::Token, hex, 0));
+        let jti = TokenJti::from(hex);
+        let upper = TokenJti::from(hex.to_uppercase().as_str());
+        let query = RevocationQuery {
+            token_jti: &jti,
+            task: task(1),
+            ancestors: &[],
+            agent: "bot",
+            owner: "alice",
+            issued_at: 100,
+        };
+        assert_eq!(index.check(&query).map(|r| r.target), Some(hex.to_string()));
+        assert_eq!(
+            index.check(&RevocationQuery {
+                token_jti: &upper,
+                ..query
+            }),
+            None
+        );
+
+        // A task id with a padding bit set parses as a `TaskId` but is another string than
+        // the real id, so revoking it must not revoke the task.
+        let id = task(1).to_string();
+        let mut padded = id.into_bytes();
+        if let Some(last) = padded.last_mut() {
+            *last = if *last == b'a' { b'b' } else { b'a' };
+        }
+        let padded = String::from_utf8(padded).unwrap();
+        assert!(padded.parse::<model::TaskId>().is_ok());
+        index.apply(&revocation(2, RevocationKind::Task, &padded, 0));
+        let other = TokenJti::from("other");
+        let by_task = RevocationQuery {
+            token_jti: &other,
+            ..query
+        };
+        assert_eq!(index.check(&by_task), None);
+        assert_eq!(index.len(), 2);
     }
 }

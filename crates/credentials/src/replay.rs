@@ -20,8 +20,11 @@ pub enum Admission {
 
 /// A bounded set of recently accepted proof ids, each with its expiry.
 ///
-/// Entries are kept as SHA-256 digests of their key, so that every entry has the same small
-/// size whatever the key. Large caches are split into shards, each with its own lock and its
+/// Entries are kept as the first 128 bits of the SHA-256 of their key, so that every entry
+/// has the same small size whatever the key (24 bytes with its expiry). 128 bits keep
+/// collisions out of reach: finding a key that collides with a given entry takes about 2^128
+/// hashes, and even two colliding proofs would only make the second one look replayed, which
+/// refuses it; no collision can make a replayed proof pass. Large caches are split into shards, each with its own lock and its
 /// share of the capacity, so that threads rarely wait on each other; the shard is chosen with
 /// a per-process random hash, so that nobody can aim their entries at one shard.
 #[derive(Debug)]
@@ -80,7 +83,7 @@ const SHARDED_FROM: usize = 1024;
 
 #[derive(Debug)]
 struct Shard {
-    entries: HashMap<[u8; 32], i64>,
+    entries: HashMap<Digest, i64>,
     /// No entry expires before this, so a sweep before then would find nothing: a full shard
     /// under load is swept once per expiry, not once per request.
     earliest_expiry: i64,
@@ -96,7 +99,7 @@ impl Default for Shard {
 }
 
 impl Shard {
-    fn admit(&mut self, digest: [u8; 32], expires_at: i64, now: i64, capacity: usize) -> Admission {
+    fn admit(&mut self, digest: Digest, expires_at: i64, now: i64, capacity: usize) -> Admission {
         match self.entries.get(&digest) {
             Some(&expiry) if expiry >= now => return Admission::Replayed,
             // An expired entry for the same key is simply overwritten below.
@@ -118,10 +121,20 @@ impl Shard {
     }
 }
 
-fn digest(key: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes()).as_ref(),
-    );
+/// How many bytes of a key's SHA-256 an entry keeps.
+const DIGEST_BYTES: usize = 16;
+const _: () = assert!(
+    DIGEST_BYTES * 8 >= 128,
+    "replay digests must keep at least 128 bits"
+);
+
+type Digest = [u8; DIGEST_BYTES];
+
+fn digest(key: &str) -> Digest {
+    let mut out = [0u8; DIGEST_BYTES];
+    let full = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes());
+    for (byte, full) in out.iter_mut().zip(full.as_ref()) {
+        *byte = *full;
+    }
     out
 }

@@ -103,6 +103,81 @@ async fn each_revocation_kind_bites_on_the_next_call() {
     }
 }
 
+/// The call path caches each verified token and shares what tokens have in common (agent,
+/// key thumbprint, scopes, owner, intent): tokens that share all of it must still be told
+/// apart, and a cached token must still be checked in full.
+#[tokio::test]
+async fn tokens_that_share_cached_values_are_still_told_apart() {
+    let h = Harness::new().await;
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let thief = h.agent("thief-bot", "mallory@example.org").await;
+    let first = h.grant(&agent).await;
+    let second = h.grant(&agent).await;
+    for grant in [&first, &second] {
+        let verdict = h.call(&agent, grant, "read_issue", ActionClass::Read).await;
+        assert!(verdict.is_allow(), "{}", verdict.message);
+        assert_eq!(verdict.task.as_deref(), Some(grant.task_id.as_str()));
+    }
+
+    h.authority
+        .revoke(
+            &h.admin,
+            RevocationKind::Task,
+            first.task_id.as_str(),
+            "incident",
+        )
+        .await
+        .unwrap();
+    assert!(
+        h.call(&agent, &second, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+
+    // The cached second token still wants proofs from its own key, each used once.
+    let token = second.token.expose();
+    let url = format!("{BASE}/http/github/read_issue");
+    let call = |proof: String| {
+        let (h, url) = (&h, url.clone());
+        async move {
+            h.attempt(
+                token,
+                Some(&proof),
+                &url,
+                "github",
+                "read_issue",
+                "acme/api",
+                ActionClass::Read,
+            )
+            .await
+            .code
+        }
+    };
+    let proof = agent
+        .key
+        .sign_proof("POST", &url, Some(token), h.now(), &unique("p"))
+        .unwrap();
+    assert_eq!(call(proof.clone()).await, "allowed");
+    assert_eq!(call(proof).await, "proof_replayed");
+    // Last but one: a proof by another key quarantines the agent (containment).
+    let stolen = thief
+        .key
+        .sign_proof("POST", &url, Some(token), h.now(), &unique("p"))
+        .unwrap();
+    assert_eq!(call(stolen).await, "proof_key_mismatch");
+
+    // The first task's revocation is found before the agent's.
+    let verdict = h
+        .call(&agent, &first, "read_issue", ActionClass::Read)
+        .await;
+    assert_eq!(verdict.code, "revoked");
+    assert!(
+        verdict.message.contains(first.task_id.as_str()),
+        "{}",
+        verdict.message
+    );
+}
+
 #[tokio::test]
 async fn a_revocation_written_by_another_process_arrives_with_the_catch_up() {
     let h = Harness::new().await;

@@ -99,3 +99,38 @@ fn proof_verifier_fails_closed_when_full() {
     // When the first two are too old to be accepted anyway, they make room.
     assert_eq!(verify("3", NOW + 61), Ok(()));
 }
+
+#[test]
+fn a_jti_is_replayed_only_under_the_same_key() {
+    let agent = crate::AgentKeyPair::generate_ed25519().unwrap();
+    let other = crate::AgentKeyPair::generate_ed25519().unwrap();
+    let verifier = ProofVerifier::new(60, 5, 100);
+    let url = "https://remit.example.org/v1/tasks";
+    let check = ProofCheck {
+        method: "POST",
+        url,
+        access_token: None,
+        expected_jkt: None,
+        now: NOW,
+    };
+    let verify = |key: &crate::AgentKeyPair, jti: &str| {
+        let proof = key.sign_proof("POST", url, None, NOW, jti).unwrap();
+        verifier
+            .verify(&proof, &check)
+            .map(|_| ())
+            .map_err(|e| e.code())
+    };
+    assert_eq!(verify(&agent, "same"), Ok(()));
+    // The very same proof again, and another proof with the same jti and key: both replays.
+    let proof = agent.sign_proof("POST", url, None, NOW, "again").unwrap();
+    assert!(verifier.verify(&proof, &check).is_ok());
+    assert_eq!(
+        verifier.verify(&proof, &check).map_err(|e| e.code()),
+        Err("proof_replayed")
+    );
+    assert_eq!(verify(&agent, "same"), Err("proof_replayed"));
+    // Another key may use the same jti.
+    assert_eq!(verify(&other, "same"), Ok(()));
+    assert_eq!(verify(&other, "same"), Err("proof_replayed"));
+    assert_eq!(verifier.replay_cache().len(), 3);
+}
