@@ -46,10 +46,10 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
         }
     };
     if let Err(reason) = check_path(path) {
-        return Refusal::new(StatusCode::BAD_REQUEST, "path_invalid", reason, &metadata)
+        return Refusal::new(StatusCode::BAD_REQUEST, "path_invalid", reason, metadata)
             .into_response();
     }
-    let presented = match caller::presented(&parts.headers, &metadata) {
+    let presented = match caller::presented(&parts.headers, metadata) {
         Ok(presented) => presented,
         Err(refusal) => return refusal.into_response(),
     };
@@ -60,7 +60,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
         .await;
     tracing::debug!(tool = %tool.name, action = %classified.action, code = verdict.code, "http call decided");
     if !verdict.is_allow() {
-        return Refusal::from_verdict(&verdict, &metadata).into_response();
+        return Refusal::from_verdict(&verdict, metadata).into_response();
     }
     // Allowed, so the decision is already durable in the audit log: forward.
     let call = Call {
@@ -81,7 +81,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
             Duration::ZERO,
             false,
         );
-        return Refusal::new(StatusCode::BAD_REQUEST, "path_invalid", message, &metadata)
+        return Refusal::new(StatusCode::BAD_REQUEST, "path_invalid", message, metadata)
             .into_response();
     };
     let mut upstream_request = axum::http::Request::new(body);
@@ -105,7 +105,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
             return call.unavailable(
                 head_latency,
                 format!("the upstream of tool `{}` cannot be reached", tool.name),
-                &metadata,
+                metadata,
             );
         }
         Err(_) => {
@@ -115,7 +115,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
                 tool.name,
                 HEAD_TIMEOUT.as_secs()
             );
-            return call.unavailable(head_latency, message, &metadata);
+            return call.unavailable(head_latency, message, metadata);
         }
     };
     let (head, upstream_body) = response.into_parts();
@@ -128,7 +128,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
             "the upstream of tool `{}` sent a compressed body, which remit cannot check for credentials",
             tool.name
         );
-        return call.unavailable(head_latency, message, &metadata);
+        return call.unavailable(head_latency, message, metadata);
     }
     gateway.metrics.upstream(&tool.name, head_latency, false);
     let status = head.status;

@@ -36,6 +36,8 @@ pub struct Gateway {
     upstream: forward::Upstream,
     limiter: RateLimiter,
     metrics: metrics::Metrics,
+    /// Where 401 challenges point (RFC 9728), built once: every refusal names it.
+    metadata_url: String,
 }
 
 /// Path of the RFC 9728 metadata document.
@@ -49,12 +51,14 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, String> {
         let upstream =
             forward::Upstream::new(catalog.secrets().into_iter().map(str::to_string).collect())?;
+        let metadata_url = authority.settings().url_of(RESOURCE_METADATA_PATH);
         Ok(Arc::new(Gateway {
             authority,
             catalog,
             upstream,
             limiter: RateLimiter::new(limits),
             metrics: metrics::Metrics::default(),
+            metadata_url,
         }))
     }
 
@@ -67,8 +71,8 @@ impl Gateway {
     }
 
     /// The metadata URL that 401 challenges point to.
-    pub fn resource_metadata_url(&self) -> String {
-        self.authority.settings().url_of(RESOURCE_METADATA_PATH)
+    pub fn resource_metadata_url(&self) -> &str {
+        &self.metadata_url
     }
 
     /// The public URL of a request path, as the caller's proof must name it in `htu`. The
@@ -182,10 +186,10 @@ impl Gateway {
                 axum::http::StatusCode::NOT_FOUND,
                 "tool_unknown",
                 format!("no tool named `{name}`"),
-                &metadata,
+                metadata,
             )
         };
-        let Ok(presented) = caller::presented(headers, &metadata) else {
+        let Ok(presented) = caller::presented(headers, metadata) else {
             return not_found().into_response();
         };
         let attempt = CallAttempt {
@@ -197,7 +201,7 @@ impl Gateway {
         if verdict.code == "tool_unknown" {
             not_found().into_response()
         } else {
-            Refusal::from_verdict(&verdict, &metadata).into_response()
+            Refusal::from_verdict(&verdict, metadata).into_response()
         }
     }
 }

@@ -98,7 +98,7 @@ pub(crate) async fn handle(
             .unknown_tool(&tool, &parts.headers, &parts.method, &url)
             .await;
     };
-    let presented = match caller::presented(&parts.headers, &metadata) {
+    let presented = match caller::presented(&parts.headers, metadata) {
         Ok(presented) => presented,
         Err(refusal) => return refusal.into_response(),
     };
@@ -121,7 +121,7 @@ pub(crate) async fn handle(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "MCP takes POST, GET and DELETE",
-                &metadata,
+                metadata,
             )
             .into_response();
             response
@@ -236,12 +236,11 @@ impl Call<'_> {
             if !ITEM_CODES.contains(&verdict.code) {
                 // The caller itself is refused (token, proof, revocation, rate, store): the
                 // answer is HTTP, so that MCP clients see a 401 and its challenge.
-                return Refusal::from_verdict(&verdict, &self.gateway.resource_metadata_url())
+                return Refusal::from_verdict(&verdict, self.gateway.resource_metadata_url())
                     .into_response();
             }
             if let Some(need) = decided.and_then(|i| needs.get_mut(i)) {
-                let refusal =
-                    Refusal::from_verdict(&verdict, &self.gateway.resource_metadata_url());
+                let refusal = Refusal::from_verdict(&verdict, self.gateway.resource_metadata_url());
                 let code = if refusal.status == StatusCode::TOO_MANY_REQUESTS {
                     CALL_LIMITED
                 } else {
@@ -416,7 +415,7 @@ impl Call<'_> {
             .decide_session(self.tool, self.presented, self.method, self.url, action)
             .await;
         if !verdict.is_allow() {
-            return Refusal::from_verdict(&verdict, &self.gateway.resource_metadata_url())
+            return Refusal::from_verdict(&verdict, self.gateway.resource_metadata_url())
                 .into_response();
         }
         let filter = self.tools_filter(&verdict);

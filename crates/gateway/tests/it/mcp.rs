@@ -601,7 +601,7 @@ async fn a_request_without_a_token_gets_401_pointing_at_the_metadata() {
         )),
         "{challenge}"
     );
-    assert!(challenge.contains(&remit.gateway.resource_metadata_url()));
+    assert!(challenge.contains(remit.gateway.resource_metadata_url()));
     assert!(upstream.seen().is_empty());
 }
 
