@@ -7,7 +7,10 @@
 //! (`BEGIN IMMEDIATE` on SQLite, an advisory lock on PostgreSQL), reads the chain head
 //! inside that transaction, seals each event after it, commits once and only then answers.
 //! Each operation runs in its own savepoint so that one failure (a conflict, say) undoes
-//! only that operation and does not advance the chain.
+//! only that operation and does not advance the chain. A batch of nothing but appends (the
+//! call path's case) needs no savepoint, since an append conflicts with nothing: on SQLite it
+//! costs two round trips to the connection's worker thread (`BEGIN IMMEDIATE` with the head
+//! read, then the inserts with the `COMMIT`), and if it fails it is retried the careful way.
 
 use std::fmt::{self, Display};
 use std::str::FromStr;
@@ -30,6 +33,9 @@ use crate::{
 /// Most operations one transaction carries. Bounds the time a batch holds the chain lock.
 pub(crate) const MAX_BATCH: usize = 512;
 
+/// Most yields the writer makes to let a batch grow before it starts the transaction.
+const MAX_YIELDS: usize = 4;
+
 /// Queued operations before callers wait to enqueue: back pressure instead of unbounded memory.
 const QUEUE: usize = 8192;
 
@@ -45,6 +51,15 @@ const PAGE_DEFAULT: u32 = 1_000;
 /// Rows per multi-row `INSERT` into `audit_events`. A few fixed sizes keep the number of
 /// distinct statements (and so of prepared statements) small whatever the batch size.
 const EVENT_CHUNKS: [usize; 4] = [128, 32, 8, 1];
+
+/// Reads the chain head. Only meaningful inside the write transaction, after the chain lock.
+/// A macro so that a backend can `concat!` it after its own `BEGIN`.
+macro_rules! head_sql {
+    () => {
+        "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1"
+    };
+}
+pub(crate) use head_sql;
 
 /// A bind parameter, owned, so that one generic body can drive either backend's query type.
 #[derive(Debug)]
@@ -64,7 +79,14 @@ pub(crate) trait Conn: Send {
     /// Whether long statements should use `?` rather than `$n`. SQLite resolves each `$n`
     /// by scanning every parameter name, which makes binding a many-row `INSERT` quadratic.
     const ANONYMOUS_PARAMS: bool;
+    /// Whether one query may hold several statements with parameters, run in order in one
+    /// round trip and stopping at the first error, and whether parameters left unbound read
+    /// as NULL. sqlx's SQLite driver does both, which saves the writer round trips to its
+    /// worker thread; PostgreSQL's extended protocol does neither.
+    const MULTI_STATEMENT: bool;
     async fn execute(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error>;
+    /// Runs `sql` (several statements, no parameters) in one round trip.
+    async fn execute_raw(&mut self, sql: &str) -> Result<(), sqlx::Error>;
     async fn fetch_all(&mut self, sql: &str, args: Vec<Arg>)
     -> Result<Vec<Self::Row>, sqlx::Error>;
     async fn fetch_optional(
@@ -95,11 +117,18 @@ pub(crate) use bind_args;
 
 /// Implements [`Conn`] for a concrete sqlx connection type.
 macro_rules! impl_conn {
-    ($connection:ty, $row:ty, anonymous_params = $anonymous:literal) => {
+    ($connection:ty, $row:ty, anonymous_params = $anonymous:literal, multi_statement = $multi:literal) => {
         #[async_trait::async_trait]
         impl $crate::engine::Conn for $connection {
             type Row = $row;
             const ANONYMOUS_PARAMS: bool = $anonymous;
+            const MULTI_STATEMENT: bool = $multi;
+
+            async fn execute_raw(&mut self, sql: &str) -> Result<(), sqlx::Error> {
+                // A bare string has no arguments, which sqlx sends as a simple query: the
+                // form in which PostgreSQL accepts several statements.
+                sqlx::Executor::execute(&mut *self, sql).await.map(drop)
+            }
 
             async fn execute(
                 &mut self,
@@ -147,8 +176,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn pool(&self) -> &sqlx::Pool<Self::Db>;
 
     /// Starts a write transaction that excludes every other writer of the same chain, in this
-    /// process or another.
-    async fn begin_write(&self, conn: &mut Self::Conn) -> Result<(), sqlx::Error>;
+    /// process or another, then runs [`head_sql`] in it and returns its row (none for an empty
+    /// chain), in as few round trips as the dialect allows.
+    async fn begin_write(
+        &self,
+        conn: &mut Self::Conn,
+    ) -> Result<Option<<Self::Conn as Conn>::Row>, sqlx::Error>;
 }
 
 /// A [`Store`] over one backend, with its writer task.
@@ -318,13 +351,20 @@ impl<B: Backend> Writer<B> {
         // operations that arrive while a commit is in flight share the next one.
         while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
             // Callers woken by the previous commit are runnable but may not have queued their
-            // next operation yet; one yield lets them, which roughly doubles the batch size
-            // under load and costs microseconds when idle.
-            tokio::task::yield_now().await;
-            while batch.len() < MAX_BATCH {
-                match queue.try_recv() {
-                    Ok(pending) => batch.push(pending),
-                    Err(_) => break,
+            // next operation yet. Yield to let them, again while each yield brings more (a
+            // few times at most): under load the batch grows to hold them all; idle, this
+            // costs one yield.
+            for _ in 0..MAX_YIELDS {
+                tokio::task::yield_now().await;
+                let before = batch.len();
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(pending) => batch.push(pending),
+                        Err(_) => break,
+                    }
+                }
+                if batch.len() == before || batch.len() == MAX_BATCH {
+                    break;
                 }
             }
             let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|p| (p.op, p.reply)).unzip();
@@ -370,8 +410,30 @@ async fn transaction<B: Backend>(
     conn: &mut B::Conn,
     ops: Vec<WriteOp>,
 ) -> Result<Vec<Result<Outcome>>> {
-    backend.begin_write(conn).await.map_err(db_error)?;
-    let mut head = read_head(conn).await?;
+    let mut head = begin(backend, conn).await?;
+    let ops = if ops.iter().all(|op| matches!(op, WriteOp::Append(_))) {
+        let appends = ops
+            .into_iter()
+            .filter_map(|op| match op {
+                WriteOp::Append(bodies) => Some(bodies),
+                _ => None,
+            })
+            .collect();
+        match appends_only(conn, head, appends).await {
+            Ok(results) => return Ok(results),
+            Err((error, appends)) => {
+                // Rare: appends conflict with nothing, so this is most likely the database
+                // failing, which the careful path below will meet again. The transaction may
+                // or may not still be open (the failed statement may have been the COMMIT).
+                tracing::debug!(%error, "store append batch failed; retrying each append alone");
+                let _ = conn.execute("ROLLBACK", vec![]).await;
+                head = begin(backend, conn).await?;
+                appends.into_iter().map(WriteOp::Append).collect()
+            }
+        }
+    } else {
+        ops
+    };
     let mut results = Vec::with_capacity(ops.len());
     let mut ops = ops.into_iter().peekable();
     while let Some(op) = ops.next() {
@@ -394,14 +456,9 @@ async fn transaction<B: Backend>(
     Ok(results)
 }
 
-async fn read_head<C: Conn>(conn: &mut C) -> Result<Head> {
-    let row = conn
-        .fetch_optional(
-            "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
-            vec![],
-        )
-        .await
-        .map_err(db_error)?;
+/// Starts the write transaction and reads the chain head inside it.
+async fn begin<B: Backend>(backend: &B, conn: &mut B::Conn) -> Result<Head> {
+    let row = backend.begin_write(conn).await.map_err(db_error)?;
     let Some(row) = row else {
         return Ok(Head {
             seq: 0,
@@ -413,6 +470,42 @@ async fn read_head<C: Conn>(conn: &mut C) -> Result<Head> {
         seq: fields.u64("seq")?,
         hash: fields.hash("hash")?,
     })
+}
+
+/// A batch of nothing but appends, the call path's common case: no savepoint (an append
+/// conflicts with nothing, so there is nothing to undo alone), and on SQLite the last insert
+/// and the COMMIT share one round trip. On failure the bodies come back, to be retried one
+/// append per savepoint.
+async fn appends_only<C: Conn>(
+    conn: &mut C,
+    mut head: Head,
+    appends: Vec<Vec<EventBody>>,
+) -> Result<Vec<Result<Outcome>>, (StoreError, Vec<Vec<EventBody>>)> {
+    let sizes: Vec<usize> = appends.iter().map(Vec::len).collect();
+    let (events, details) = seal(&mut head, appends.into_iter().flatten());
+    let inserted = match insert_events(conn, &events, details, C::MULTI_STATEMENT).await {
+        Ok(()) if !C::MULTI_STATEMENT => conn
+            .execute("COMMIT", vec![])
+            .await
+            .map(drop)
+            .map_err(db_error),
+        other => other,
+    };
+    let mut events = events.into_iter();
+    match inserted {
+        Ok(()) => Ok(sizes
+            .into_iter()
+            .map(|size| Ok(Outcome::Events(events.by_ref().take(size).collect())))
+            .collect()),
+        Err(error) => {
+            let mut bodies = events.map(|event| event.body);
+            let appends = sizes
+                .into_iter()
+                .map(|size| bodies.by_ref().take(size).collect())
+                .collect();
+            Err((error, appends))
+        }
+    }
 }
 
 /// Runs one operation in its own savepoint. `Err` means the transaction itself failed.
@@ -449,8 +542,8 @@ async fn append_run<C: Conn>(
     conn.execute("SAVEPOINT remit_run", vec![])
         .await
         .map_err(db_error)?;
-    let events = seal(head, run.into_iter().flatten());
-    match insert_events(conn, &events).await {
+    let (events, details) = seal(head, run.into_iter().flatten());
+    match insert_events(conn, &events, details, false).await {
         Ok(()) => {
             conn.execute("RELEASE SAVEPOINT remit_run", vec![])
                 .await
@@ -478,45 +571,86 @@ async fn append_run<C: Conn>(
     Ok(())
 }
 
-/// Chains `bodies` after `head`, advancing it.
-fn seal(head: &mut Head, bodies: impl IntoIterator<Item = EventBody>) -> Vec<Event> {
-    bodies
-        .into_iter()
-        .map(|body| {
-            let event = Event::seal(head.seq + 1, head.hash, body);
-            *head = Head {
-                seq: event.seq,
-                hash: event.hash,
-            };
-            event
-        })
-        .collect()
+/// Chains `bodies` after `head`, advancing it. Each event comes with its `detail` as the
+/// canonical JSON that was hashed, which is also what is stored: encoded once.
+fn seal(head: &mut Head, bodies: impl IntoIterator<Item = EventBody>) -> (Vec<Event>, Vec<String>) {
+    let bodies = bodies.into_iter();
+    let mut events = Vec::with_capacity(bodies.size_hint().0);
+    let mut details = Vec::with_capacity(bodies.size_hint().0);
+    for body in bodies {
+        let detail = audit::canonical_detail(&body.detail);
+        let event = audit::seal_with_detail(head.seq + 1, head.hash, body, &detail);
+        *head = Head {
+            seq: event.seq,
+            hash: event.hash,
+        };
+        events.push(event);
+        details.push(detail);
+    }
+    (events, details)
 }
 
 async fn append_one<C: Conn>(conn: &mut C, head: &mut Head, body: EventBody) -> Result<Event> {
-    let mut events = seal(head, [body]);
-    insert_events(conn, &events).await?;
+    let (mut events, details) = seal(head, [body]);
+    insert_events(conn, &events, details, false).await?;
     events.pop().ok_or_else(wrong_outcome)
 }
 
-async fn insert_events<C: Conn>(conn: &mut C, events: &[Event]) -> Result<()> {
+/// Inserts `events` (with their stored `details`) in multi-row statements; with `commit`
+/// (only where [`Conn::MULTI_STATEMENT`]) the last one also commits, in the same round trip.
+async fn insert_events<C: Conn>(
+    conn: &mut C,
+    events: &[Event],
+    details: Vec<String>,
+    commit: bool,
+) -> Result<()> {
+    let mut details = details.into_iter();
     let mut rest = events;
     while !rest.is_empty() {
-        let rows = EVENT_CHUNKS
-            .into_iter()
-            .find(|&size| size <= rest.len())
-            .unwrap_or(1);
+        let (rows, padded) = if C::MULTI_STATEMENT {
+            // One statement shape whatever the count: unbound parameters read as NULL and
+            // the statement skips rows without a `seq`, so a short chunk needs no shape of
+            // its own (and no prepare, and no eviction from the statement cache).
+            (rest.len().min(PADDED_ROWS), true)
+        } else {
+            let rows = EVENT_CHUNKS
+                .into_iter()
+                .find(|&size| size <= rest.len())
+                .unwrap_or(1);
+            (rows, false)
+        };
         let (chunk, tail) = rest.split_at(rows);
         let mut args = Vec::with_capacity(rows * 10);
-        for event in chunk {
-            event_args(event, &mut args)?;
+        for (event, detail) in chunk.iter().zip(details.by_ref()) {
+            event_args(event, detail, &mut args)?;
         }
-        conn.execute(insert_events_sql(rows, C::ANONYMOUS_PARAMS), args)
-            .await
-            .map_err(db_error)?;
+        let sql = if padded {
+            padded_insert_sql(commit && tail.is_empty())
+        } else {
+            insert_events_sql(rows, C::ANONYMOUS_PARAMS)
+        };
+        conn.execute(sql, args).await.map_err(db_error)?;
         rest = tail;
     }
     Ok(())
+}
+
+/// Rows in the one multi-row `INSERT` used where unbound parameters read as NULL.
+const PADDED_ROWS: usize = 128;
+
+fn padded_insert_sql(commit: bool) -> &'static str {
+    static SQL: OnceLock<[String; 2]> = OnceLock::new();
+    let [plain, committing] = SQL.get_or_init(|| {
+        let row = format!("({})", ["?"; 10].join(", "));
+        let plain = format!(
+            "INSERT INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
+             SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
+            vec![row; PADDED_ROWS].join(", ")
+        );
+        let committing = format!("{plain}; COMMIT");
+        [plain, committing]
+    });
+    if commit { committing } else { plain }
 }
 
 fn insert_events_sql(rows: usize, anonymous: bool) -> &'static str {
@@ -552,9 +686,7 @@ fn insert_events_sql(rows: usize, anonymous: bool) -> &'static str {
         .map_or("", |(_, sql)| sql.as_str())
 }
 
-fn event_args(event: &Event, args: &mut Vec<Arg>) -> Result<()> {
-    let mut detail = String::new();
-    audit::canonical_json(&event.body.detail, &mut detail);
+fn event_args(event: &Event, detail: String, args: &mut Vec<Arg>) -> Result<()> {
     args.extend([
         Arg::Int(to_i64(event.seq, "audit event")?),
         Arg::Int(event.body.time_ms),
@@ -832,8 +964,8 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
             Ok(Outcome::Approval(Some(approval)))
         }
         WriteOp::Append(bodies) => {
-            let events = seal(head, bodies);
-            insert_events(conn, &events).await?;
+            let (events, details) = seal(head, bodies);
+            insert_events(conn, &events, details, false).await?;
             Ok(Outcome::Events(events))
         }
     }

@@ -19,7 +19,12 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// How long a writer waits for another process's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-engine::impl_conn!(SqliteConnection, SqliteRow, anonymous_params = true);
+engine::impl_conn!(
+    SqliteConnection,
+    SqliteRow,
+    anonymous_params = true,
+    multi_statement = true
+);
 
 #[derive(Debug)]
 pub(crate) struct SqliteBackend {
@@ -37,8 +42,14 @@ impl Backend for SqliteBackend {
         &self.pool
     }
 
-    async fn begin_write(&self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
-        conn.execute("BEGIN IMMEDIATE", vec![]).await.map(|_| ())
+    async fn begin_write(
+        &self,
+        conn: &mut SqliteConnection,
+    ) -> Result<Option<SqliteRow>, sqlx::Error> {
+        // One round trip to the connection's worker thread: the statements run in order and
+        // stop at the first error, so the head is read only once the write lock is held.
+        conn.fetch_optional(concat!("BEGIN IMMEDIATE; ", engine::head_sql!()), vec![])
+            .await
     }
 }
 
