@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use audit::{Event, EventBody, GENESIS, Hash};
+use audit::{ChainBreak, ChainVerifier, Event, EventBody, GENESIS, Hash, StoredEvent};
 use model::{AgentName, AgentStatus, Secret, TaskId, TaskStatus, UnixSeconds};
 use serde::de::DeserializeOwned;
 use sqlx::pool::PoolConnection;
@@ -87,6 +87,14 @@ pub(crate) trait Conn: Send {
     async fn execute(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error>;
     /// Runs `sql` (several statements, no parameters) in one round trip.
     async fn execute_raw(&mut self, sql: &str) -> Result<(), sqlx::Error>;
+    /// Streams the rows of `sql` to `each` until it returns `false` or the rows end, without
+    /// collecting them.
+    async fn for_each_row(
+        &mut self,
+        sql: &str,
+        args: Vec<Arg>,
+        each: &mut (dyn for<'r> FnMut(&'r Self::Row) -> bool + Send),
+    ) -> Result<(), sqlx::Error>;
     async fn fetch_all(&mut self, sql: &str, args: Vec<Arg>)
     -> Result<Vec<Self::Row>, sqlx::Error>;
     async fn fetch_optional(
@@ -128,6 +136,22 @@ macro_rules! impl_conn {
                 // A bare string has no arguments, which sqlx sends as a simple query: the
                 // form in which PostgreSQL accepts several statements.
                 sqlx::Executor::execute(&mut *self, sql).await.map(drop)
+            }
+
+            async fn for_each_row(
+                &mut self,
+                sql: &str,
+                args: Vec<$crate::engine::Arg>,
+                each: &mut (dyn for<'r> FnMut(&'r $row) -> bool + Send),
+            ) -> Result<(), sqlx::Error> {
+                use futures::TryStreamExt as _;
+                let mut rows = $crate::engine::bind_args!(sqlx::query(sql), args).fetch(&mut *self);
+                while let Some(row) = rows.try_next().await? {
+                    if !each(&row) {
+                        break;
+                    }
+                }
+                Ok(())
             }
 
             async fn execute(
@@ -1145,6 +1169,11 @@ pub(crate) trait RowExt {
     fn opt_int(&self, column: &str) -> Result<Option<i64>, sqlx::Error>;
     fn bytes(&self, column: &str) -> Result<Vec<u8>, sqlx::Error>;
     fn boolean(&self, column: &str) -> Result<bool, sqlx::Error>;
+    /// Borrowed access by position, for the verifier's hot loop: no allocation, no name lookup.
+    fn str_at(&self, index: usize) -> Result<&str, sqlx::Error>;
+    fn opt_str_at(&self, index: usize) -> Result<Option<&str>, sqlx::Error>;
+    fn bytes_at(&self, index: usize) -> Result<&[u8], sqlx::Error>;
+    fn int_at(&self, index: usize) -> Result<i64, sqlx::Error>;
 }
 
 impl<R> RowExt for R
@@ -1155,6 +1184,9 @@ where
     for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r str: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r [u8]: Decode<'r, R::Database> + Type<R::Database>,
+    usize: ColumnIndex<R>,
 {
     fn text(&self, column: &str) -> Result<String, sqlx::Error> {
         self.try_get(column)
@@ -1173,6 +1205,18 @@ where
     }
     fn boolean(&self, column: &str) -> Result<bool, sqlx::Error> {
         self.try_get(column)
+    }
+    fn str_at(&self, index: usize) -> Result<&str, sqlx::Error> {
+        self.try_get(index)
+    }
+    fn opt_str_at(&self, index: usize) -> Result<Option<&str>, sqlx::Error> {
+        self.try_get(index)
+    }
+    fn bytes_at(&self, index: usize) -> Result<&[u8], sqlx::Error> {
+        self.try_get(index)
+    }
+    fn int_at(&self, index: usize) -> Result<i64, sqlx::Error> {
+        self.try_get(index)
     }
 }
 
@@ -1393,6 +1437,36 @@ fn event_from_row(row: &impl RowExt) -> Result<Event> {
         },
         prev_hash: fields.hash("prev_hash")?,
         hash: fields.hash("hash")?,
+    })
+}
+
+/// An audit row as stored, borrowed from the row: what [`ChainVerifier::push_stored`] hashes.
+/// Columns by position, in [`EVENT_COLUMNS`] order.
+fn stored_event_from_row(row: &impl RowExt) -> Result<StoredEvent<'_>> {
+    let seq = row.int_at(0).map_err(|error| {
+        StoreError::Corrupt(format!("audit event with unreadable `seq`: {error}"))
+    })?;
+    let fail = |column: &str, problem: &dyn Display| {
+        StoreError::Corrupt(format!("audit event `{seq}`, column `{column}`: {problem}"))
+    };
+    let hash = |index: usize, column: &str| -> Result<Hash> {
+        let bytes = row.bytes_at(index).map_err(|error| fail(column, &error))?;
+        Hash::try_from(bytes)
+            .map_err(|_| fail(column, &format_args!("{} bytes, expected 32", bytes.len())))
+    };
+    Ok(StoredEvent {
+        seq: u64::try_from(seq).map_err(|_| fail("seq", &"negative"))?,
+        time_ms: row.int_at(1).map_err(|error| fail("time_ms", &error))?,
+        kind: row.str_at(2).map_err(|error| fail("kind", &error))?,
+        actor: row.str_at(3).map_err(|error| fail("actor", &error))?,
+        agent: row.opt_str_at(4).map_err(|error| fail("agent", &error))?,
+        task: row.opt_str_at(5).map_err(|error| fail("task", &error))?,
+        decision: row
+            .opt_str_at(6)
+            .map_err(|error| fail("decision", &error))?,
+        detail: row.str_at(7).map_err(|error| fail("detail", &error))?,
+        prev_hash: hash(8, "prev_hash")?,
+        hash: hash(9, "hash")?,
     })
 }
 
@@ -1750,6 +1824,34 @@ impl<B: Backend> Store for SqlStore<B> {
             .await
             .map_err(db_error)?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    async fn verify_chain(&self, verifier: &mut ChainVerifier) -> Result<Result<(), ChainBreak>> {
+        // One streamed query rather than pages: rows flow from the database while earlier
+        // ones are hashed. From the start, every row counts, whatever its number, so that an
+        // event slipped in below 1 is reported too.
+        let (sql, args) = if verifier.next_seq() <= 1 {
+            (
+                format!("SELECT {EVENT_COLUMNS} FROM audit_events ORDER BY seq"),
+                vec![],
+            )
+        } else {
+            (
+                format!("SELECT {EVENT_COLUMNS} FROM audit_events WHERE seq >= $1 ORDER BY seq"),
+                vec![Arg::Int(to_i64(verifier.next_seq(), "audit event")?)],
+            )
+        };
+        let mut outcome = Ok(Ok(()));
+        let mut conn = self.read().await?;
+        conn.for_each_row(&sql, args, &mut |row| {
+            let pushed = stored_event_from_row(row).map(|event| verifier.push_stored(&event));
+            let go_on = matches!(pushed, Ok(Ok(())));
+            outcome = pushed;
+            go_on
+        })
+        .await
+        .map_err(db_error)?;
+        outcome
     }
 
     async fn query_events(&self, filter: &AuditFilter) -> Result<Vec<Event>> {

@@ -19,6 +19,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// How long a writer waits for another process's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Rows a connection's worker thread may hold ready for its reader.
+const ROW_BUFFER: usize = 4096;
+
 engine::impl_conn!(
     SqliteConnection,
     SqliteRow,
@@ -71,7 +74,11 @@ pub(crate) async fn open(url: &str, path: &str, options: &OpenOptions) -> Result
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(BUSY_TIMEOUT)
-        .foreign_keys(true);
+        .foreign_keys(true)
+        // Rows cross from the connection's worker thread through a bounded channel; a deep one
+        // lets the worker run ahead of a reader (the chain verifier streams the whole table)
+        // instead of the two threads waking each other every few rows.
+        .row_buffer_size(ROW_BUFFER);
     let pool = SqlitePoolOptions::new()
         // One more than the readers need, for the writer task.
         .max_connections(options.max_connections.max(1) + 1)

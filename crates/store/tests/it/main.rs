@@ -55,6 +55,8 @@ on_both_backends!(
     cases::approvals,
     cases::approval_is_spent_once_under_race,
     tamper::edited_detail,
+    tamper::detail_respelled_with_the_same_meaning,
+    tamper::event_numbered_zero,
     tamper::edited_actor,
     tamper::deleted_event,
     tamper::forged_event_appended,
