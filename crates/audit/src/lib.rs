@@ -430,16 +430,26 @@ pub fn to_hex(hash: &Hash) -> String {
     out
 }
 
+/// A hash from 64 hexadecimal digits, either case.
 pub fn from_hex(text: &str) -> Option<Hash> {
-    if text.len() != 64 {
+    let digits = text.as_bytes();
+    if digits.len() != 64 {
         return None;
     }
     let mut hash = [0u8; 32];
-    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-        let pair = std::str::from_utf8(chunk).ok()?;
-        hash[i] = u8::from_str_radix(pair, 16).ok()?;
+    for (byte, pair) in hash.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
     }
     Some(hash)
+}
+
+fn nibble(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
 }
 
 mod hex_hash {

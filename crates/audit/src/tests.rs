@@ -94,6 +94,7 @@ fn the_encoding_is_stable() {
 fn hashes_round_trip_through_hex() {
     let hash = chain(1)[0].hash;
     assert_eq!(from_hex(&to_hex(&hash)), Some(hash));
+    assert_eq!(from_hex(&to_hex(&hash).to_uppercase()), Some(hash));
     assert_eq!(from_hex("zz"), None);
     assert_eq!(from_hex(&"g".repeat(64)), None);
 }

@@ -162,7 +162,7 @@ async fn bench_store(kind: &str, store: &Arc<dyn Store>, phase: Duration) {
     let elapsed = started.elapsed();
     assert_eq!(verifier.checked(), events.len() as u64);
     println!(
-        "{kind:8} verify from the store (verify_chain, streamed) {:>9} events in {:>6.2} s = {:>10.0} events/s   target ≥ 500,000/s: {}",
+        "{kind:8} verify from the store (Store::verify_chain)    {:>9} events in {:>6.2} s = {:>10.0} events/s   target ≥ 500,000/s: {}",
         verifier.checked(),
         elapsed.as_secs_f64(),
         rate(verifier.checked(), elapsed),

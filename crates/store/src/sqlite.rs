@@ -45,6 +45,17 @@ impl Backend for SqliteBackend {
         &self.pool
     }
 
+    // `octet_length` and ordered aggregates need SQLite 3.44 (sqlx bundles a newer one).
+    const PACKED_EVENTS_SQL: Option<&'static str> = Some(
+        "SELECT group_concat(printf('%d %d %s %s %d:%s%d:%s%d:%s%d:%s%d:%s%d:%s', \
+         seq, time_ms, hex(prev_hash), hex(hash), octet_length(kind), kind, \
+         octet_length(actor), actor, ifnull(octet_length(agent), -1), ifnull(agent, ''), \
+         ifnull(octet_length(task), -1), ifnull(task, ''), \
+         ifnull(octet_length(decision), -1), ifnull(decision, ''), \
+         octet_length(detail), detail), '' ORDER BY seq), max(seq) \
+         FROM (SELECT * FROM audit_events WHERE seq >= $1 ORDER BY seq LIMIT 1000)",
+    );
+
     async fn begin_write(
         &self,
         conn: &mut SqliteConnection,
