@@ -240,6 +240,7 @@ impl<B: Backend> SqlStore<B> {
         let task = Writer {
             backend: backend.clone(),
             conn: None,
+            known_head: None,
         };
         tokio::spawn(task.run(queue));
         SqlStore { backend, writer }
@@ -376,6 +377,10 @@ struct Writer<B: Backend> {
     backend: Arc<B>,
     /// Kept across batches to keep its prepared statements warm; dropped after a failure.
     conn: Option<PoolConnection<B::Db>>,
+    /// The chain head this writer last committed, which is still the head unless another
+    /// process or replica wrote since: what the next batch is sealed after, speculatively.
+    /// `None` after a failure.
+    known_head: Option<Head>,
 }
 
 impl<B: Backend> Writer<B> {
@@ -429,7 +434,7 @@ impl<B: Backend> Writer<B> {
                 .conn
                 .insert(self.backend.pool().acquire().await.map_err(db_error)?),
         };
-        let result = transaction(&*self.backend, &mut **conn, ops).await;
+        let result = transaction(&*self.backend, &mut **conn, &mut self.known_head, ops).await;
         if result.is_err() {
             // The connection may be mid-transaction or broken: never reuse it.
             if let Some(mut conn) = self.conn.take() {
@@ -443,8 +448,22 @@ impl<B: Backend> Writer<B> {
 async fn transaction<B: Backend>(
     backend: &B,
     conn: &mut B::Conn,
+    known_head: &mut Option<Head>,
     ops: Vec<WriteOp>,
 ) -> Result<Vec<Result<Outcome>>> {
+    let expected = known_head.take();
+    let ops = match expected {
+        Some(expected) if B::Conn::MULTI_STATEMENT => {
+            match appends_in_one_round_trip(conn, expected, ops).await {
+                Ok((results, head)) => {
+                    *known_head = Some(head);
+                    return Ok(results);
+                }
+                Err(ops) => ops,
+            }
+        }
+        _ => ops,
+    };
     let mut head = begin(backend, conn).await?;
     let ops = if ops.iter().all(|op| matches!(op, WriteOp::Append(_))) {
         let appends = ops
@@ -455,7 +474,10 @@ async fn transaction<B: Backend>(
             })
             .collect();
         match appends_only(conn, head, appends).await {
-            Ok(results) => return Ok(results),
+            Ok((results, head)) => {
+                *known_head = Some(head);
+                return Ok(results);
+            }
             Err((error, appends)) => {
                 // Rare: appends conflict with nothing, so this is most likely the database
                 // failing, which the careful path below will meet again. The transaction may
@@ -488,6 +510,7 @@ async fn transaction<B: Backend>(
         }
     }
     conn.execute("COMMIT", vec![]).await.map_err(db_error)?;
+    *known_head = Some(head);
     Ok(results)
 }
 
@@ -507,6 +530,97 @@ async fn begin<B: Backend>(backend: &B, conn: &mut B::Conn) -> Result<Head> {
     })
 }
 
+/// The common case made cheaper still where one query may hold several statements (SQLite):
+/// a batch of appends that fits one insert, sealed after the head this writer last committed,
+/// in one round trip: `BEGIN IMMEDIATE`, an insert whose rows are kept only if the head read
+/// inside the transaction is still that one, the count inserted, `COMMIT`. If another writer
+/// moved the head, nothing was inserted (an empty transaction commits) and the operations
+/// come back for the usual path; likewise on any error.
+async fn appends_in_one_round_trip<C: Conn>(
+    conn: &mut C,
+    expected: Head,
+    ops: Vec<WriteOp>,
+) -> Result<(Vec<Result<Outcome>>, Head), Vec<WriteOp>> {
+    let events_in = |op: &WriteOp| match op {
+        WriteOp::Append(bodies) => Some(bodies.len()),
+        _ => None,
+    };
+    let Some(total) = ops.iter().map(events_in).sum::<Option<usize>>() else {
+        return Err(ops);
+    };
+    if total == 0 || total > PADDED_ROWS {
+        return Err(ops);
+    }
+    let appends: Vec<Vec<EventBody>> = ops
+        .into_iter()
+        .filter_map(|op| match op {
+            WriteOp::Append(bodies) => Some(bodies),
+            _ => None,
+        })
+        .collect();
+    let sizes: Vec<usize> = appends.iter().map(Vec::len).collect();
+    let mut head = expected;
+    let (events, details) = seal(&mut head, appends.into_iter().flatten());
+    // The head as the guard reads it back: `seq`, a space, the hash in SQLite's hexadecimal.
+    let guard = (expected.seq > 0).then(|| {
+        format!(
+            "{} {}",
+            expected.seq,
+            audit::to_hex(&expected.hash).to_uppercase()
+        )
+    });
+    let mut args = Vec::with_capacity(1 + events.len() * 10);
+    args.push(Arg::OptText(guard));
+    let built: Result<()> = events
+        .iter()
+        .zip(details)
+        .try_for_each(|(event, detail)| event_args(event, detail, &mut args));
+    let inserted = match built {
+        Ok(()) => conn.fetch_all(guarded_insert_sql(), args).await.ok(),
+        Err(_) => None,
+    };
+    let inserted = inserted
+        .as_deref()
+        .and_then(|rows| rows.first())
+        .and_then(|row| row.int_at(0).ok());
+    let mut events = events.into_iter();
+    if inserted == i64::try_from(total).ok() {
+        let results = sizes
+            .into_iter()
+            .map(|size| Ok(Outcome::Events(events.by_ref().take(size).collect())))
+            .collect();
+        return Ok((results, head));
+    }
+    if inserted.is_none() {
+        // An error: the transaction may still be open.
+        let _ = conn.execute("ROLLBACK", vec![]).await;
+    }
+    let mut bodies = events.map(|event| event.body);
+    Err(sizes
+        .into_iter()
+        .map(|size| WriteOp::Append(bodies.by_ref().take(size).collect()))
+        .collect())
+}
+
+/// [`appends_in_one_round_trip`]'s statements. The guard comes first so that its parameter
+/// is the first one, and the padding rows' parameters, at the end, can stay unbound.
+fn guarded_insert_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let row = format!("({})", ["?"; 10].join(", "));
+        format!(
+            "BEGIN IMMEDIATE; \
+             WITH head (unmoved) AS (SELECT ({}) IS ?) \
+             INSERT INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
+             SELECT batch.* FROM (VALUES {}) AS batch, head WHERE head.unmoved AND batch.column1 IS NOT NULL; \
+             SELECT changes(); \
+             COMMIT",
+            "SELECT seq || ' ' || hex(hash) FROM audit_events ORDER BY seq DESC LIMIT 1",
+            vec![row; PADDED_ROWS].join(", ")
+        )
+    })
+}
+
 /// A batch of nothing but appends, the call path's common case: no savepoint (an append
 /// conflicts with nothing, so there is nothing to undo alone), and on SQLite the last insert
 /// and the COMMIT share one round trip. On failure the bodies come back, to be retried one
@@ -515,7 +629,7 @@ async fn appends_only<C: Conn>(
     conn: &mut C,
     mut head: Head,
     appends: Vec<Vec<EventBody>>,
-) -> Result<Vec<Result<Outcome>>, (StoreError, Vec<Vec<EventBody>>)> {
+) -> Result<(Vec<Result<Outcome>>, Head), (StoreError, Vec<Vec<EventBody>>)> {
     let sizes: Vec<usize> = appends.iter().map(Vec::len).collect();
     let (events, details) = seal(&mut head, appends.into_iter().flatten());
     let inserted = match insert_events(conn, &events, details, C::MULTI_STATEMENT).await {
@@ -528,10 +642,13 @@ async fn appends_only<C: Conn>(
     };
     let mut events = events.into_iter();
     match inserted {
-        Ok(()) => Ok(sizes
-            .into_iter()
-            .map(|size| Ok(Outcome::Events(events.by_ref().take(size).collect())))
-            .collect()),
+        Ok(()) => Ok((
+            sizes
+                .into_iter()
+                .map(|size| Ok(Outcome::Events(events.by_ref().take(size).collect())))
+                .collect(),
+            head,
+        )),
         Err(error) => {
             let mut bodies = events.map(|event| event.body);
             let appends = sizes

@@ -541,6 +541,28 @@ pub async fn a_failing_append_does_not_sink_its_batch(db: &TestDb) {
     assert_eq!(verify(db.store.as_ref()).await, Ok(committed));
 }
 
+pub async fn the_writer_chains_onto_the_stored_head(db: &TestDb) {
+    // The writer may remember the head it last wrote, but the chain continues from the head
+    // as stored: here the last event is removed behind its back (what a restore from an older
+    // backup does), and the next append takes its place instead of leaving a gap.
+    let store = &db.store;
+    for _ in 0..3 {
+        store
+            .append_events(vec![event(kinds::CALL_DECISION)])
+            .await
+            .unwrap();
+    }
+    db.raw
+        .execute("DELETE FROM audit_events WHERE seq = 3")
+        .await;
+    let appended = store
+        .append_events(vec![event(kinds::CALL_DECISION)])
+        .await
+        .unwrap();
+    assert_eq!(appended[0].seq, 3);
+    assert_eq!(verify(store.as_ref()).await, Ok(3));
+}
+
 pub async fn each_state_change_writes_one_event(db: &TestDb) {
     let store = &db.store;
     let count = || async { all_events(store.as_ref()).await.len() };
