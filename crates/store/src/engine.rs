@@ -8,9 +8,12 @@
 //! inside that transaction, seals each event after it, commits once and only then answers.
 //! Each operation runs in its own savepoint so that one failure (a conflict, say) undoes
 //! only that operation and does not advance the chain. A batch of nothing but appends (the
-//! call path's case) needs no savepoint, since an append conflicts with nothing: on SQLite it
-//! costs two round trips to the connection's worker thread (`BEGIN IMMEDIATE` with the head
-//! read, then the inserts with the `COMMIT`), and if it fails it is retried the careful way.
+//! call path's case) needs no savepoint, since an append conflicts with nothing, and if it
+//! fails it is retried the careful way. On SQLite, where each statement is a round trip to
+//! the connection's worker thread, such a batch is one round trip when it is sealed after the
+//! head this writer last committed and an insert guarded by the head read inside the
+//! transaction confirms it, and two (`BEGIN IMMEDIATE` with the head read, then the inserts
+//! with the `COMMIT`) when another writer moved the head.
 
 use std::fmt::{self, Display};
 use std::str::FromStr;
