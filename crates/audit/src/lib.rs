@@ -143,27 +143,107 @@ impl Event {
     }
 }
 
+/// An event's hashed fields, borrowed, with `detail` as canonical JSON text: what a store
+/// holds. Hashing this form costs no JSON work, which is why a store verifies its rows through
+/// it (and why a `detail` stored in any other form than the canonical one fails to verify).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredEvent<'a> {
+    pub seq: u64,
+    pub time_ms: i64,
+    pub kind: &'a str,
+    pub actor: &'a str,
+    pub agent: Option<&'a str>,
+    pub task: Option<&'a str>,
+    pub decision: Option<&'a str>,
+    /// Canonical JSON, as [`canonical_json`] writes it.
+    pub detail: &'a str,
+    pub prev_hash: Hash,
+    pub hash: Hash,
+}
+
+impl StoredEvent<'_> {
+    /// Appends the canonical encoding described in the crate documentation to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.reserve(128 + self.kind.len() + self.actor.len() + self.detail.len());
+        out.extend_from_slice(DOMAIN);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.prev_hash);
+        out.extend_from_slice(&self.time_ms.to_be_bytes());
+        field(out, self.kind);
+        field(out, self.actor);
+        optional_field(out, self.agent);
+        optional_field(out, self.task);
+        optional_field(out, self.decision);
+        field(out, self.detail);
+    }
+
+    /// SHA-256 of the canonical encoding, computed in `scratch` (cleared first) so that a
+    /// caller hashing many events allocates once.
+    pub fn compute_hash(&self, scratch: &mut Vec<u8>) -> Hash {
+        scratch.clear();
+        self.encode(scratch);
+        sha256(scratch)
+    }
+}
+
+/// Seals `body` at `seq` after `prev_hash`, given its `detail` already as canonical JSON (a
+/// writer that stores that text too encodes it once).
+pub fn seal_with_detail(seq: u64, prev_hash: Hash, body: EventBody, detail: &str) -> Event {
+    let stored = StoredEvent {
+        seq,
+        time_ms: body.time_ms,
+        kind: &body.kind,
+        actor: &body.actor,
+        agent: body.agent.as_deref(),
+        task: body.task.as_deref(),
+        decision: body.decision.as_deref(),
+        detail,
+        prev_hash,
+        hash: GENESIS,
+    };
+    let hash = stored.compute_hash(&mut Vec::new());
+    Event {
+        seq,
+        body,
+        prev_hash,
+        hash,
+    }
+}
+
+/// `detail` as canonical JSON, in a new string.
+pub fn canonical_detail(detail: &Value) -> String {
+    let mut out = String::new();
+    canonical_json(detail, &mut out);
+    out
+}
+
 /// The canonical encoding described in the crate documentation.
 pub fn canonical_bytes(seq: u64, prev_hash: &Hash, body: &EventBody) -> Vec<u8> {
-    let mut detail = String::new();
-    canonical_json(&body.detail, &mut detail);
-    let mut out = Vec::with_capacity(128 + body.kind.len() + body.actor.len() + detail.len());
-    out.extend_from_slice(DOMAIN);
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(prev_hash);
-    out.extend_from_slice(&body.time_ms.to_be_bytes());
-    field(&mut out, &body.kind);
-    field(&mut out, &body.actor);
-    optional_field(&mut out, body.agent.as_deref());
-    optional_field(&mut out, body.task.as_deref());
-    optional_field(&mut out, body.decision.as_deref());
-    field(&mut out, &detail);
+    let detail = canonical_detail(&body.detail);
+    let stored = StoredEvent {
+        seq,
+        time_ms: body.time_ms,
+        kind: &body.kind,
+        actor: &body.actor,
+        agent: body.agent.as_deref(),
+        task: body.task.as_deref(),
+        decision: body.decision.as_deref(),
+        detail: &detail,
+        prev_hash: *prev_hash,
+        hash: GENESIS,
+    };
+    let mut out = Vec::new();
+    stored.encode(&mut out);
     out
 }
 
 /// SHA-256 of the canonical encoding.
 pub fn hash_event(seq: u64, prev_hash: &Hash, body: &EventBody) -> Hash {
-    let digest = digest::digest(&digest::SHA256, &canonical_bytes(seq, prev_hash, body));
+    sha256(&canonical_bytes(seq, prev_hash, body))
+}
+
+fn sha256(bytes: &[u8]) -> Hash {
+    let digest = digest::digest(&digest::SHA256, bytes);
     let mut hash = [0u8; 32];
     hash.copy_from_slice(digest.as_ref());
     hash
@@ -219,6 +299,13 @@ pub fn canonical_json(value: &Value, out: &mut String) {
     }
 }
 
+fn content_break(seq: u64) -> ChainBreak {
+    ChainBreak {
+        seq,
+        reason: BreakReason::Content,
+    }
+}
+
 /// Why a chain failed verification, at which event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("audit chain broken at sequence number {seq}: {reason}")]
@@ -246,6 +333,8 @@ pub struct ChainVerifier {
     next_seq: u64,
     prev_hash: Hash,
     checked: u64,
+    /// Reused for each event's encoding.
+    scratch: Vec<u8>,
 }
 
 impl Default for ChainVerifier {
@@ -254,6 +343,7 @@ impl Default for ChainVerifier {
             next_seq: 1,
             prev_hash: GENESIS,
             checked: 0,
+            scratch: Vec::new(),
         }
     }
 }
@@ -261,34 +351,56 @@ impl Default for ChainVerifier {
 impl ChainVerifier {
     /// Checks one event. After a break, the verifier's state is unspecified: stop there.
     pub fn push(&mut self, event: &Event) -> Result<(), ChainBreak> {
+        self.check_link(event.seq, &event.prev_hash)?;
+        if hash_event(event.seq, &event.prev_hash, &event.body) != event.hash {
+            return Err(content_break(event.seq));
+        }
+        self.advance(event.hash);
+        Ok(())
+    }
+
+    /// Checks one event as a store holds it, hashing its `detail` text as stored: a `detail`
+    /// edited into any non-canonical form (even one with the same meaning) is a break.
+    /// After a break, the verifier's state is unspecified: stop there.
+    pub fn push_stored(&mut self, event: &StoredEvent<'_>) -> Result<(), ChainBreak> {
+        self.check_link(event.seq, &event.prev_hash)?;
+        if event.compute_hash(&mut self.scratch) != event.hash {
+            return Err(content_break(event.seq));
+        }
+        self.advance(event.hash);
+        Ok(())
+    }
+
+    /// The sequence number the next event must carry: where a store starts reading.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn check_link(&self, seq: u64, prev_hash: &Hash) -> Result<(), ChainBreak> {
         let expected = self.next_seq;
-        if event.seq != expected {
+        if seq != expected {
             // A missing or extra event shows as the first position holding the wrong number.
-            let seq = expected.min(event.seq);
             return Err(ChainBreak {
-                seq,
+                seq: expected.min(seq),
                 reason: BreakReason::Sequence {
                     expected,
-                    found: event.seq,
+                    found: seq,
                 },
             });
         }
-        if event.prev_hash != self.prev_hash {
+        if *prev_hash != self.prev_hash {
             return Err(ChainBreak {
-                seq: event.seq,
+                seq,
                 reason: BreakReason::PrevHash,
             });
         }
-        if hash_event(event.seq, &event.prev_hash, &event.body) != event.hash {
-            return Err(ChainBreak {
-                seq: event.seq,
-                reason: BreakReason::Content,
-            });
-        }
-        self.prev_hash = event.hash;
+        Ok(())
+    }
+
+    fn advance(&mut self, hash: Hash) {
+        self.prev_hash = hash;
         self.next_seq += 1;
         self.checked += 1;
-        Ok(())
     }
 
     /// How many events have verified so far.
@@ -318,16 +430,26 @@ pub fn to_hex(hash: &Hash) -> String {
     out
 }
 
+/// A hash from 64 hexadecimal digits, either case.
 pub fn from_hex(text: &str) -> Option<Hash> {
-    if text.len() != 64 {
+    let digits = text.as_bytes();
+    if digits.len() != 64 {
         return None;
     }
     let mut hash = [0u8; 32];
-    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-        let pair = std::str::from_utf8(chunk).ok()?;
-        hash[i] = u8::from_str_radix(pair, 16).ok()?;
+    for (byte, pair) in hash.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
     }
     Some(hash)
+}
+
+fn nibble(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
+    }
 }
 
 mod hex_hash {

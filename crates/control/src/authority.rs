@@ -845,34 +845,19 @@ impl Authority {
         Ok(self.store.query_events(filter).await?)
     }
 
-    /// Walks the whole chain from the first event and reports the first break.
+    /// Walks the whole chain from the first event and reports the first break. The store
+    /// streams its rows and hashes them as stored (`Store::verify_chain`), which is several
+    /// times faster than reading events and re-encoding each `detail`.
     pub async fn verify_audit(&self, actor: &Operator) -> Result<VerifyReport> {
         actor.require(&[Role::Auditor])?;
         let mut verifier = ChainVerifier::default();
-        let mut after = 0;
-        loop {
-            let page = self.store.events_after(after, 10_000).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            for event in &page {
-                if let Err(broken) = verifier.push(event) {
-                    return Ok(VerifyReport {
-                        ok: false,
-                        checked: verifier.checked(),
-                        head: audit::to_hex(&verifier.head()),
-                        first_bad_seq: Some(broken.seq),
-                        reason: Some(broken.reason.to_string()),
-                        checkpoint_seq: None,
-                    });
-                }
-            }
-        }
+        let broken = self.store.verify_chain(&mut verifier).await?.err();
         Ok(VerifyReport {
-            ok: true,
+            ok: broken.is_none(),
             checked: verifier.checked(),
             head: audit::to_hex(&verifier.head()),
-            first_bad_seq: None,
-            reason: None,
+            first_bad_seq: broken.as_ref().map(|broken| broken.seq),
+            reason: broken.map(|broken| broken.reason.to_string()),
             checkpoint_seq: None,
         })
     }

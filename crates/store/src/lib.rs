@@ -374,6 +374,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn events_after(&self, after_seq: u64, limit: u32) -> Result<Vec<Event>>;
     /// Events matching every condition of `filter`, oldest first; page with `after_seq`.
     async fn query_events(&self, filter: &AuditFilter) -> Result<Vec<Event>>;
+    /// Verifies the chain as stored, from `verifier`'s next sequence number to the head (the
+    /// whole chain, rows numbered below 1 included, for a fresh verifier), in one pass: each
+    /// row's fields go to [`audit::ChainVerifier::push_stored`] as stored, `detail` hashed as
+    /// its stored text and never parsed. `Ok(Err(_))` names the first event that breaks the
+    /// chain; an outer error is the store's (unreachable, or a row that cannot be decoded).
+    async fn verify_chain(
+        &self,
+        verifier: &mut audit::ChainVerifier,
+    ) -> Result<Result<(), audit::ChainBreak>>;
 }
 
 /// How [`open_with`] connects.

@@ -18,13 +18,18 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 /// wait for each other.
 const LOCK_CLASS: i32 = 0x7265_6d69;
 
-engine::impl_conn!(PgConnection, PgRow, anonymous_params = false);
+engine::impl_conn!(
+    PgConnection,
+    PgRow,
+    anonymous_params = false,
+    multi_statement = false
+);
 
 #[derive(Debug)]
 pub(crate) struct PostgresBackend {
     pool: PgPool,
-    /// `SELECT pg_advisory_xact_lock(…)` with this schema's keys.
-    lock_sql: String,
+    /// `BEGIN; SELECT pg_advisory_xact_lock(…)` with this schema's keys.
+    begin_sql: String,
 }
 
 #[async_trait]
@@ -38,10 +43,12 @@ impl Backend for PostgresBackend {
         &self.pool
     }
 
-    async fn begin_write(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        conn.execute("BEGIN", vec![]).await?;
-        // Released by COMMIT or ROLLBACK; the head is read only after it is held.
-        conn.execute(&self.lock_sql, vec![]).await.map(|_| ())
+    async fn begin_write(&self, conn: &mut PgConnection) -> Result<Option<PgRow>, sqlx::Error> {
+        // One round trip for both (a simple query may hold several statements). The lock is
+        // released by COMMIT or ROLLBACK; the head is read by a later statement, whose
+        // snapshot is taken only once the lock is held.
+        conn.execute_raw(&self.begin_sql).await?;
+        conn.fetch_optional(engine::head_sql!(), vec![]).await
     }
 }
 
@@ -73,9 +80,9 @@ pub(crate) async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Sto
         })?;
     let key = row.int("key").map_err(engine::db_error)?;
     drop(conn);
-    let lock_sql = format!("SELECT pg_advisory_xact_lock({LOCK_CLASS}, {key})");
+    let begin_sql = format!("BEGIN; SELECT pg_advisory_xact_lock({LOCK_CLASS}, {key})");
     Ok(Arc::new(SqlStore::start(PostgresBackend {
         pool,
-        lock_sql,
+        begin_sql,
     })))
 }

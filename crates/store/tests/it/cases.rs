@@ -493,6 +493,76 @@ pub async fn group_commit_keeps_one_chain(db: &TestDb) {
     assert_eq!(returned, all_events(store.as_ref()).await);
 }
 
+pub async fn a_failing_append_does_not_sink_its_batch(db: &TestDb) {
+    // A trigger that refuses one actor's events stands in for an append the database
+    // rejects; the appends queued with it must still commit, on one unbroken chain.
+    if db.is_postgres() {
+        db.raw
+            .execute(
+                "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN IF NEW.actor = 'poison' THEN RAISE EXCEPTION 'poisoned'; END IF; RETURN NEW; END $$; \
+                 CREATE TRIGGER refuse_poison BEFORE INSERT ON audit_events \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+            )
+            .await;
+    } else {
+        db.raw
+            .execute(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON audit_events \
+                 WHEN NEW.actor = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned'); END",
+            )
+            .await;
+    }
+    let calls: Vec<_> = (0..40)
+        .map(|call| {
+            let store = db.store.clone();
+            tokio::spawn(async move {
+                let actor = if call == 17 {
+                    "poison"
+                } else {
+                    "operator:op-1"
+                };
+                let body = audit::EventBody::new(1_700_000_000_000, kinds::CALL_DECISION, actor)
+                    .detail(serde_json::json!({"call": call}));
+                store.append_events(vec![body]).await
+            })
+        })
+        .collect();
+    let mut committed = 0;
+    for (call, handle) in calls.into_iter().enumerate() {
+        let result = handle.await.unwrap();
+        if call == 17 {
+            assert!(result.is_err(), "the refused append reports its failure");
+        } else {
+            assert_eq!(result.unwrap().len(), 1);
+            committed += 1;
+        }
+    }
+    assert_eq!(verify(db.store.as_ref()).await, Ok(committed));
+}
+
+pub async fn the_writer_chains_onto_the_stored_head(db: &TestDb) {
+    // The writer may remember the head it last wrote, but the chain continues from the head
+    // as stored: here the last event is removed behind its back (what a restore from an older
+    // backup does), and the next append takes its place instead of leaving a gap.
+    let store = &db.store;
+    for _ in 0..3 {
+        store
+            .append_events(vec![event(kinds::CALL_DECISION)])
+            .await
+            .unwrap();
+    }
+    db.raw
+        .execute("DELETE FROM audit_events WHERE seq = 3")
+        .await;
+    let appended = store
+        .append_events(vec![event(kinds::CALL_DECISION)])
+        .await
+        .unwrap();
+    assert_eq!(appended[0].seq, 3);
+    assert_eq!(verify(store.as_ref()).await, Ok(3));
+}
+
 pub async fn each_state_change_writes_one_event(db: &TestDb) {
     let store = &db.store;
     let count = || async { all_events(store.as_ref()).await.len() };

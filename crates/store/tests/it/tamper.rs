@@ -3,7 +3,7 @@
 
 use audit::{BreakReason, ChainBreak, kinds};
 
-use crate::harness::{TestDb, event, verify};
+use crate::harness::{TestDb, event, verify, verify_paged, verify_stored};
 
 /// Ten intact events, checked before each test tampers with them.
 async fn ten_events(db: &TestDb) {
@@ -34,6 +34,45 @@ pub async fn edited_detail(db: &TestDb) {
             seq: 4,
             reason: BreakReason::Content
         }
+    );
+}
+
+pub async fn detail_respelled_with_the_same_meaning(db: &TestDb) {
+    ten_events(db).await;
+    // The stored text is what was hashed, so a respelling is an edit even where it parses to
+    // the same value: reported by remit's verification, while events read through the API
+    // (parsed, then re-encoded) still verify.
+    db.raw
+        .execute(r#"UPDATE audit_events SET detail = '{ "call": 3 }' WHERE seq = 4"#)
+        .await;
+    assert_eq!(
+        verify_stored(db.store.as_ref()).await,
+        Err(ChainBreak {
+            seq: 4,
+            reason: BreakReason::Content
+        })
+    );
+    assert_eq!(verify_paged(db.store.as_ref()).await, Ok(10));
+}
+
+pub async fn event_numbered_zero(db: &TestDb) {
+    ten_events(db).await;
+    // Below the first number, where a reader starting after 0 would never look.
+    db.raw
+        .execute(
+            "INSERT INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
+             SELECT 0, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash FROM audit_events WHERE seq = 1",
+        )
+        .await;
+    assert_eq!(
+        verify_stored(db.store.as_ref()).await,
+        Err(ChainBreak {
+            seq: 0,
+            reason: BreakReason::Sequence {
+                expected: 1,
+                found: 0
+            }
+        })
     );
 }
 
