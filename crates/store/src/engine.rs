@@ -18,6 +18,7 @@
 use std::fmt::{self, Display};
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use audit::{ChainBreak, ChainVerifier, Event, EventBody, GENESIS, Hash, StoredEvent};
@@ -46,6 +47,10 @@ const QUEUE: usize = 8192;
 
 /// Most rows `query_events` returns, and what a zero limit means.
 const QUERY_CAP: u32 = 1_000;
+/// How far the agent and task lookups of the audit log may lag the log: the writer fills them
+/// this often while it writes, and once more when it falls idle. Queries read the lag from the
+/// log itself, so it bounds their work, not what they see.
+const LOOKUP_INTERVAL: Duration = Duration::from_millis(100);
 const QUERY_DEFAULT: u32 = 100;
 
 /// Most rows one page of `events_after` or `revocations_after` returns, and what a zero limit
@@ -244,6 +249,8 @@ impl<B: Backend> SqlStore<B> {
             backend: backend.clone(),
             conn: None,
             known_head: None,
+            lookups_behind: false,
+            lookups_filled: Instant::now(),
         };
         tokio::spawn(task.run(queue));
         SqlStore { backend, writer }
@@ -384,6 +391,9 @@ struct Writer<B: Backend> {
     /// process or replica wrote since: what the next batch is sealed after, speculatively.
     /// `None` after a failure.
     known_head: Option<Head>,
+    /// Something was committed since the lookups were last filled.
+    lookups_behind: bool,
+    lookups_filled: Instant,
 }
 
 impl<B: Backend> Writer<B> {
@@ -392,7 +402,22 @@ impl<B: Backend> Writer<B> {
 
         // `recv_many` waits for the first operation, then takes whatever else is queued:
         // operations that arrive while a commit is in flight share the next one.
-        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        loop {
+            let received = if self.lookups_behind {
+                let idle = LOOKUP_INTERVAL.saturating_sub(self.lookups_filled.elapsed());
+                match tokio::time::timeout(idle, queue.recv_many(&mut batch, MAX_BATCH)).await {
+                    Ok(received) => received,
+                    Err(_) => {
+                        self.fill_lookups().await;
+                        continue;
+                    }
+                }
+            } else {
+                queue.recv_many(&mut batch, MAX_BATCH).await
+            };
+            if received == 0 {
+                break;
+            }
             // Callers woken by the previous commit are runnable but may not have queued their
             // next operation yet. Yield to let them, again while each yield brings more (a
             // few times at most): under load the batch grows to hold them all; idle, this
@@ -417,12 +442,43 @@ impl<B: Backend> Writer<B> {
                         // A caller that gave up waiting is no reason to stop.
                         let _ = reply.send(result);
                     }
+                    self.lookups_behind = true;
+                    if self.lookups_filled.elapsed() >= LOOKUP_INTERVAL {
+                        self.fill_lookups().await;
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, operations = replies.len(), "store write batch failed");
                     for reply in replies {
                         let _ = reply.send(Err(error.clone()));
                     }
+                }
+            }
+        }
+    }
+
+    /// Adds the events committed since the lookup mark to the agent and task lookups, and
+    /// moves the mark, in one write transaction (so under the same lock as every writer of
+    /// the chain, in any process). The lookups are derived from the log: a failure here loses
+    /// nothing, and the next attempt starts from the same mark.
+    async fn fill_lookups(&mut self) {
+        self.lookups_filled = Instant::now();
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => match self.backend.pool().acquire().await {
+                Ok(conn) => self.conn.insert(conn),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot fill the audit lookups");
+                    return;
+                }
+            },
+        };
+        match fill_lookups(&*self.backend, &mut **conn).await {
+            Ok(()) => self.lookups_behind = false,
+            Err(error) => {
+                tracing::warn!(%error, "cannot fill the audit lookups");
+                if let Some(mut conn) = self.conn.take() {
+                    conn.close_on_drop();
                 }
             }
         }
@@ -515,6 +571,29 @@ async fn transaction<B: Backend>(
     conn.execute("COMMIT", vec![]).await.map_err(db_error)?;
     *known_head = Some(head);
     Ok(results)
+}
+
+/// The statements of [`Writer::fill_lookups`], in its write transaction.
+async fn fill_lookups<B: Backend>(backend: &B, conn: &mut B::Conn) -> Result<()> {
+    begin(backend, conn).await?;
+    for sql in [
+        "INSERT INTO audit_agent_events (agent, seq) SELECT agent, seq FROM audit_events \
+         WHERE seq > (SELECT through_seq FROM audit_lookup_mark) AND agent IS NOT NULL \
+         ON CONFLICT DO NOTHING",
+        "INSERT INTO audit_task_events (task, seq) SELECT task, seq FROM audit_events \
+         WHERE seq > (SELECT through_seq FROM audit_lookup_mark) AND task IS NOT NULL \
+         ON CONFLICT DO NOTHING",
+        "UPDATE audit_lookup_mark SET through_seq = \
+         (SELECT COALESCE(MAX(seq), 0) FROM audit_events) \
+         WHERE through_seq < (SELECT COALESCE(MAX(seq), 0) FROM audit_events)",
+        "COMMIT",
+    ] {
+        if let Err(error) = conn.execute(sql, vec![]).await {
+            let _ = conn.execute("ROLLBACK", vec![]).await;
+            return Err(db_error(error));
+        }
+    }
+    Ok(())
 }
 
 /// Starts the write transaction and reads the chain head inside it.
@@ -2088,52 +2167,133 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     async fn query_events(&self, filter: &AuditFilter) -> Result<Vec<Event>> {
-        // Only the conditions present reach the SQL, so each index stays usable; at most
-        // 2^5 statement shapes exist.
-        let mut conditions = Vec::new();
-        let mut args = Vec::new();
-        let mut condition = |sql: &str, arg: Arg| {
-            args.push(arg);
-            conditions.push(format!("{sql} ${}", args.len()));
-        };
-        if let Some(agent) = &filter.agent {
-            condition("agent =", Arg::Text(agent.clone()));
-        }
-        if let Some(task) = &filter.task {
-            condition("task =", Arg::Text(task.clone()));
-        }
-        if let Some(after) = filter.after_seq {
-            condition("seq >", Arg::Int(i64::try_from(after).unwrap_or(i64::MAX)));
-        }
-        if let Some(since) = filter.since_ms {
-            condition("time_ms >=", Arg::Int(since));
-        }
-        if let Some(until) = filter.until_ms {
-            condition("time_ms <", Arg::Int(until));
-        }
-        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events");
-        if !conditions.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conditions.join(" AND "));
-        }
-        args.push(Arg::Int(page(filter.limit, QUERY_DEFAULT, QUERY_CAP)));
+        let limit = page(filter.limit, QUERY_DEFAULT, QUERY_CAP);
         let order = if filter.newest { "DESC" } else { "ASC" };
-        sql.push_str(&format!(" ORDER BY seq {order} LIMIT ${}", args.len()));
-        let rows = self
-            .read()
-            .await?
-            .fetch_all(&sql, args)
-            .await
-            .map_err(db_error)?;
-        let mut events = rows
-            .iter()
-            .map(event_from_row)
-            .collect::<Result<Vec<_>>>()?;
+        let mut conn = self.read().await?;
+        let events = if let Some((table, column, key)) = lookup_of(filter) {
+            // Events up to the mark are found through the lookup table, the ones after it
+            // (at most a lookup interval's worth) in the log itself. Both parts take the
+            // same mark, so a concurrent fill changes neither answer.
+            let mark = conn
+                .fetch_optional("SELECT through_seq FROM audit_lookup_mark", vec![])
+                .await
+                .map_err(db_error)?
+                .map(|row| {
+                    Fields::keyed_by_int(&row, "audit lookup mark", "through_seq")?
+                        .int("through_seq")
+                })
+                .transpose()?
+                .unwrap_or(0);
+            let mut args = vec![Arg::Text(key.to_string()), Arg::Int(mark)];
+            let conditions = event_conditions(filter, "e.", Some(column), &mut args);
+            args.push(Arg::Int(limit));
+            let indexed = format!(
+                "SELECT {} FROM {table} l JOIN audit_events e ON e.seq = l.seq \
+                 WHERE l.{column} = $1 AND l.seq <= $2{conditions} ORDER BY l.seq {order} LIMIT ${}",
+                prefixed_event_columns(),
+                args.len()
+            );
+            let indexed = conn.fetch_all(&indexed, args).await.map_err(db_error)?;
+            let mut args = vec![Arg::Text(key.to_string()), Arg::Int(mark)];
+            let conditions = event_conditions(filter, "", Some(column), &mut args);
+            args.push(Arg::Int(limit));
+            let tail = format!(
+                "SELECT {EVENT_COLUMNS} FROM audit_events \
+                 WHERE {column} = $1 AND seq > $2{conditions} ORDER BY seq {order} LIMIT ${}",
+                args.len()
+            );
+            let tail = conn.fetch_all(&tail, args).await.map_err(db_error)?;
+            // Oldest first: the indexed part precedes the tail; newest first, the reverse.
+            let (first, second) = if filter.newest {
+                (tail, indexed)
+            } else {
+                (indexed, tail)
+            };
+            first
+                .iter()
+                .chain(second.iter())
+                .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                .map(event_from_row)
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            let mut args = Vec::new();
+            let conditions = event_conditions(filter, "", None, &mut args);
+            args.push(Arg::Int(limit));
+            let sql = format!(
+                "SELECT {EVENT_COLUMNS} FROM audit_events WHERE TRUE{conditions} ORDER BY seq {order} LIMIT ${}",
+                args.len()
+            );
+            conn.fetch_all(&sql, args)
+                .await
+                .map_err(db_error)?
+                .iter()
+                .map(event_from_row)
+                .collect::<Result<Vec<_>>>()?
+        };
+        let mut events = events;
         if filter.newest {
             events.reverse();
         }
         Ok(events)
     }
+}
+
+/// The lookup table that answers `filter`, if it names a task (the narrower) or an agent:
+/// (table, its column, the value).
+fn lookup_of(filter: &AuditFilter) -> Option<(&'static str, &'static str, &str)> {
+    match (&filter.task, &filter.agent) {
+        (Some(task), _) => Some(("audit_task_events", "task", task.as_str())),
+        (None, Some(agent)) => Some(("audit_agent_events", "agent", agent.as_str())),
+        (None, None) => None,
+    }
+}
+
+/// ` AND …` for each condition of `filter` on the events (columns prefixed with `prefix`),
+/// except the one the lookup already applies; the values are pushed onto `args`. Only the
+/// conditions present reach the SQL, so each index stays usable.
+fn event_conditions(
+    filter: &AuditFilter,
+    prefix: &str,
+    looked_up: Option<&str>,
+    args: &mut Vec<Arg>,
+) -> String {
+    let mut sql = String::new();
+    let mut condition = |column: &str, operator: &str, arg: Arg| {
+        args.push(arg);
+        sql.push_str(&format!(" AND {prefix}{column} {operator} ${}", args.len()));
+    };
+    if let Some(agent) = filter.agent.as_ref().filter(|_| looked_up != Some("agent")) {
+        condition("agent", "=", Arg::Text(agent.clone()));
+    }
+    if let Some(task) = filter.task.as_ref().filter(|_| looked_up != Some("task")) {
+        condition("task", "=", Arg::Text(task.clone()));
+    }
+    if let Some(after) = filter.after_seq {
+        condition(
+            "seq",
+            ">",
+            Arg::Int(i64::try_from(after).unwrap_or(i64::MAX)),
+        );
+    }
+    if let Some(since) = filter.since_ms {
+        condition("time_ms", ">=", Arg::Int(since));
+    }
+    if let Some(until) = filter.until_ms {
+        condition("time_ms", "<", Arg::Int(until));
+    }
+    sql
+}
+
+/// [`EVENT_COLUMNS`] of the table aliased `e`.
+fn prefixed_event_columns() -> &'static str {
+    static COLUMNS: OnceLock<String> = OnceLock::new();
+    COLUMNS.get_or_init(|| {
+        EVENT_COLUMNS
+            .split(", ")
+            .map(|column| format!("e.{column}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 #[cfg(test)]

@@ -778,6 +778,95 @@ pub async fn query_filters(db: &TestDb) {
         .is_empty()
     );
 
+    // Once the writer has filled its agent and task lookups (within its lookup interval of
+    // falling idle), the same queries are answered through them; events appended after that
+    // are found in the log's tail, and one answer joins both parts in order.
+    let head = i64::try_from(base + 30).unwrap();
+    let mut filled = false;
+    for _ in 0..100 {
+        if db
+            .raw
+            .number("SELECT through_seq FROM audit_lookup_mark")
+            .await
+            >= head
+        {
+            filled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(filled, "the writer never filled the audit lookups");
+    assert!(
+        db.raw
+            .number("SELECT COUNT(*) FROM audit_task_events WHERE task = 'task_five'")
+            .await
+            >= 6
+    );
+    let mut later = Vec::new();
+    for i in 30..36i64 {
+        let body = event(kinds::CALL_DECISION)
+            .agent(if i % 3 == 0 { "alpha" } else { "beta" })
+            .task("task_five");
+        later.push(body);
+    }
+    store.append_events(later).await.unwrap();
+    let five = query(AuditFilter {
+        task: Some("task_five".into()),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(five, [1, 6, 11, 16, 21, 26, 31, 32, 33, 34, 35, 36]);
+    let alpha = query(AuditFilter {
+        agent: Some("alpha".into()),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(alpha, [1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34]);
+    let both = query(AuditFilter {
+        agent: Some("alpha".into()),
+        task: Some("task_five".into()),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(both, [1, 16, 31, 34]);
+    // Limits and order across the two parts, oldest and newest first.
+    let oldest = query(AuditFilter {
+        task: Some("task_five".into()),
+        limit: 7,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(oldest, [1, 6, 11, 16, 21, 26, 31]);
+    let newest = query(AuditFilter {
+        task: Some("task_five".into()),
+        limit: 8,
+        newest: true,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(newest, [21, 26, 31, 32, 33, 34, 35, 36]);
+    let after = query(AuditFilter {
+        agent: Some("beta".into()),
+        after_seq: Some(base + 25),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(after, [26, 27, 29, 30, 32, 33, 35, 36]);
+    let window = query(AuditFilter {
+        agent: Some("beta".into()),
+        since_ms: Some(1_800_000_010_000),
+        until_ms: Some(1_800_000_013_000),
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(window, [11, 12]);
+    let base = base + 6;
+
     // Limit 0 means 100; more than 1,000 means 1,000.
     let many: Vec<_> = (0..1_100).map(|_| event(kinds::CALL_DECISION)).collect();
     store.append_events(many).await.unwrap();
@@ -808,9 +897,9 @@ pub async fn query_filters(db: &TestDb) {
         .await
         .unwrap();
     let seqs: Vec<_> = newest.iter().map(|e| e.seq).collect();
-    let last = 21 + 30 + 1_100;
+    let last = base + 30 + 1_100;
     assert_eq!(seqs, [last - 2, last - 1, last]);
-    assert_eq!(verify(store.as_ref()).await, Ok(21 + 30 + 1_100));
+    assert_eq!(verify(store.as_ref()).await, Ok(last));
 }
 
 /// Two stores on the same data (the server and the CLI, or two replicas) append concurrently

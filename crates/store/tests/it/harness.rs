@@ -28,6 +28,15 @@ impl Raw {
         }
         .unwrap_or_else(|error| panic!("raw SQL `{sql}` failed: {error}"));
     }
+
+    /// The one integer `sql` selects.
+    pub async fn number(&self, sql: &str) -> i64 {
+        match self {
+            Raw::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+            Raw::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await,
+        }
+        .unwrap_or_else(|error| panic!("raw SQL `{sql}` failed: {error}"))
+    }
 }
 
 /// A store on a database of its own, plus what a test needs to reach around it.
