@@ -279,18 +279,19 @@ impl Authority {
     /// is kept for the next flush.
     pub async fn flush_call_counts(&self) {
         let pending: Vec<(String, u32)> = self.unflushed_calls.lock().drain().collect();
-        let writes = pending.into_iter().map(|(task, calls)| async move {
-            let written = match task.parse::<TaskId>() {
-                Ok(id) => self.store.add_task_calls(&id, calls).await,
-                Err(_) => Ok(()),
-            };
-            (task, calls, written)
-        });
-        for (task, calls, written) in futures::future::join_all(writes).await {
-            if let Err(error) = written {
-                tracing::warn!(task = %task, "could not persist the call count: {error}");
-                if matches!(error, store::StoreError::Unavailable(_)) {
-                    *self.unflushed_calls.lock().entry(task).or_insert(0) += calls;
+        let counts: Vec<(TaskId, u32)> = pending
+            .iter()
+            .filter_map(|(task, calls)| Some((task.parse::<TaskId>().ok()?, *calls)))
+            .collect();
+        if let Err(error) = self.store.add_many_task_calls(&counts).await {
+            tracing::warn!(
+                tasks = counts.len(),
+                "could not persist the call counts: {error}"
+            );
+            if matches!(error, store::StoreError::Unavailable(_)) {
+                let mut unflushed = self.unflushed_calls.lock();
+                for (task, calls) in pending {
+                    *unflushed.entry(task).or_insert(0) += calls;
                 }
             }
         }

@@ -47,6 +47,8 @@ const QUEUE: usize = 8192;
 
 /// Most rows `query_events` returns, and what a zero limit means.
 const QUERY_CAP: u32 = 1_000;
+/// Tasks per statement when a node flushes its call counts (two parameters each).
+const TASK_CALL_CHUNK: usize = 100;
 /// How far the agent and task lookups of the audit log may lag the log: the writer fills them
 /// this often while it writes, and once more when it falls idle. Queries read the lag from the
 /// log itself, so it bounds their work, not what they see.
@@ -310,6 +312,7 @@ enum WriteOp {
     InsertTask(TaskRecord, EventBody),
     FinishTask(TaskId, TaskStatus, EventBody),
     AddTaskCalls(TaskId, u32),
+    AddManyTaskCalls(Vec<(TaskId, u32)>),
     InsertRevocation(NewRevocation, EventBody),
     InsertApproval(Box<ApprovalRecord>, EventBody),
     DecideApproval {
@@ -1089,6 +1092,27 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
                     what: "task",
                     key: id.to_string(),
                 });
+            }
+            Ok(Outcome::Done)
+        }
+        WriteOp::AddManyTaskCalls(counts) => {
+            // One statement per chunk instead of a statement (and a savepoint) per task: the
+            // flush of a busy node's counts would otherwise hold the writer for a long batch.
+            for chunk in counts.chunks(TASK_CALL_CHUNK) {
+                let mut args = Vec::with_capacity(chunk.len() * 2);
+                let mut rows = Vec::with_capacity(chunk.len());
+                for (id, calls) in chunk {
+                    args.push(Arg::Text(id.to_string()));
+                    args.push(Arg::Int(i64::from(*calls)));
+                    rows.push(format!("(${}, ${})", args.len() - 1, args.len()));
+                }
+                let sql = format!(
+                    "UPDATE tasks SET calls_used = CASE WHEN calls_used + d.column2 > 4294967295 \
+                     THEN 4294967295 ELSE calls_used + d.column2 END \
+                     FROM (VALUES {}) AS d WHERE tasks.id = d.column1",
+                    rows.join(", ")
+                );
+                conn.execute(&sql, args).await.map_err(db_error)?;
             }
             Ok(Outcome::Done)
         }
@@ -1910,6 +1934,19 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn add_task_calls(&self, id: &TaskId, calls: u32) -> Result<()> {
         match self.write(WriteOp::AddTaskCalls(id.clone(), calls)).await? {
+            Outcome::Done => Ok(()),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn add_many_task_calls(&self, counts: &[(TaskId, u32)]) -> Result<()> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        match self
+            .write(WriteOp::AddManyTaskCalls(counts.to_vec()))
+            .await?
+        {
             Outcome::Done => Ok(()),
             _ => Err(wrong_outcome()),
         }

@@ -309,6 +309,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// write, but records no audit event: the calls themselves are audited. `NotFound` when
     /// there is no such task.
     async fn add_task_calls(&self, id: &TaskId, calls: u32) -> Result<()>;
+    /// [`Store::add_task_calls`] for many tasks in one write of a few statements, as the
+    /// periodic flush of a node's counts needs; tasks that do not exist are skipped.
+    async fn add_many_task_calls(&self, counts: &[(TaskId, u32)]) -> Result<()>;
     /// Ids of every active task of `agent`.
     async fn active_tasks_of_agent(&self, agent: &AgentName) -> Result<Vec<TaskId>>;
     /// Ids of the active tasks whose parent is `parent`.

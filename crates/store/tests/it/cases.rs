@@ -396,13 +396,35 @@ pub async fn task_calls(db: &TestDb) {
             .calls_used,
         u32::MAX
     );
+    // Many tasks in one write: counted, saturating, and an unknown task skipped.
+    let other = task(2, "bot");
+    store
+        .insert_task(&other, event(kinds::TASK_GRANTED))
+        .await
+        .unwrap();
+    store
+        .add_many_task_calls(&[
+            (other.id.clone(), 3),
+            (task_id(9), 4),
+            (granted.id.clone(), 1),
+        ])
+        .await
+        .unwrap();
+    store
+        .add_many_task_calls(&[(other.id.clone(), 2)])
+        .await
+        .unwrap();
+    store.add_many_task_calls(&[]).await.unwrap();
+    let used = |task| async move { store.get_task(task).await.unwrap().unwrap().calls_used };
+    assert_eq!(used(&other.id).await, 5);
+    assert_eq!(used(&granted.id).await, u32::MAX);
     let unknown = store.add_task_calls(&task_id(9), 1).await;
     assert!(
         matches!(unknown, Err(StoreError::NotFound { what: "task", .. })),
         "{unknown:?}"
     );
-    // Counting calls is not an audited state change: only the two setup events exist.
-    assert_eq!(all_events(store.as_ref()).await.len(), 2);
+    // Counting calls is not an audited state change: only the three setup events exist.
+    assert_eq!(all_events(store.as_ref()).await.len(), 3);
 }
 
 fn revocation(kind: RevocationKind, target: &str) -> NewRevocation {
