@@ -189,19 +189,7 @@ impl StoredEvent<'_> {
 /// Seals `body` at `seq` after `prev_hash`, given its `detail` already as canonical JSON (a
 /// writer that stores that text too encodes it once).
 pub fn seal_with_detail(seq: u64, prev_hash: Hash, body: EventBody, detail: &str) -> Event {
-    let stored = StoredEvent {
-        seq,
-        time_ms: body.time_ms,
-        kind: &body.kind,
-        actor: &body.actor,
-        agent: body.agent.as_deref(),
-        task: body.task.as_deref(),
-        decision: body.decision.as_deref(),
-        detail,
-        prev_hash,
-        hash: GENESIS,
-    };
-    let hash = stored.compute_hash(&mut Vec::new());
+    let hash = stored_form(seq, &prev_hash, &body, detail).compute_hash(&mut Vec::new());
     Event {
         seq,
         body,
@@ -220,7 +208,20 @@ pub fn canonical_detail(detail: &Value) -> String {
 /// The canonical encoding described in the crate documentation.
 pub fn canonical_bytes(seq: u64, prev_hash: &Hash, body: &EventBody) -> Vec<u8> {
     let detail = canonical_detail(&body.detail);
-    let stored = StoredEvent {
+    let mut out = Vec::new();
+    stored_form(seq, prev_hash, body, &detail).encode(&mut out);
+    out
+}
+
+/// `body` at `seq` after `prev_hash` as a store holds it, `detail` given as canonical text; its
+/// own `hash` is not yet known.
+fn stored_form<'a>(
+    seq: u64,
+    prev_hash: &Hash,
+    body: &'a EventBody,
+    detail: &'a str,
+) -> StoredEvent<'a> {
+    StoredEvent {
         seq,
         time_ms: body.time_ms,
         kind: &body.kind,
@@ -228,13 +229,10 @@ pub fn canonical_bytes(seq: u64, prev_hash: &Hash, body: &EventBody) -> Vec<u8> 
         agent: body.agent.as_deref(),
         task: body.task.as_deref(),
         decision: body.decision.as_deref(),
-        detail: &detail,
+        detail,
         prev_hash: *prev_hash,
         hash: GENESIS,
-    };
-    let mut out = Vec::new();
-    stored.encode(&mut out);
-    out
+    }
 }
 
 /// SHA-256 of the canonical encoding.
