@@ -224,15 +224,37 @@ impl Authority {
         Ok(())
     }
 
-    /// Runs [`Authority::sync`] every `sync_interval` until the process ends.
+    /// Runs [`Authority::sync`] every `sync_interval` until the process ends, and catches up
+    /// with revocations at once whenever the store signals one (PostgreSQL `LISTEN/NOTIFY`),
+    /// so that a revocation taken on another replica bites here within milliseconds rather
+    /// than at the next tick.
     pub fn spawn_sync(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let authority = Arc::clone(self);
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(authority.settings.sync_interval);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let signal = authority.store.revocation_signal();
             loop {
-                interval.tick().await;
-                if let Err(error) = authority.sync().await {
+                let signalled = match &signal {
+                    Some(signal) => tokio::select! {
+                        _ = interval.tick() => false,
+                        _ = signal.notified() => true,
+                    },
+                    None => {
+                        interval.tick().await;
+                        false
+                    }
+                };
+                let caught_up = if signalled {
+                    authority
+                        .revocations
+                        .catch_up(authority.store.as_ref())
+                        .await
+                        .map(drop)
+                } else {
+                    authority.sync().await
+                };
+                if let Err(error) = caught_up {
                     tracing::warn!(code = error.code, "catch-up with the store failed: {error}");
                 }
             }

@@ -96,6 +96,9 @@ pub(crate) trait Conn: Send {
     /// as NULL. sqlx's SQLite driver does both, which saves the writer round trips to its
     /// worker thread; PostgreSQL's extended protocol does neither.
     const MULTI_STATEMENT: bool;
+    /// A statement that tells other processes a revocation was written (delivered when the
+    /// transaction commits), if the backend can.
+    const NOTIFY_REVOCATION: Option<&'static str>;
     async fn execute(&mut self, sql: &str, args: Vec<Arg>) -> Result<u64, sqlx::Error>;
     /// Runs `sql` (several statements, no parameters) in one round trip.
     async fn execute_raw(&mut self, sql: &str) -> Result<(), sqlx::Error>;
@@ -137,12 +140,13 @@ pub(crate) use bind_args;
 
 /// Implements [`Conn`] for a concrete sqlx connection type.
 macro_rules! impl_conn {
-    ($connection:ty, $row:ty, anonymous_params = $anonymous:literal, multi_statement = $multi:literal) => {
+    ($connection:ty, $row:ty, anonymous_params = $anonymous:literal, multi_statement = $multi:literal, notify_revocation = $notify:expr) => {
         #[async_trait::async_trait]
         impl $crate::engine::Conn for $connection {
             type Row = $row;
             const ANONYMOUS_PARAMS: bool = $anonymous;
             const MULTI_STATEMENT: bool = $multi;
+            const NOTIFY_REVOCATION: Option<&'static str> = $notify;
 
             async fn execute_raw(&mut self, sql: &str) -> Result<(), sqlx::Error> {
                 // A bare string has no arguments, which sqlx sends as a simple query: the
@@ -232,6 +236,10 @@ pub(crate) trait Backend: Send + Sync + 'static {
 pub(crate) struct SqlStore<B: Backend> {
     backend: Arc<B>,
     writer: mpsc::Sender<Pending>,
+    /// See [`Store::revocation_signal`].
+    revocations: Option<Arc<tokio::sync::Notify>>,
+    /// Dropped with the store, which ends the task that feeds `revocations`.
+    _stop: Option<oneshot::Sender<()>>,
 }
 
 impl<B: Backend> fmt::Debug for SqlStore<B> {
@@ -255,7 +263,24 @@ impl<B: Backend> SqlStore<B> {
             lookups_filled: Instant::now(),
         };
         tokio::spawn(task.run(queue));
-        SqlStore { backend, writer }
+        SqlStore {
+            backend,
+            writer,
+            revocations: None,
+            _stop: None,
+        }
+    }
+
+    /// The store with a revocation signal, fed by a task that ends when `stop`'s sender (kept
+    /// by the store) is dropped.
+    pub(crate) fn with_revocation_signal(
+        mut self,
+        signal: Arc<tokio::sync::Notify>,
+        stop: oneshot::Sender<()>,
+    ) -> SqlStore<B> {
+        self.revocations = Some(signal);
+        self._stop = Some(stop);
+        self
     }
 
     async fn write(&self, op: WriteOp) -> Result<Outcome> {
@@ -1132,6 +1157,9 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
                 .map_err(db_error)?
                 .ok_or_else(wrong_outcome)?;
             let seq = Fields::keyed_by_int(&row, "revocation", "seq")?.int("seq")?;
+            if let Some(notify) = C::NOTIFY_REVOCATION {
+                conn.execute(notify, vec![]).await.map_err(db_error)?;
+            }
             let event = append_one(conn, head, event).await?;
             let NewRevocation {
                 kind,
@@ -1786,6 +1814,10 @@ fn ids(rows: Vec<impl RowExt>, what: &'static str) -> Result<Vec<TaskId>> {
 impl<B: Backend> Store for SqlStore<B> {
     fn kind(&self) -> &'static str {
         B::KIND
+    }
+
+    fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.revocations.clone()
     }
 
     async fn ping(&self) -> Result<()> {

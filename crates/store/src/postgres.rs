@@ -6,7 +6,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use tokio::sync::{Notify, oneshot};
 
 use crate::engine::{self, Backend, Conn, RowExt, SqlStore};
 use crate::{OpenOptions, Result, Store, StoreError, redact_url};
@@ -22,8 +23,12 @@ engine::impl_conn!(
     PgConnection,
     PgRow,
     anonymous_params = false,
-    multi_statement = false
+    multi_statement = false,
+    notify_revocation = Some("SELECT pg_notify('remit_revocations', '')")
 );
+
+/// The `LISTEN/NOTIFY` channel on which writers announce revocations.
+const REVOCATION_CHANNEL: &str = "remit_revocations";
 
 #[derive(Debug)]
 pub(crate) struct PostgresBackend {
@@ -81,8 +86,32 @@ pub(crate) async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Sto
     let key = row.int("key").map_err(engine::db_error)?;
     drop(conn);
     let begin_sql = format!("BEGIN; SELECT pg_advisory_xact_lock({LOCK_CLASS}, {key})");
-    Ok(Arc::new(SqlStore::start(PostgresBackend {
-        pool,
-        begin_sql,
-    })))
+    let mut listener = PgListener::connect_with(&pool).await.map_err(unavailable)?;
+    listener
+        .listen(REVOCATION_CHANNEL)
+        .await
+        .map_err(unavailable)?;
+    let signal = Arc::new(Notify::new());
+    let (stop, stopped) = oneshot::channel();
+    tokio::spawn(listen(listener, Arc::clone(&signal), stopped));
+    let store = SqlStore::start(PostgresBackend { pool, begin_sql });
+    Ok(Arc::new(store.with_revocation_signal(signal, stop)))
+}
+
+/// Turns every notification of a revocation into a permit of `signal`, until the store is
+/// dropped. `PgListener` reconnects by itself after a lost connection; what was announced
+/// meanwhile is found by the periodic catch-up.
+async fn listen(mut listener: PgListener, signal: Arc<Notify>, mut stopped: oneshot::Receiver<()>) {
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            received = listener.recv() => match received {
+                Ok(_) => signal.notify_one(),
+                Err(error) => {
+                    tracing::warn!(%error, "lost the revocation notifications; retrying in 1 s");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            },
+        }
+    }
 }

@@ -26,7 +26,8 @@ engine::impl_conn!(
     SqliteConnection,
     SqliteRow,
     anonymous_params = true,
-    multi_statement = true
+    multi_statement = true,
+    notify_revocation = None
 );
 
 #[derive(Debug)]

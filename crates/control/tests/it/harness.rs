@@ -52,6 +52,15 @@ impl Harness {
         Harness::build(store_url, dir, |_| {}).await
     }
 
+    /// A harness on `store_url` with settings adjusted by `adjust`: a second replica.
+    pub async fn with_store_configured(
+        store_url: String,
+        dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Harness {
+        Harness::build(store_url, dir, adjust).await
+    }
+
     async fn build(
         store_url: String,
         dir: tempfile::TempDir,

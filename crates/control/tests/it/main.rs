@@ -18,5 +18,6 @@ mod delegation;
 mod failclosed;
 mod harness;
 mod openapi;
+mod replicas;
 mod tasks;
 mod timeline;
