@@ -65,8 +65,9 @@ pub(crate) async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Sto
         StoreError::Unavailable(format!("cannot connect to `{}`: {error}", redact_url(url)))
     };
     let pool = PgPoolOptions::new()
-        // One more than the readers need, for the writer task.
-        .max_connections(options.max_connections.max(1) + 1)
+        // Two more than the readers need: one for the writer task, one that the revocation
+        // listener holds for as long as the store lives.
+        .max_connections(options.max_connections.max(1) + 2)
         .acquire_timeout(options.connect_timeout)
         .connect_with(connect)
         .await
