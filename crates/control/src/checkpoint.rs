@@ -5,10 +5,9 @@
 //! must still reach its sequence number, with the same hash there.
 
 use credentials::CheckpointClaims;
+use model::Role;
 use serde::{Deserialize, Serialize};
 use store::AuditFilter;
-
-use model::Role;
 
 use crate::authority::{Authority, VerifyReport};
 use crate::error::{Error, Result};
