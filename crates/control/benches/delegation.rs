@@ -178,6 +178,48 @@ async fn exchanges_per_second() {
     );
 }
 
+/// Calls `url` with `token` in a loop, a fresh proof by `key` each time, until a call is
+/// denied; returns the denial's code and how long after `revoked_at` was set it came.
+fn call_until_denied(
+    authority: Arc<Authority>,
+    token: Arc<String>,
+    key: AgentKeyPair,
+    url: String,
+    revoked_at: Arc<parking_lot::Mutex<Option<Instant>>>,
+) -> tokio::task::JoinHandle<(&'static str, Option<Duration>)> {
+    tokio::spawn(async move {
+        loop {
+            let proof = key
+                .sign_proof("POST", &url, Some(&token), SystemClock.now(), &jti())
+                .expect("proof");
+            let attempt = CallAttempt {
+                token: &token,
+                proof: Some(&proof),
+                bearer_allowed: false,
+                method: "POST",
+                url: &url,
+                tool: "github",
+                action: "read_issue",
+                resource: "acme/api",
+                class: ActionClass::Read,
+                sensitivity: &[],
+                arguments: "{}",
+                limiter: None,
+            };
+            let verdict = authority.decide_unrecorded(&attempt).await;
+            if !verdict.is_allow() {
+                // A denial before the revocation is a broken benchmark: the caller reports it.
+                let at = *revoked_at.lock();
+                return (verdict.code, at.map(|at| at.elapsed()));
+            }
+            // A warm decision never waits, so without this the loop would hold its worker
+            // thread against the tasks that bring the revocation (the API, a replica's
+            // listener and catch-up).
+            tokio::task::yield_now().await;
+        }
+    })
+}
+
 async fn revocation_to_denial() {
     let node = node().await;
     let http = reqwest::Client::new();
@@ -211,42 +253,15 @@ async fn revocation_to_denial() {
         let url = format!("{}/http/github/read_issue", node.base);
         // The deepest descendant calls in a tight loop, each call with a fresh proof.
         let revoked_at: Arc<parking_lot::Mutex<Option<Instant>>> = Arc::default();
-        let caller = {
-            let authority = Arc::clone(&node.authority);
-            let deepest = Arc::clone(&deepest);
-            let revoked_at = Arc::clone(&revoked_at);
-            let proof_key =
-                AgentKeyPair::from_private_jwk(keys[3].to_private_jwk().expose()).expect("key");
-            let clock = node.clock.clone();
-            let url = url.clone();
-            tokio::spawn(async move {
-                loop {
-                    let proof = proof_key
-                        .sign_proof("POST", &url, Some(&deepest), clock.now(), &jti())
-                        .expect("proof");
-                    let attempt = CallAttempt {
-                        token: &deepest,
-                        proof: Some(&proof),
-                        bearer_allowed: false,
-                        method: "POST",
-                        url: &url,
-                        tool: "github",
-                        action: "read_issue",
-                        resource: "acme/api",
-                        class: ActionClass::Read,
-                        sensitivity: &[],
-                        arguments: "{}",
-                        limiter: None,
-                    };
-                    let verdict = authority.decide_unrecorded(&attempt).await;
-                    if !verdict.is_allow() {
-                        let at = *revoked_at.lock();
-                        // A denial before the revocation is a broken benchmark: report it.
-                        return (verdict.code, at.map(|at| at.elapsed()));
-                    }
-                }
-            })
-        };
+        let proof_key =
+            AgentKeyPair::from_private_jwk(keys[3].to_private_jwk().expose()).expect("key");
+        let caller = call_until_denied(
+            Arc::clone(&node.authority),
+            deepest,
+            proof_key,
+            url.clone(),
+            Arc::clone(&revoked_at),
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
         *revoked_at.lock() = Some(Instant::now());
         let response = http
@@ -329,41 +344,14 @@ async fn revocation_across_replicas() {
             .expect("grant");
         let token = Arc::new(grant.token.expose().clone());
         let revoked_at: Arc<parking_lot::Mutex<Option<Instant>>> = Arc::default();
-        let caller = {
-            let second = Arc::clone(&second);
-            let token = Arc::clone(&token);
-            let revoked_at = Arc::clone(&revoked_at);
-            let key = AgentKeyPair::from_private_jwk(key.to_private_jwk().expose()).expect("key");
-            tokio::spawn(async move {
-                loop {
-                    let proof = key
-                        .sign_proof("POST", url, Some(&token), SystemClock.now(), &jti())
-                        .expect("proof");
-                    let attempt = CallAttempt {
-                        token: &token,
-                        proof: Some(&proof),
-                        bearer_allowed: false,
-                        method: "POST",
-                        url,
-                        tool: "github",
-                        action: "read_issue",
-                        resource: "acme/api",
-                        class: ActionClass::Read,
-                        sensitivity: &[],
-                        arguments: "{}",
-                        limiter: None,
-                    };
-                    let verdict = second.decide_unrecorded(&attempt).await;
-                    if !verdict.is_allow() {
-                        let at = *revoked_at.lock();
-                        return (verdict.code, at.map(|at| at.elapsed()));
-                    }
-                    // A warm decision never waits, so without this the loop would hold its
-                    // worker thread against the replica's own listener and catch-up tasks.
-                    tokio::task::yield_now().await;
-                }
-            })
-        };
+        let proof_key = AgentKeyPair::from_private_jwk(key.to_private_jwk().expose()).expect("key");
+        let caller = call_until_denied(
+            Arc::clone(&second),
+            token,
+            proof_key,
+            url.to_string(),
+            Arc::clone(&revoked_at),
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
         *revoked_at.lock() = Some(Instant::now());
         first
