@@ -2239,7 +2239,7 @@ impl<B: Backend> Store for SqlStore<B> {
         let limit = page(filter.limit, QUERY_DEFAULT, QUERY_CAP);
         let order = if filter.newest { "DESC" } else { "ASC" };
         let mut conn = self.read().await?;
-        let events = if let Some((table, column, key)) = lookup_of(filter) {
+        let mut events = if let Some((table, column, key)) = lookup_of(filter) {
             // Events up to the mark are found through the lookup table, the ones after it
             // (at most a lookup interval's worth) in the log itself. Both parts take the
             // same mark, so a concurrent fill changes neither answer.
@@ -2299,7 +2299,6 @@ impl<B: Backend> Store for SqlStore<B> {
                 .map(event_from_row)
                 .collect::<Result<Vec<_>>>()?
         };
-        let mut events = events;
         if filter.newest {
             events.reverse();
         }
