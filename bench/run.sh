@@ -10,6 +10,10 @@
 #   DECISION=1 bash bench/run.sh      # also run the in-process decision benchmark
 #   SKIP_BUILD=1 bash bench/run.sh    # use target/release/{remit,loadgen} as they are
 #   RESULTS_COPY=out.jsonl bash bench/run.sh   # also keep the raw results (one JSON line a run)
+#   ONLY='http (nginx|remit bearer)' bash bench/run.sh   # only runs whose "group label" matches
+#   STORE_SYNC=normal bash bench/run.sh    # remit's `store_sync` (default: full)
+#   PERF_DIR=/tmp/prof bash bench/run.sh   # also `perf record` remit during each remit run
+#   PERF_OPTS="-F 199 --call-graph dwarf,32768" PERF_DIR=/tmp/prof bash bench/run.sh
 #
 # Everything listens on 127.0.0.1 and is stopped on exit. The only network access is
 # `apt-get install nginx` when nginx is missing.
@@ -155,6 +159,7 @@ cat >"$WORK/remit.toml" <<EOF
 listen = "127.0.0.1:$REMIT_PORT"
 public_url = "http://127.0.0.1:$REMIT_PORT"
 store = "sqlite://$WORK/remit.db"
+store_sync = "${STORE_SYNC:-full}"
 
 [tasks]
 max_ttl_seconds = 3600
@@ -207,12 +212,29 @@ RESULTS=$WORK/results.jsonl
 load() { # load GROUP LABEL URL PIDS [extra loadgen args…]
     local group=$1 label=$2 url=$3 pids=$4
     shift 4
+    if [[ -n ${ONLY:-} && ! "$group $label" =~ $ONLY ]]; then
+        return 0
+    fi
     local pid_args=()
     for pid in $pids; do pid_args+=(--server-pid "$pid"); done
+    local perf_pid=""
+    if [[ -n ${PERF_DIR:-} && $label == remit* ]]; then
+        mkdir -p "$PERF_DIR"
+        perf record -q ${PERF_OPTS:--F 499 -g} -p "$REMIT_PID" -o "$PERF_DIR/$group-${label// /-}.data" \
+            >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
     "$LOADGEN" run --group "$group" --label "$label" --url "$url" \
         --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
         --threads "$LOADGEN_THREADS" --clock-ticks "$CLK_TCK" --out "$RESULTS" \
         "${pid_args[@]}" "$@" >&2
+    if [[ -n $perf_pid ]]; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+    fi
+    if [[ $label == remit* ]]; then # remit's counters so far, kept with KEEP=1
+        curl -fsS "http://127.0.0.1:$REMIT_PORT/metrics" >"$WORK/metrics-$group-${label// /-}.txt" || true
+    fi
     sleep 1
 }
 

@@ -200,7 +200,8 @@ pub fn seal_with_detail(seq: u64, prev_hash: Hash, body: EventBody, detail: &str
 
 /// `detail` as canonical JSON, in a new string.
 pub fn canonical_detail(detail: &Value) -> String {
-    let mut out = String::new();
+    // A call's detail is some 200 bytes: one allocation, not a doubling series.
+    let mut out = String::with_capacity(256);
     canonical_json(detail, &mut out);
     out
 }
@@ -266,35 +267,50 @@ fn optional_field(out: &mut Vec<u8>, text: Option<&str>) {
 
 /// JSON with object keys sorted and no white space, whatever map type serde_json was built with.
 pub fn canonical_json(value: &Value, out: &mut String) {
+    let mut bytes = std::mem::take(out).into_bytes();
+    write_canonical(value, &mut bytes);
+    // Only UTF-8 was written (serde_json escapes strings into UTF-8); the fallback is for
+    // the impossible case and never panics.
+    *out = String::from_utf8(bytes)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned());
+}
+
+/// [`canonical_json`] into bytes: object keys and strings are escaped by serde_json straight
+/// into `out`, so that a warm buffer takes no allocation but one for each object's key order.
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
             let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push('{');
+            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push(b'{');
             for (i, (key, value)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
-                canonical_json(value, out);
+                write_scalar(key, out);
+                out.push(b':');
+                write_canonical(value, out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                canonical_json(item, out);
+                write_canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => {
-            let _ = write!(out, "{other}");
-        }
+        other => write_scalar(other, out),
     }
+}
+
+/// A string, number, boolean or null as serde_json writes it (writing into a `Vec` cannot
+/// fail for these).
+fn write_scalar(value: &(impl serde::Serialize + ?Sized), out: &mut Vec<u8>) {
+    let _ = serde_json::to_writer(out, value);
 }
 
 fn content_break(seq: u64) -> ChainBreak {

@@ -138,6 +138,7 @@ impl Authority {
     pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Arc<Authority>> {
         let options = store::OpenOptions {
             connect_timeout: settings.store_timeout,
+            sqlite_sync: settings.store_sync,
             ..Default::default()
         };
         let store = store::open_with(&settings.store_url, &options).await?;

@@ -18,6 +18,8 @@ pub struct Settings {
     pub store_url: String,
     /// How long to wait for a store connection before failing closed.
     pub store_timeout: Duration,
+    /// What a SQLite commit waits for (see [`store::SqliteSync`]).
+    pub store_sync: store::SqliteSync,
     /// Where the Cedar schema and policies live; `None` uses the built-in examples.
     pub policy_dir: Option<PathBuf>,
     pub tasks: TaskLimits,
@@ -66,6 +68,7 @@ impl Settings {
             listen,
             store_url: store_url.into(),
             store_timeout: Duration::from_secs(2),
+            store_sync: store::SqliteSync::Full,
             policy_dir: None,
             tasks: TaskLimits::default(),
             proofs: ProofLimits::default(),

@@ -55,24 +55,53 @@ impl Bucket {
     }
 }
 
-/// Buckets beyond this many are swept of the ones that refilled completely.
+/// Buckets beyond this many (agents and tasks together) are swept of the ones that refilled
+/// completely.
 const SWEEP_ABOVE: usize = 100_000;
+
+/// One map per kind of key, so that a warm call looks its buckets up by the `&str` it has and
+/// allocates nothing; a key is copied only when its bucket is first made.
+#[derive(Debug, Default)]
+struct Buckets {
+    agents: HashMap<Box<str>, Bucket>,
+    tasks: HashMap<Box<str>, Bucket>,
+}
+
+/// The bucket of `key`, made full if there was none, refilled up to `now_ms`. `None` cannot
+/// happen (the bucket is made first); the caller refuses if it did.
+fn bucket<'m>(
+    map: &'m mut HashMap<Box<str>, Bucket>,
+    key: &str,
+    rate: Rate,
+    now_ms: i64,
+) -> Option<&'m mut Bucket> {
+    if !map.contains_key(key) {
+        let full = Bucket {
+            tokens: f64::from(rate.burst),
+            updated_ms: now_ms,
+        };
+        map.insert(key.into(), full);
+    }
+    let bucket = map.get_mut(key)?;
+    bucket.refill(rate, now_ms);
+    Some(bucket)
+}
 
 #[derive(Debug)]
 pub struct RateLimiter {
     limits: Limits,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
 }
 
 impl RateLimiter {
     pub fn new(limits: Limits) -> RateLimiter {
         RateLimiter {
             limits,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets::default()),
         }
     }
 
-    fn sweep(&self, buckets: &mut HashMap<String, Bucket>, now_ms: i64) {
+    fn sweep(&self, buckets: &mut Buckets, now_ms: i64) {
         let slowest = self
             .limits
             .per_agent
@@ -80,26 +109,34 @@ impl RateLimiter {
             .min(self.limits.per_task.per_second);
         let burst = self.limits.per_agent.burst.max(self.limits.per_task.burst);
         let full_after_ms = (f64::from(burst) / slowest * 1000.0) as i64;
-        buckets.retain(|_, bucket| now_ms - bucket.updated_ms < full_after_ms);
+        let fresh = |bucket: &mut Bucket| now_ms - bucket.updated_ms < full_after_ms;
+        buckets.agents.retain(|_, bucket| fresh(bucket));
+        buckets.tasks.retain(|_, bucket| fresh(bucket));
     }
 }
 
 impl control::CallLimiter for RateLimiter {
     fn admit(&self, agent: &str, task: &str, now_ms: i64) -> Result<(), u64> {
-        let mut buckets = self.buckets.lock();
-        if buckets.len() > SWEEP_ABOVE {
-            self.sweep(&mut buckets, now_ms);
+        let mut guard = self.buckets.lock();
+        let buckets = &mut *guard;
+        if buckets.agents.len() + buckets.tasks.len() > SWEEP_ABOVE {
+            self.sweep(buckets, now_ms);
         }
-        let mut take = |key: String, rate: Rate| {
-            let bucket = buckets.entry(key).or_insert(Bucket {
-                tokens: f64::from(rate.burst),
-                updated_ms: now_ms,
-            });
-            bucket.refill(rate, now_ms);
-            (bucket.tokens >= 1.0, bucket.wait_seconds(rate))
+        let (per_agent, per_task) = (self.limits.per_agent, self.limits.per_task);
+        let Some(agent_bucket) = bucket(&mut buckets.agents, agent, per_agent, now_ms) else {
+            return Err(1);
         };
-        let (agent_ok, agent_wait) = take(format!("agent:{agent}"), self.limits.per_agent);
-        let (task_ok, task_wait) = take(format!("task:{task}"), self.limits.per_task);
+        let (agent_ok, agent_wait) = (
+            agent_bucket.tokens >= 1.0,
+            agent_bucket.wait_seconds(per_agent),
+        );
+        let Some(task_bucket) = bucket(&mut buckets.tasks, task, per_task, now_ms) else {
+            return Err(1);
+        };
+        let (task_ok, task_wait) = (
+            task_bucket.tokens >= 1.0,
+            task_bucket.wait_seconds(per_task),
+        );
         if !(agent_ok && task_ok) {
             let wait = match (agent_ok, task_ok) {
                 (false, false) => agent_wait.max(task_wait),
@@ -108,10 +145,9 @@ impl control::CallLimiter for RateLimiter {
             };
             return Err(wait);
         }
-        for key in [format!("agent:{agent}"), format!("task:{task}")] {
-            if let Some(bucket) = buckets.get_mut(&key) {
-                bucket.tokens -= 1.0;
-            }
+        task_bucket.tokens -= 1.0;
+        if let Some(agent_bucket) = buckets.agents.get_mut(agent) {
+            agent_bucket.tokens -= 1.0;
         }
         Ok(())
     }
@@ -146,5 +182,23 @@ mod tests {
         assert_eq!(limiter.admit("a", "t1", 1_000), Ok(()));
         // A refused call spends nothing.
         assert_eq!(limiter.admit("b", "t3", 0), Ok(()));
+    }
+
+    #[test]
+    fn an_agent_and_a_task_of_the_same_name_keep_their_own_buckets() {
+        let limiter = RateLimiter::new(Limits {
+            per_agent: Rate {
+                per_second: 1.0,
+                burst: 1,
+            },
+            per_task: Rate {
+                per_second: 1.0,
+                burst: 5,
+            },
+        });
+        assert_eq!(limiter.admit("x", "x", 0), Ok(()));
+        // Agent `x` spent its one call; task `x` has four left, for another agent.
+        assert_eq!(limiter.admit("x", "y", 0), Err(1));
+        assert_eq!(limiter.admit("z", "x", 0), Ok(()));
     }
 }

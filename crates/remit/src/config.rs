@@ -27,6 +27,7 @@ pub struct RawConfig {
     pub max_skew_seconds: Option<i64>,
     pub sync_interval_ms: Option<u64>,
     pub store_timeout_ms: Option<u64>,
+    pub store_sync: Option<String>,
     pub max_body_bytes: Option<usize>,
     #[serde(default)]
     pub tasks: RawTasks,
@@ -346,6 +347,18 @@ impl RawConfig {
             }
             settings.store_timeout = Duration::from_millis(ms);
         }
+        if let Some(sync) = &self.store_sync {
+            let Some(parsed) = store::SqliteSync::parse(sync) else {
+                bail!("`store_sync` must be \"full\" or \"normal\", not {sync:?}");
+            };
+            if !settings.store_url.starts_with("sqlite:") {
+                bail!(
+                    "`store_sync` applies to a SQLite store only; PostgreSQL's durability is its \
+                     server's `synchronous_commit`"
+                );
+            }
+            settings.store_sync = parsed;
+        }
         if let Some(bytes) = self.max_body_bytes {
             if !(1024..=16 * 1024 * 1024).contains(&bytes) {
                 bail!("`max_body_bytes` must be between 1024 and 16777216, not {bytes}");
@@ -444,5 +457,18 @@ mod tests {
             settle("listen = \"0.0.0.0:8470\"\npublic_url = \"https://remit.example.org/\"")
                 .unwrap();
         assert_eq!(settings.public_url, "https://remit.example.org");
+    }
+
+    #[test]
+    fn store_sync_is_full_unless_a_sqlite_store_says_normal() {
+        assert_eq!(settle("").unwrap().store_sync, store::SqliteSync::Full);
+        let normal = settle("store_sync = \"normal\"").unwrap();
+        assert_eq!(normal.store_sync, store::SqliteSync::Normal);
+        let full = settle("store = \"sqlite:remit.db\"\nstore_sync = \"full\"").unwrap();
+        assert_eq!(full.store_sync, store::SqliteSync::Full);
+        let error = |text: &str| settle(text).unwrap_err().to_string();
+        assert!(error("store_sync = \"off\"").contains("`store_sync` must be"));
+        let postgres = "store = \"postgres://remit@db/remit\"\nstore_sync = \"normal\"";
+        assert!(error(postgres).contains("SQLite store only"));
     }
 }

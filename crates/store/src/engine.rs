@@ -714,6 +714,11 @@ async fn appends_in_one_round_trip<C: Conn>(
 
 /// [`appends_in_one_round_trip`]'s statements. The guard comes first so that its parameter
 /// is the first one, and the padding rows' parameters, at the end, can stay unbound.
+///
+/// `OR ROLLBACK` keeps SQLite from keeping a statement journal (a copy of every page the
+/// insert touches, made so that one failing row of a multi-row insert can be undone alone):
+/// the transaction holds this insert alone, so a failing row may take all of it. The guard is
+/// a scalar subquery, evaluated once, rather than a join with the rows.
 fn guarded_insert_sql() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
@@ -721,8 +726,9 @@ fn guarded_insert_sql() -> &'static str {
         format!(
             "BEGIN IMMEDIATE; \
              WITH head (unmoved) AS (SELECT ({}) IS ?) \
-             INSERT INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
-             SELECT batch.* FROM (VALUES {}) AS batch, head WHERE head.unmoved AND batch.column1 IS NOT NULL; \
+             INSERT OR ROLLBACK INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
+             SELECT batch.* FROM (VALUES {}) AS batch \
+             WHERE batch.column1 IS NOT NULL AND (SELECT unmoved FROM head); \
              SELECT changes(); \
              COMMIT",
             "SELECT seq || ' ' || hex(hash) FROM audit_events ORDER BY seq DESC LIMIT 1",

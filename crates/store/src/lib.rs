@@ -404,6 +404,33 @@ pub struct OpenOptions {
     pub connect_timeout: std::time::Duration,
     /// Connections kept for reads; the writer task uses one more at a time.
     pub max_connections: u32,
+    /// What a SQLite commit waits for; PostgreSQL's is its server's `synchronous_commit`.
+    pub sqlite_sync: SqliteSync,
+}
+
+/// What a SQLite commit, an audited call decision's included, waits for before it counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SqliteSync {
+    /// The write-ahead log is flushed to the disk at every commit (`synchronous = FULL`): a
+    /// committed event survives a crash of remit and of the machine, power loss included.
+    #[default]
+    Full,
+    /// The log is written at every commit and flushed to the disk only at checkpoints
+    /// (`synchronous = NORMAL`): a committed event survives a crash of remit (it is in the
+    /// operating system's keeping), but the last commits before a power loss or a kernel
+    /// crash may be lost, and the chain then ends early (a signed checkpoint shows it).
+    Normal,
+}
+
+impl SqliteSync {
+    /// As `remit.toml` spells it.
+    pub fn parse(value: &str) -> Option<SqliteSync> {
+        match value {
+            "full" => Some(SqliteSync::Full),
+            "normal" => Some(SqliteSync::Normal),
+            _ => None,
+        }
+    }
 }
 
 impl Default for OpenOptions {
@@ -411,6 +438,7 @@ impl Default for OpenOptions {
         OpenOptions {
             connect_timeout: std::time::Duration::from_secs(5),
             max_connections: 8,
+            sqlite_sync: SqliteSync::Full,
         }
     }
 }

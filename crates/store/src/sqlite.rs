@@ -12,7 +12,7 @@ use sqlx::sqlite::{
 };
 
 use crate::engine::{self, Backend, Conn, SqlStore};
-use crate::{OpenOptions, Result, Store, StoreError, redact_url};
+use crate::{OpenOptions, Result, SqliteSync, Store, StoreError, redact_url};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -80,11 +80,21 @@ pub(crate) async fn open(url: &str, path: &str, options: &OpenOptions) -> Result
     if path.is_empty() || path == ":memory:" || path.starts_with("file::memory:") || !query_ok {
         return Err(bad_url());
     }
+    let pool = connect(path, options).await?;
+    MIGRATOR.run(&pool).await.map_err(engine::migrate_error)?;
+    Ok(Arc::new(SqlStore::start(SqliteBackend { pool })))
+}
+
+/// The pool of connections to the file at `path`, each set up as remit needs it.
+async fn connect(path: &str, options: &OpenOptions) -> Result<sqlx::SqlitePool> {
     let connect = SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
+        .synchronous(match options.sqlite_sync {
+            SqliteSync::Full => SqliteSynchronous::Full,
+            SqliteSync::Normal => SqliteSynchronous::Normal,
+        })
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
         // Rows cross from the connection's worker thread through a bounded channel; a deep one
@@ -98,6 +108,33 @@ pub(crate) async fn open(url: &str, path: &str, options: &OpenOptions) -> Result
         .connect_with(connect)
         .await
         .map_err(|error| StoreError::Unavailable(format!("cannot open `{path}`: {error}")))?;
-    MIGRATOR.run(&pool).await.map_err(engine::migrate_error)?;
-    Ok(Arc::new(SqlStore::start(SqliteBackend { pool })))
+    Ok(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `PRAGMA synchronous` as a connection of the pool reads it: 1 is NORMAL, 2 is FULL.
+    async fn synchronous_of(sync: SqliteSync) -> i64 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("remit.db");
+        let options = OpenOptions {
+            sqlite_sync: sync,
+            ..OpenOptions::default()
+        };
+        let pool = connect(path.to_str().unwrap(), &options).await.unwrap();
+        let (level,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        level
+    }
+
+    #[tokio::test]
+    async fn commits_wait_for_the_disk_unless_told_otherwise() {
+        assert_eq!(OpenOptions::default().sqlite_sync, SqliteSync::Full);
+        assert_eq!(synchronous_of(SqliteSync::Full).await, 2);
+        assert_eq!(synchronous_of(SqliteSync::Normal).await, 1);
+    }
 }
