@@ -90,6 +90,19 @@ impl KeyRing {
     /// Re-reads the keys from the store (another process may have rotated them).
     pub async fn reload(&self, store: &dyn Store, now: i64) -> Result<()> {
         let records = store.signing_keys(now).await?;
+        // The common case, every catch-up: nothing changed, and the private key is not parsed
+        // again (which costs a scalar multiplication).
+        let unchanged = records
+            .iter()
+            .find(|r| r.retired_at.is_none())
+            .is_some_and(|r| r.kid == self.current.load().kid())
+            && records
+                .iter()
+                .map(|r| &r.public_jwk)
+                .eq(self.published.load().iter());
+        if unchanged {
+            return Ok(());
+        }
         let (current, published) = Self::decode(&records)?;
         if published != **self.published.load() || current.kid() != self.current.load().kid() {
             self.verifier

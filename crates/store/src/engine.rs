@@ -223,6 +223,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// faster; the row-by-row path stays the authority whenever a page does not verify.
     const PACKED_EVENTS_SQL: Option<&'static str> = None;
 
+    /// How an `INSERT … SELECT` that skips rows already present begins and ends. The shared
+    /// form is `ON CONFLICT DO NOTHING`; SQLite's `INSERT OR IGNORE` means the same for the
+    /// lookups' rows and, unlike it, lets SQLite keep no statement journal (a copy of every
+    /// page the statement touches) for an insert of thousands of rows.
+    const INSERT_SKIPPING: (&'static str, &'static str) = ("INSERT INTO", "ON CONFLICT DO NOTHING");
+
     /// Starts a write transaction that excludes every other writer of the same chain, in this
     /// process or another, then runs [`head_sql`] in it and returns its row (none for an empty
     /// chain), in as few round trips as the dialect allows.
@@ -603,19 +609,24 @@ async fn transaction<B: Backend>(
 
 /// The statements of [`Writer::fill_lookups`], in its write transaction.
 async fn fill_lookups<B: Backend>(backend: &B, conn: &mut B::Conn) -> Result<()> {
-    begin(backend, conn).await?;
-    for sql in [
-        "INSERT INTO audit_agent_events (agent, seq) SELECT agent, seq FROM audit_events \
-         WHERE seq > (SELECT through_seq FROM audit_lookup_mark) AND agent IS NOT NULL \
-         ON CONFLICT DO NOTHING",
-        "INSERT INTO audit_task_events (task, seq) SELECT task, seq FROM audit_events \
-         WHERE seq > (SELECT through_seq FROM audit_lookup_mark) AND task IS NOT NULL \
-         ON CONFLICT DO NOTHING",
+    let (insert, skip) = B::INSERT_SKIPPING;
+    let lookup = |table: &str, column: &str| {
+        format!(
+            "{insert} {table} ({column}, seq) SELECT {column}, seq FROM audit_events \
+             WHERE seq > (SELECT through_seq FROM audit_lookup_mark) AND {column} IS NOT NULL {skip}"
+        )
+    };
+    let statements = [
+        lookup("audit_agent_events", "agent"),
+        lookup("audit_task_events", "task"),
         "UPDATE audit_lookup_mark SET through_seq = \
          (SELECT COALESCE(MAX(seq), 0) FROM audit_events) \
-         WHERE through_seq < (SELECT COALESCE(MAX(seq), 0) FROM audit_events)",
-        "COMMIT",
-    ] {
+         WHERE through_seq < (SELECT COALESCE(MAX(seq), 0) FROM audit_events)"
+            .to_string(),
+        "COMMIT".to_string(),
+    ];
+    begin(backend, conn).await?;
+    for sql in &statements {
         if let Err(error) = conn.execute(sql, vec![]).await {
             let _ = conn.execute("ROLLBACK", vec![]).await;
             return Err(db_error(error));
