@@ -652,11 +652,13 @@ async fn begin<B: Backend>(backend: &B, conn: &mut B::Conn) -> Result<Head> {
 }
 
 /// The common case made cheaper still where one query may hold several statements (SQLite):
-/// a batch of appends that fits one insert, sealed after the head this writer last committed,
-/// in one round trip: `BEGIN IMMEDIATE`, an insert whose rows are kept only if the head read
-/// inside the transaction is still that one, the count inserted, `COMMIT`. If another writer
-/// moved the head, nothing was inserted (an empty transaction commits) and the operations
-/// come back for the usual path; likewise on any error.
+/// a batch of appends of up to [`GUARDED_CHUNKS`] × [`PADDED_ROWS`] events, sealed after the
+/// head this writer last committed, in one round trip: `BEGIN IMMEDIATE`, one insert per
+/// chunk of rows, each kept only if the head read inside the transaction is still the one
+/// the chunk was sealed after (so a chunk after one that inserted nothing inserts nothing
+/// either), the count each inserted, `COMMIT`. If another writer moved the head, nothing was
+/// inserted (an empty transaction commits) and the operations come back for the usual path;
+/// likewise on any error.
 async fn appends_in_one_round_trip<C: Conn>(
     conn: &mut C,
     expected: Head,
@@ -669,7 +671,7 @@ async fn appends_in_one_round_trip<C: Conn>(
     let Some(total) = ops.iter().map(events_in).sum::<Option<usize>>() else {
         return Err(ops);
     };
-    if total == 0 || total > PADDED_ROWS {
+    if total == 0 || total > PADDED_ROWS * GUARDED_CHUNKS {
         return Err(ops);
     }
     let appends: Vec<Vec<EventBody>> = ops
@@ -682,30 +684,47 @@ async fn appends_in_one_round_trip<C: Conn>(
     let sizes: Vec<usize> = appends.iter().map(Vec::len).collect();
     let mut head = expected;
     let (events, details) = seal(&mut head, appends.into_iter().flatten());
-    // The head as the guard reads it back: `seq`, a space, the hash in SQLite's hexadecimal.
-    let guard = (expected.seq > 0).then(|| {
-        format!(
-            "{} {}",
-            expected.seq,
-            audit::to_hex(&expected.hash).to_uppercase()
-        )
-    });
-    let mut args = Vec::with_capacity(1 + events.len() * 10);
-    args.push(Arg::OptText(guard));
-    let built: Result<()> = events
-        .iter()
-        .zip(details)
-        .try_for_each(|(event, detail)| event_args(event, detail, &mut args));
+    // Each chunk's guard is the head it was sealed after, as the guard reads it back: `seq`, a
+    // space, the hash in SQLite's hexadecimal (none for an empty chain).
+    let guard = |head: Head| {
+        (head.seq > 0).then(|| format!("{} {}", head.seq, audit::to_hex(&head.hash).to_uppercase()))
+    };
+    let chunks = total.div_ceil(PADDED_ROWS);
+    let mut args = Vec::with_capacity(chunks + events.len() * 10);
+    let mut before = expected;
+    let mut built: Result<()> = Ok(());
+    let mut details = details.into_iter();
+    for chunk in events.chunks(PADDED_ROWS) {
+        args.push(Arg::OptText(guard(before)));
+        built = built.and_then(|()| {
+            chunk
+                .iter()
+                .zip(details.by_ref())
+                .try_for_each(|(event, detail)| event_args(event, detail, &mut args))
+        });
+        if let Some(last) = chunk.last() {
+            before = Head {
+                seq: last.seq,
+                hash: last.hash,
+            };
+        }
+        // A short chunk is the last: its padding rows' parameters stay unbound, as NULL.
+        if chunk.len() < PADDED_ROWS {
+            break;
+        }
+    }
     let inserted = match built {
-        Ok(()) => conn.fetch_all(guarded_insert_sql(), args).await.ok(),
+        Ok(()) => conn.fetch_all(guarded_insert_sql(chunks), args).await.ok(),
         Err(_) => None,
     };
-    let inserted = inserted
-        .as_deref()
-        .and_then(|rows| rows.first())
-        .and_then(|row| row.int_at(0).ok());
+    // One `changes()` row per chunk.
+    let inserted = inserted.map(|rows| {
+        rows.iter()
+            .map(|row| row.int_at(0).ok())
+            .sum::<Option<i64>>()
+    });
     let mut events = events.into_iter();
-    if inserted == i64::try_from(total).ok() {
+    if inserted == Some(i64::try_from(total).ok()) {
         let results = sizes
             .into_iter()
             .map(|size| Ok(Outcome::Events(events.by_ref().take(size).collect())))
@@ -723,29 +742,37 @@ async fn appends_in_one_round_trip<C: Conn>(
         .collect())
 }
 
-/// [`appends_in_one_round_trip`]'s statements. The guard comes first so that its parameter
-/// is the first one, and the padding rows' parameters, at the end, can stay unbound.
+/// Chunks of [`PADDED_ROWS`] rows that [`appends_in_one_round_trip`] sends at most: enough
+/// for a batch that carries a few milliseconds of deferred call outcomes under load.
+const GUARDED_CHUNKS: usize = 4;
+
+/// [`appends_in_one_round_trip`]'s statements for `chunks` chunks (1 to [`GUARDED_CHUNKS`]).
+/// In each insert the guard comes first, so that its parameter is the chunk's first one, and
+/// the padding rows' parameters of the last chunk, at the very end, can stay unbound.
 ///
 /// `OR ROLLBACK` keeps SQLite from keeping a statement journal (a copy of every page the
 /// insert touches, made so that one failing row of a multi-row insert can be undone alone):
-/// the transaction holds this insert alone, so a failing row may take all of it. The guard is
-/// a scalar subquery, evaluated once, rather than a join with the rows.
-fn guarded_insert_sql() -> &'static str {
-    static SQL: OnceLock<String> = OnceLock::new();
-    SQL.get_or_init(|| {
+/// the transaction holds these inserts alone, so a failing row may take all of it. The guard
+/// is a scalar subquery, evaluated once, rather than a join with the rows.
+fn guarded_insert_sql(chunks: usize) -> &'static str {
+    static SQL: OnceLock<Vec<String>> = OnceLock::new();
+    let all = SQL.get_or_init(|| {
         let row = format!("({})", ["?"; 10].join(", "));
-        format!(
-            "BEGIN IMMEDIATE; \
-             WITH head (unmoved) AS (SELECT ({}) IS ?) \
+        let insert = format!(
+            "WITH head (unmoved) AS (SELECT ({}) IS ?) \
              INSERT OR ROLLBACK INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
              SELECT batch.* FROM (VALUES {}) AS batch \
              WHERE batch.column1 IS NOT NULL AND (SELECT unmoved FROM head); \
-             SELECT changes(); \
-             COMMIT",
+             SELECT changes(); ",
             "SELECT seq || ' ' || hex(hash) FROM audit_events ORDER BY seq DESC LIMIT 1",
             vec![row; PADDED_ROWS].join(", ")
-        )
-    })
+        );
+        (1..=GUARDED_CHUNKS)
+            .map(|chunks| format!("BEGIN IMMEDIATE; {}COMMIT", insert.repeat(chunks)))
+            .collect()
+    });
+    all.get(chunks.clamp(1, GUARDED_CHUNKS) - 1)
+        .map_or("", String::as_str)
 }
 
 /// A batch of nothing but appends, the call path's common case: no savepoint (an append
@@ -2429,5 +2456,57 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(past_the_head.get::<Option<String>, _>(0), None);
+    }
+
+    /// The one-round-trip append is only a shortcut (any failure falls back to the careful
+    /// path), so the chain tests cannot tell whether it works: drive it directly, across chunk
+    /// sizes, then with a head that moved, which must insert nothing at all.
+    #[tokio::test]
+    async fn sqlite_appends_many_chunks_in_one_round_trip() {
+        use super::{Head, PADDED_ROWS, WriteOp, appends_in_one_round_trip};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("remit.db");
+        let store = crate::open(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        let first = store
+            .append_events(vec![EventBody::new(1, "call.decision", "remit")])
+            .await
+            .unwrap()
+            .remove(0);
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+            "sqlite://{}",
+            path.display()
+        ))
+        .await
+        .unwrap();
+        let ops = |count: usize| {
+            (0..count)
+                .map(|i| WriteOp::Append(vec![EventBody::new(i as i64, "call.outcome", "remit")]))
+                .collect::<Vec<_>>()
+        };
+        let mut head = Head {
+            seq: first.seq,
+            hash: first.hash,
+        };
+        for count in [1, PADDED_ROWS, PADDED_ROWS + 1, 3 * PADDED_ROWS + 5] {
+            let Ok((results, after)) = appends_in_one_round_trip(&mut conn, head, ops(count)).await
+            else {
+                panic!("{count} appends fell back to the careful path");
+            };
+            assert_eq!(results.len(), count);
+            assert_eq!(after.seq, head.seq + count as u64);
+            head = after;
+        }
+        // Sealed after a head that is no longer the head: nothing may be inserted.
+        let stale = Head {
+            seq: first.seq,
+            hash: first.hash,
+        };
+        let refused = appends_in_one_round_trip(&mut conn, stale, ops(2 * PADDED_ROWS + 1)).await;
+        assert!(matches!(refused, Err(ref ops) if ops.len() == 2 * PADDED_ROWS + 1));
+        let mut verifier = ChainVerifier::default();
+        assert_eq!(store.verify_chain(&mut verifier).await.unwrap(), Ok(()));
+        assert_eq!(verifier.checked(), head.seq);
     }
 }

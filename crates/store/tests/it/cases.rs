@@ -951,6 +951,49 @@ pub async fn two_stores_share_one_chain(db: &TestDb) {
     assert_eq!(verify(other.as_ref()).await, Ok(200));
 }
 
+/// Batches across the sizes where SQLite's one-round-trip append changes shape (one chunk of
+/// 128 rows, several, more than it takes), from two stores over the same data so that the
+/// head moves under each of them and guards fail part-way through a many-chunk batch.
+pub async fn large_batches_keep_one_chain_across_stores(db: &TestDb) {
+    let other = store::open(&db.url).await.unwrap();
+    let sizes = [1usize, 127, 128, 129, 256, 300, 512, 513, 600];
+    let mut writers = Vec::new();
+    for (index, store) in [db.store.clone(), other.clone()].into_iter().enumerate() {
+        for writer in 0..2 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for (call, size) in sizes.into_iter().enumerate() {
+                    let bodies: Vec<_> = (0..size)
+                        .map(|i| {
+                            event(kinds::CALL_OUTCOME).detail(serde_json::json!({
+                                "store": index, "writer": writer, "call": call, "i": i
+                            }))
+                        })
+                        .collect();
+                    let events = store.append_events(bodies.clone()).await.unwrap();
+                    assert_eq!(
+                        events.iter().map(|e| e.body.clone()).collect::<Vec<_>>(),
+                        bodies
+                    );
+                    assert!(events.windows(2).all(|pair| pair[1].seq == pair[0].seq + 1));
+                    mine.extend(events);
+                }
+                mine
+            }));
+        }
+    }
+    let mut returned = Vec::new();
+    for writer in writers {
+        returned.extend(writer.await.unwrap());
+    }
+    let expected = sizes.iter().sum::<usize>() as u64 * 4;
+    assert_eq!(verify(db.store.as_ref()).await, Ok(expected));
+    assert_eq!(verify(other.as_ref()).await, Ok(expected));
+    returned.sort_by_key(|e| e.seq);
+    assert_eq!(returned, all_events(db.store.as_ref()).await);
+}
+
 pub async fn reopen_continues_the_chain(db: &TestDb) {
     let first = store::open(&db.url).await.unwrap();
     first

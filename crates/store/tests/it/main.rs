@@ -52,6 +52,7 @@ on_both_backends!(
     cases::each_state_change_writes_one_event,
     cases::query_filters,
     cases::two_stores_share_one_chain,
+    cases::large_batches_keep_one_chain_across_stores,
     cases::reopen_continues_the_chain,
     cases::approvals,
     cases::approval_is_spent_once_under_race,
