@@ -2,6 +2,7 @@
 //! request maps to an action, a class and a resource. Declared in `remit.toml` (`[[tools]]`),
 //! parsed raw here and validated once at start-up; anything unclassified is `admin`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -295,7 +296,7 @@ impl ToolSpec {
 }
 
 impl HttpRoute {
-    fn matches<'a>(&'a self, segments: &[&'a str]) -> Option<Vec<(&'a str, String)>> {
+    fn matches<'a>(&'a self, segments: &[&'a str]) -> Option<Vec<(&'a str, Cow<'a, str>)>> {
         let mut params = Vec::new();
         for (i, segment) in self.pattern.iter().enumerate() {
             match segment {
@@ -306,10 +307,11 @@ impl HttpRoute {
                 }
                 Segment::Param(name) => {
                     let value = segments.get(i).filter(|s| !s.is_empty())?;
-                    params.push((name.as_str(), (*value).to_string()));
+                    params.push((name.as_str(), Cow::Borrowed(*value)));
                 }
                 Segment::Rest(name) => {
-                    params.push((name.as_str(), segments[i.min(segments.len())..].join("/")));
+                    let rest = segments[i.min(segments.len())..].join("/");
+                    params.push((name.as_str(), Cow::Owned(rest)));
                     return Some(params);
                 }
             }
@@ -318,13 +320,28 @@ impl HttpRoute {
     }
 }
 
-fn fill(template: &str, params: &[(&str, String)]) -> String {
-    let mut out = template.to_string();
-    for (name, value) in params {
-        out = out
-            .replace(&format!("{{{name}}}"), value)
-            .replace(&format!("{{*{name}}}"), value);
+/// `template` with each `{name}` or `{*name}` replaced by that parameter's value, in one pass:
+/// a value is never searched for placeholders itself, so a path segment that reads `{repo}`
+/// stays what it is. A placeholder without a parameter stays as written.
+fn fill(template: &str, params: &[(&str, Cow<'_, str>)]) -> String {
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let name = &after[..close];
+        let bare = name.strip_prefix('*').unwrap_or(name);
+        match params.iter().find(|(param, _)| *param == bare) {
+            Some((_, value)) => out.push_str(value),
+            None => out.push_str(&rest[open..open + close + 2]),
+        }
+        rest = &after[close + 1..];
     }
+    out.push_str(rest);
     out
 }
 

@@ -187,3 +187,19 @@ fn bad_declarations_name_the_tool_and_the_problem() {
             .contains("declared twice")
     );
 }
+
+#[test]
+fn resource_templates_fill_in_one_pass() {
+    let params = [
+        ("owner", Cow::Borrowed("{repo}")),
+        ("repo", Cow::Borrowed("api")),
+        ("path", Cow::Owned("a/b".to_string())),
+    ];
+    // A value that reads like a placeholder is not filled in again.
+    assert_eq!(fill("{owner}/{repo}", &params), "{repo}/api");
+    assert_eq!(fill("files/{*path}", &params), "files/a/b");
+    assert_eq!(fill("{unknown}:{repo}", &params), "{unknown}:api");
+    assert_eq!(fill("open {repo", &params), "open {repo");
+    assert_eq!(fill("é{repo}é", &params), "éapié");
+    assert_eq!(fill("", &params), "");
+}
