@@ -714,7 +714,12 @@ async fn appends_in_one_round_trip<C: Conn>(
         }
     }
     let inserted = match built {
-        Ok(()) => conn.fetch_all(guarded_insert_sql(chunks), args).await.ok(),
+        Ok(()) => {
+            let last_rows = total - (chunks - 1) * PADDED_ROWS;
+            conn.fetch_all(guarded_insert_sql(chunks, last_rows), args)
+                .await
+                .ok()
+        }
         Err(_) => None,
     };
     // One `changes()` row per chunk.
@@ -746,32 +751,58 @@ async fn appends_in_one_round_trip<C: Conn>(
 /// for a batch that carries a few milliseconds of deferred call outcomes under load.
 const GUARDED_CHUNKS: usize = 4;
 
-/// [`appends_in_one_round_trip`]'s statements for `chunks` chunks (1 to [`GUARDED_CHUNKS`]).
-/// In each insert the guard comes first, so that its parameter is the chunk's first one, and
-/// the padding rows' parameters of the last chunk, at the very end, can stay unbound.
+/// How many rows the last chunk's insert has room for, the smallest that holds its rows: each
+/// padding row still costs SQLite its parameters' clearing and a pass of the insert, which at
+/// 128 rows was most of the insert's work for a batch of one event.
+const LAST_CHUNK_ROWS: [usize; 6] = [4, 16, 32, 64, 96, PADDED_ROWS];
+
+/// [`appends_in_one_round_trip`]'s statements for `chunks` chunks (1 to [`GUARDED_CHUNKS`]),
+/// the last holding `last_rows` rows: full chunks of [`PADDED_ROWS`], the last one padded up
+/// to its [`LAST_CHUNK_ROWS`] class. In each insert the guard comes first, so that its
+/// parameter is the chunk's first one, and the padding rows' parameters of the last chunk, at
+/// the very end, can stay unbound.
 ///
 /// `OR ROLLBACK` keeps SQLite from keeping a statement journal (a copy of every page the
 /// insert touches, made so that one failing row of a multi-row insert can be undone alone):
 /// the transaction holds these inserts alone, so a failing row may take all of it. The guard
 /// is a scalar subquery, evaluated once, rather than a join with the rows.
-fn guarded_insert_sql(chunks: usize) -> &'static str {
-    static SQL: OnceLock<Vec<String>> = OnceLock::new();
+fn guarded_insert_sql(chunks: usize, last_rows: usize) -> &'static str {
+    static SQL: OnceLock<Vec<Vec<String>>> = OnceLock::new();
     let all = SQL.get_or_init(|| {
-        let row = format!("({})", ["?"; 10].join(", "));
-        let insert = format!(
-            "WITH head (unmoved) AS (SELECT ({}) IS ?) \
-             INSERT OR ROLLBACK INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
-             SELECT batch.* FROM (VALUES {}) AS batch \
-             WHERE batch.column1 IS NOT NULL AND (SELECT unmoved FROM head); \
-             SELECT changes(); ",
-            "SELECT seq || ' ' || hex(hash) FROM audit_events ORDER BY seq DESC LIMIT 1",
-            vec![row; PADDED_ROWS].join(", ")
-        );
+        let insert = |rows: usize| {
+            let row = format!("({})", ["?"; 10].join(", "));
+            format!(
+                "WITH head (unmoved) AS (SELECT ({}) IS ?) \
+                 INSERT OR ROLLBACK INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
+                 SELECT batch.* FROM (VALUES {}) AS batch \
+                 WHERE batch.column1 IS NOT NULL AND (SELECT unmoved FROM head); \
+                 SELECT changes(); ",
+                "SELECT seq || ' ' || hex(hash) FROM audit_events ORDER BY seq DESC LIMIT 1",
+                vec![row; rows].join(", ")
+            )
+        };
+        let full = insert(PADDED_ROWS);
         (1..=GUARDED_CHUNKS)
-            .map(|chunks| format!("BEGIN IMMEDIATE; {}COMMIT", insert.repeat(chunks)))
+            .map(|chunks| {
+                LAST_CHUNK_ROWS
+                    .iter()
+                    .map(|&rows| {
+                        format!(
+                            "BEGIN IMMEDIATE; {}{}COMMIT",
+                            full.repeat(chunks - 1),
+                            insert(rows)
+                        )
+                    })
+                    .collect()
+            })
             .collect()
     });
+    let class = LAST_CHUNK_ROWS
+        .iter()
+        .position(|&rows| rows >= last_rows)
+        .unwrap_or(LAST_CHUNK_ROWS.len() - 1);
     all.get(chunks.clamp(1, GUARDED_CHUNKS) - 1)
+        .and_then(|shapes| shapes.get(class))
         .map_or("", String::as_str)
 }
 
@@ -2489,7 +2520,24 @@ mod tests {
             seq: first.seq,
             hash: first.hash,
         };
-        for count in [1, PADDED_ROWS, PADDED_ROWS + 1, 3 * PADDED_ROWS + 5] {
+        // Every shape of the last chunk, full and padded, alone and after full chunks.
+        let counts = [
+            1,
+            4,
+            5,
+            16,
+            17,
+            33,
+            64,
+            65,
+            97,
+            PADDED_ROWS,
+            PADDED_ROWS + 1,
+        ];
+        for count in counts
+            .into_iter()
+            .chain([2 * PADDED_ROWS + 96, 3 * PADDED_ROWS + 5])
+        {
             let Ok((results, after)) = appends_in_one_round_trip(&mut conn, head, ops(count)).await
             else {
                 panic!("{count} appends fell back to the careful path");
