@@ -2447,15 +2447,20 @@ mod tests {
     use super::{Backend as _, unpack_events};
     use crate::sqlite::SqliteBackend;
 
+    /// A store on a new SQLite file: the directory (kept alive by the caller), its URL, the
+    /// store.
+    async fn sqlite_store() -> (tempfile::TempDir, String, std::sync::Arc<dyn crate::Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("remit.db").display());
+        let store = crate::open(&url).await.unwrap();
+        (dir, url, store)
+    }
+
     /// The packed page is only an accelerator (any failure falls back to rows), so a broken
     /// query would go unnoticed by the chain tests: check that real SQLite output unpacks.
     #[tokio::test]
     async fn sqlite_packs_pages_that_verify() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("remit.db");
-        let store = crate::open(&format!("sqlite://{}", path.display()))
-            .await
-            .unwrap();
+        let (_dir, url, store) = sqlite_store().await;
         let bodies: Vec<_> = (0..1_500)
             .map(|i| {
                 // Spaces, colons, multi-byte text and absent fields must not upset the framing.
@@ -2469,9 +2474,7 @@ mod tests {
             })
             .collect();
         store.append_events(bodies).await.unwrap();
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
-            .await
-            .unwrap();
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
         let sql = SqliteBackend::PACKED_EVENTS_SQL.unwrap();
         let mut verifier = ChainVerifier::default();
         for (from, last) in [(i64::MIN, 1_000), (1_001, 1_500)] {
@@ -2495,22 +2498,15 @@ mod tests {
     #[tokio::test]
     async fn sqlite_appends_many_chunks_in_one_round_trip() {
         use super::{Head, PADDED_ROWS, WriteOp, appends_in_one_round_trip};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("remit.db");
-        let store = crate::open(&format!("sqlite://{}", path.display()))
-            .await
-            .unwrap();
+        let (_dir, url, store) = sqlite_store().await;
         let first = store
             .append_events(vec![EventBody::new(1, "call.decision", "remit")])
             .await
             .unwrap()
             .remove(0);
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
-            "sqlite://{}",
-            path.display()
-        ))
-        .await
-        .unwrap();
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
         let ops = |count: usize| {
             (0..count)
                 .map(|i| WriteOp::Append(vec![EventBody::new(i as i64, "call.outcome", "remit")]))
