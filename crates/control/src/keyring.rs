@@ -104,14 +104,12 @@ impl KeyRing {
             return Ok(());
         }
         let (current, published) = Self::decode(&records)?;
-        if published != **self.published.load() || current.kid() != self.current.load().kid() {
-            self.verifier
-                .set_keys(&published)
-                .map_err(|e| Error::internal(e.to_string()))?;
-            self.current.store(Arc::new(current));
-            self.published.store(Arc::new(published));
-            self.sequence.fetch_add(1, Ordering::SeqCst);
-        }
+        self.verifier
+            .set_keys(&published)
+            .map_err(|e| Error::internal(e.to_string()))?;
+        self.current.store(Arc::new(current));
+        self.published.store(Arc::new(published));
+        self.sequence.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 

@@ -351,7 +351,7 @@ impl RawConfig {
             let Some(parsed) = store::SqliteSync::parse(sync) else {
                 bail!("`store_sync` must be \"full\" or \"normal\", not {sync:?}");
             };
-            if !settings.store_url.starts_with("sqlite:") {
+            if store::sqlite_path(&settings.store_url).is_none() {
                 bail!(
                     "`store_sync` applies to a SQLite store only; PostgreSQL's durability is its \
                      server's `synchronous_commit`"

@@ -689,37 +689,25 @@ async fn appends_in_one_round_trip<C: Conn>(
     let guard = |head: Head| {
         (head.seq > 0).then(|| format!("{} {}", head.seq, audit::to_hex(&head.hash).to_uppercase()))
     };
-    let chunks = total.div_ceil(PADDED_ROWS);
-    let mut args = Vec::with_capacity(chunks + events.len() * 10);
+    let mut args = Vec::with_capacity(total.div_ceil(PADDED_ROWS) + events.len() * 10);
     let mut before = expected;
-    let mut built: Result<()> = Ok(());
     let mut details = details.into_iter();
-    for chunk in events.chunks(PADDED_ROWS) {
+    // The last chunk may be short: its padding rows' parameters stay unbound, as NULL.
+    let built: Result<()> = events.chunks(PADDED_ROWS).try_for_each(|chunk| {
         args.push(Arg::OptText(guard(before)));
-        built = built.and_then(|()| {
-            chunk
-                .iter()
-                .zip(details.by_ref())
-                .try_for_each(|(event, detail)| event_args(event, detail, &mut args))
-        });
+        for (event, detail) in chunk.iter().zip(details.by_ref()) {
+            event_args(event, detail, &mut args)?;
+        }
         if let Some(last) = chunk.last() {
             before = Head {
                 seq: last.seq,
                 hash: last.hash,
             };
         }
-        // A short chunk is the last: its padding rows' parameters stay unbound, as NULL.
-        if chunk.len() < PADDED_ROWS {
-            break;
-        }
-    }
+        Ok(())
+    });
     let inserted = match built {
-        Ok(()) => {
-            let last_rows = total - (chunks - 1) * PADDED_ROWS;
-            conn.fetch_all(guarded_insert_sql(chunks, last_rows), args)
-                .await
-                .ok()
-        }
+        Ok(()) => conn.fetch_all(guarded_insert_sql(total), args).await.ok(),
         Err(_) => None,
     };
     // One `changes()` row per chunk.
@@ -751,58 +739,65 @@ async fn appends_in_one_round_trip<C: Conn>(
 /// for a batch that carries a few milliseconds of deferred call outcomes under load.
 const GUARDED_CHUNKS: usize = 4;
 
-/// How many rows the last chunk's insert has room for, the smallest that holds its rows: each
+/// The room a padded insert has for a chunk of rows, the smallest that holds them: each
 /// padding row still costs SQLite its parameters' clearing and a pass of the insert, which at
 /// 128 rows was most of the insert's work for a batch of one event.
-const LAST_CHUNK_ROWS: [usize; 6] = [4, 16, 32, 64, 96, PADDED_ROWS];
+const PADDED_SHAPES: [usize; 6] = [4, 16, 32, 64, 96, PADDED_ROWS];
 
-/// [`appends_in_one_round_trip`]'s statements for `chunks` chunks (1 to [`GUARDED_CHUNKS`]),
-/// the last holding `last_rows` rows: full chunks of [`PADDED_ROWS`], the last one padded up
-/// to its [`LAST_CHUNK_ROWS`] class. In each insert the guard comes first, so that its
-/// parameter is the chunk's first one, and the padding rows' parameters of the last chunk, at
-/// the very end, can stay unbound.
+/// The index in [`PADDED_SHAPES`] of the shape that holds `rows` (at most [`PADDED_ROWS`]).
+fn padded_shape(rows: usize) -> usize {
+    PADDED_SHAPES
+        .iter()
+        .position(|&room| room >= rows)
+        .unwrap_or(PADDED_SHAPES.len() - 1)
+}
+
+/// `rows` rows of ten anonymous parameters, for `VALUES`.
+fn padded_values(rows: usize) -> String {
+    vec![format!("({})", ["?"; 10].join(", ")); rows].join(", ")
+}
+
+/// [`appends_in_one_round_trip`]'s statements for `total` events (1 to [`GUARDED_CHUNKS`] ×
+/// [`PADDED_ROWS`]): full chunks of [`PADDED_ROWS`] rows, the last one in its
+/// [`PADDED_SHAPES`] shape. In each insert the guard comes first, so that its parameter is
+/// the chunk's first one, and the padding rows' parameters of the last chunk, at the very end,
+/// can stay unbound.
 ///
 /// `OR ROLLBACK` keeps SQLite from keeping a statement journal (a copy of every page the
 /// insert touches, made so that one failing row of a multi-row insert can be undone alone):
 /// the transaction holds these inserts alone, so a failing row may take all of it. The guard
 /// is a scalar subquery, evaluated once, rather than a join with the rows.
-fn guarded_insert_sql(chunks: usize, last_rows: usize) -> &'static str {
+fn guarded_insert_sql(total: usize) -> &'static str {
     static SQL: OnceLock<Vec<Vec<String>>> = OnceLock::new();
     let all = SQL.get_or_init(|| {
         let insert = |rows: usize| {
-            let row = format!("({})", ["?"; 10].join(", "));
             format!(
                 "WITH head (unmoved) AS (SELECT ({}) IS ?) \
-                 INSERT OR ROLLBACK INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
+                 INSERT OR ROLLBACK INTO audit_events ({EVENT_COLUMNS}) \
                  SELECT batch.* FROM (VALUES {}) AS batch \
                  WHERE batch.column1 IS NOT NULL AND (SELECT unmoved FROM head); \
                  SELECT changes(); ",
                 "SELECT seq || ' ' || hex(hash) FROM audit_events ORDER BY seq DESC LIMIT 1",
-                vec![row; rows].join(", ")
+                padded_values(rows)
             )
         };
         let full = insert(PADDED_ROWS);
         (1..=GUARDED_CHUNKS)
             .map(|chunks| {
-                LAST_CHUNK_ROWS
+                PADDED_SHAPES
                     .iter()
                     .map(|&rows| {
-                        format!(
-                            "BEGIN IMMEDIATE; {}{}COMMIT",
-                            full.repeat(chunks - 1),
-                            insert(rows)
-                        )
+                        let leading = full.repeat(chunks - 1);
+                        format!("BEGIN IMMEDIATE; {leading}{}COMMIT", insert(rows))
                     })
                     .collect()
             })
             .collect()
     });
-    let class = LAST_CHUNK_ROWS
-        .iter()
-        .position(|&rows| rows >= last_rows)
-        .unwrap_or(LAST_CHUNK_ROWS.len() - 1);
-    all.get(chunks.clamp(1, GUARDED_CHUNKS) - 1)
-        .and_then(|shapes| shapes.get(class))
+    let chunks = total.div_ceil(PADDED_ROWS).clamp(1, GUARDED_CHUNKS);
+    let last_rows = total.saturating_sub((chunks - 1) * PADDED_ROWS);
+    all.get(chunks - 1)
+        .and_then(|shapes| shapes.get(padded_shape(last_rows)))
         .map_or("", String::as_str)
 }
 
@@ -945,7 +940,7 @@ async fn insert_events<C: Conn>(
     let mut rest = events;
     while !rest.is_empty() {
         let (rows, padded) = if C::MULTI_STATEMENT {
-            // One statement shape whatever the count: unbound parameters read as NULL and
+            // A few statement shapes whatever the count: unbound parameters read as NULL and
             // the statement skips rows without a `seq`, so a short chunk needs no shape of
             // its own (and no prepare, and no eviction from the statement cache).
             (rest.len().min(PADDED_ROWS), true)
@@ -962,7 +957,7 @@ async fn insert_events<C: Conn>(
             event_args(event, detail, &mut args)?;
         }
         let sql = if padded {
-            padded_insert_sql(commit && tail.is_empty())
+            padded_insert_sql(rows, commit && tail.is_empty())
         } else {
             insert_events_sql(rows, C::ANONYMOUS_PARAMS)
         };
@@ -975,19 +970,27 @@ async fn insert_events<C: Conn>(
 /// Rows in the one multi-row `INSERT` used where unbound parameters read as NULL.
 const PADDED_ROWS: usize = 128;
 
-fn padded_insert_sql(commit: bool) -> &'static str {
-    static SQL: OnceLock<[String; 2]> = OnceLock::new();
-    let [plain, committing] = SQL.get_or_init(|| {
-        let row = format!("({})", ["?"; 10].join(", "));
-        let plain = format!(
-            "INSERT INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) \
-             SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
-            vec![row; PADDED_ROWS].join(", ")
-        );
-        let committing = format!("{plain}; COMMIT");
-        [plain, committing]
+fn padded_insert_sql(rows: usize, commit: bool) -> &'static str {
+    static SQL: OnceLock<Vec<[String; 2]>> = OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        PADDED_SHAPES
+            .iter()
+            .map(|&room| {
+                let plain = format!(
+                    "INSERT INTO audit_events ({EVENT_COLUMNS}) \
+                     SELECT * FROM (VALUES {}) WHERE column1 IS NOT NULL",
+                    padded_values(room)
+                );
+                let committing = format!("{plain}; COMMIT");
+                [plain, committing]
+            })
+            .collect()
     });
-    if commit { committing } else { plain }
+    match all.get(padded_shape(rows)) {
+        Some([_, committing]) if commit => committing,
+        Some([plain, _]) => plain,
+        None => "",
+    }
 }
 
 fn insert_events_sql(rows: usize, anonymous: bool) -> &'static str {
@@ -1000,13 +1003,19 @@ fn insert_events_sql(rows: usize, anonymous: bool) -> &'static str {
                 let values: Vec<String> = (0..rows)
                     .map(|row| {
                         let params: Vec<String> = (1..=10)
-                            .map(|col| if anonymous { "?".to_string() } else { format!("${}", row * 10 + col) })
+                            .map(|col| {
+                                if anonymous {
+                                    "?".to_string()
+                                } else {
+                                    format!("${}", row * 10 + col)
+                                }
+                            })
                             .collect();
                         format!("({})", params.join(", "))
                     })
                     .collect();
                 let sql = format!(
-                    "INSERT INTO audit_events (seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash) VALUES {}",
+                    "INSERT INTO audit_events ({EVENT_COLUMNS}) VALUES {}",
                     values.join(", ")
                 );
                 (rows, sql)

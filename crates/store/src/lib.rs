@@ -453,16 +453,20 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
 
 /// [`open`] with explicit connection settings.
 pub async fn open_with(url: &str, options: &OpenOptions) -> Result<Arc<dyn Store>> {
-    if let Some(path) = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    {
+    if let Some(path) = sqlite_path(url) {
         sqlite::open(url, path, options).await
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         postgres::open(url, options).await
     } else {
         Err(StoreError::BadUrl(redact_url(url)))
     }
+}
+
+/// The file a `sqlite://PATH` or `sqlite:PATH` URL names (with its query), or `None` for any
+/// other URL.
+pub fn sqlite_path(url: &str) -> Option<&str> {
+    url.strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
 }
 
 /// `url` with any password replaced, so that a URL can appear in an error or a log.
