@@ -14,6 +14,9 @@
 #   STORE_SYNC=normal bash bench/run.sh    # remit's `store_sync` (default: full)
 #   PERF_DIR=/tmp/prof bash bench/run.sh   # also `perf record` remit during each remit run
 #   PERF_OPTS="-F 199 --call-graph dwarf,32768" PERF_DIR=/tmp/prof bash bench/run.sh
+#   CALLGRIND_DIR=/tmp/cg CONNECTIONS=4 DURATION=15s WARMUP=5s ONLY='remit bearer' bash bench/run.sh
+#                                     # remit under valgrind's callgrind: instructions per call,
+#                                     # repeatable where wall-clock figures are not (see BENCHMARKS.md)
 #
 # Everything listens on 127.0.0.1 and is stopped on exit. The only network access is
 # `apt-get install nginx` when nginx is missing.
@@ -196,10 +199,20 @@ say "agent keys and registration"
 "$REMIT" --config "$WORK/remit.toml" agent create bench --owner bench@example.org \
     --key "$WORK/es256.pub.jwk" --key "$WORK/ed25519.pub.jwk" >&2
 
-"$REMIT" --config "$WORK/remit.toml" serve >"$WORK/remit.log" 2>&1 &
+REMIT_SERVE=("$REMIT" --config "$WORK/remit.toml" serve)
+if [[ -n ${CALLGRIND_DIR:-} ]]; then
+    mkdir -p "$CALLGRIND_DIR"
+    rm -f "$CALLGRIND_DIR"/callgrind.out*
+    REMIT_SERVE=(valgrind --tool=callgrind --callgrind-out-file="$CALLGRIND_DIR/callgrind.out"
+        "${REMIT_SERVE[@]}")
+fi
+"${REMIT_SERVE[@]}" >"$WORK/remit.log" 2>&1 &
 REMIT_PID=$!
 PIDS+=("$REMIT_PID")
 wait_port "$REMIT_PORT" remit
+if [[ -n ${CALLGRIND_DIR:-} ]]; then # wait_port's 10 s may not be enough under valgrind
+    until curl -fsS "http://127.0.0.1:$REMIT_PORT/metrics" >/dev/null 2>&1; do sleep 1; done
+fi
 
 SCOPES='[{"tool":"fast","actions":["list_issues"],"resources":["acme/*"]},{"tool":"fastmcp","actions":["lookup"],"resources":["*"]}]'
 grant() { # grant KEY_FILE OUT_FILE
@@ -217,7 +230,15 @@ load() { # load GROUP LABEL URL PIDS [extra loadgen args…]
     fi
     local pid_args=()
     for pid in $pids; do pid_args+=(--server-pid "$pid"); done
-    local perf_pid=""
+    local perf_pid="" calls_before=""
+    if [[ -n ${CALLGRIND_DIR:-} && $label == remit* ]]; then
+        # Warm up outside the counted window, then count only the measured calls.
+        "$LOADGEN" run --group "$group" --label "$label (callgrind warm-up)" --url "$url" \
+            --connections "$CONNECTIONS" --duration "$WARMUP" --warmup 0s \
+            --threads "$LOADGEN_THREADS" "$@" >/dev/null 2>&1
+        callgrind_control -z "$REMIT_PID" >/dev/null 2>&1
+        calls_before=$(decisions)
+    fi
     if [[ -n ${PERF_DIR:-} && $label == remit* ]]; then
         mkdir -p "$PERF_DIR"
         perf record -q ${PERF_OPTS:--F 499 -g} -p "$REMIT_PID" -o "$PERF_DIR/$group-${label// /-}.data" \
@@ -232,10 +253,26 @@ load() { # load GROUP LABEL URL PIDS [extra loadgen args…]
         kill -INT "$perf_pid" 2>/dev/null || true
         wait "$perf_pid" 2>/dev/null || true
     fi
+    if [[ -n $calls_before ]]; then
+        local calls dump
+        calls=$(($(decisions) - calls_before))
+        callgrind_control -d "$REMIT_PID" >/dev/null 2>&1
+        dump=$(ls -t "$CALLGRIND_DIR"/callgrind.out.* | head -n 1)
+        mv "$dump" "$CALLGRIND_DIR/$group-${label// /-}.callgrind"
+        awk -v calls="$calls" -v run="$group $label" '/^(summary|totals):/ {
+                printf "callgrind: %s: %d calls, %d instructions per call\n", run, calls, $2 / calls
+                exit }' "$CALLGRIND_DIR/$group-${label// /-}.callgrind" >&2
+    fi
     if [[ $label == remit* ]]; then # remit's counters so far, kept with KEEP=1
         curl -fsS "http://127.0.0.1:$REMIT_PORT/metrics" >"$WORK/metrics-$group-${label// /-}.txt" || true
     fi
     sleep 1
+}
+
+# Decisions remit has made so far (every call the harness makes is one decision).
+decisions() {
+    curl -fsS "http://127.0.0.1:$REMIT_PORT/metrics" |
+        awk '/^remit_decisions_total/ {sum += $NF} END {printf "%d", sum}'
 }
 
 HTTP_PATH=/repos/acme/api/issues

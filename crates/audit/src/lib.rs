@@ -15,7 +15,8 @@
 //! optional field   task
 //! optional field   decision
 //! field            detail, as canonical JSON (object keys sorted by their UTF-8 bytes, no
-//!                  insignificant white space, strings escaped as serde_json escapes them)
+//!                  insignificant white space, strings escaped as serde_json escapes them):
+//!                  the text of [`Detail`]
 //! ```
 //!
 //! where `field` is a u32 big-endian byte length followed by the UTF-8 bytes, and `optional
@@ -29,6 +30,10 @@ use std::fmt::Write as _;
 use aws_lc_rs::digest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+mod detail;
+
+pub use detail::{Detail, DetailObject};
 
 /// A SHA-256 digest.
 pub type Hash = [u8; 32];
@@ -79,9 +84,10 @@ pub struct EventBody {
     pub task: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<String>,
-    /// Structured detail. Never holds a secret: callers put ids and digests here, not tokens.
+    /// Structured detail, as the canonical JSON text that is hashed and stored. Never holds a
+    /// secret: callers put ids and digests here, not tokens.
     #[serde(default)]
-    pub detail: Value,
+    pub detail: Detail,
 }
 
 impl EventBody {
@@ -93,7 +99,7 @@ impl EventBody {
             agent: None,
             task: None,
             decision: None,
-            detail: Value::Object(Default::default()),
+            detail: Detail::empty(),
         }
     }
 
@@ -112,8 +118,9 @@ impl EventBody {
         self
     }
 
-    pub fn detail(mut self, detail: Value) -> Self {
-        self.detail = detail;
+    /// A [`Value`] (put in canonical form) or a [`Detail`] already written.
+    pub fn detail(mut self, detail: impl Into<Detail>) -> Self {
+        self.detail = detail.into();
         self
     }
 }
@@ -133,7 +140,13 @@ pub struct Event {
 impl Event {
     /// Chains `body` after the event with `prev_hash` at position `seq`.
     pub fn seal(seq: u64, prev_hash: Hash, body: EventBody) -> Event {
-        let hash = hash_event(seq, &prev_hash, &body);
+        Event::seal_in(seq, prev_hash, body, &mut Vec::new())
+    }
+
+    /// [`Event::seal`], encoding in `scratch` (cleared first) so that a writer sealing many
+    /// events allocates once.
+    pub fn seal_in(seq: u64, prev_hash: Hash, body: EventBody, scratch: &mut Vec<u8>) -> Event {
+        let hash = stored_form(seq, &prev_hash, &body).compute_hash(scratch);
         Event {
             seq,
             body,
@@ -186,42 +199,15 @@ impl StoredEvent<'_> {
     }
 }
 
-/// Seals `body` at `seq` after `prev_hash`, given its `detail` already as canonical JSON (a
-/// writer that stores that text too encodes it once).
-pub fn seal_with_detail(seq: u64, prev_hash: Hash, body: EventBody, detail: &str) -> Event {
-    let hash = stored_form(seq, &prev_hash, &body, detail).compute_hash(&mut Vec::new());
-    Event {
-        seq,
-        body,
-        prev_hash,
-        hash,
-    }
-}
-
-/// `detail` as canonical JSON, in a new string.
-pub fn canonical_detail(detail: &Value) -> String {
-    // A call's detail is some 200 bytes: one allocation, not a doubling series.
-    let mut out = String::with_capacity(256);
-    canonical_json(detail, &mut out);
-    out
-}
-
 /// The canonical encoding described in the crate documentation.
 pub fn canonical_bytes(seq: u64, prev_hash: &Hash, body: &EventBody) -> Vec<u8> {
-    let detail = canonical_detail(&body.detail);
     let mut out = Vec::new();
-    stored_form(seq, prev_hash, body, &detail).encode(&mut out);
+    stored_form(seq, prev_hash, body).encode(&mut out);
     out
 }
 
-/// `body` at `seq` after `prev_hash` as a store holds it, `detail` given as canonical text; its
-/// own `hash` is not yet known.
-fn stored_form<'a>(
-    seq: u64,
-    prev_hash: &Hash,
-    body: &'a EventBody,
-    detail: &'a str,
-) -> StoredEvent<'a> {
+/// `body` at `seq` after `prev_hash` as a store holds it; its own `hash` is not yet known.
+fn stored_form<'a>(seq: u64, prev_hash: &Hash, body: &'a EventBody) -> StoredEvent<'a> {
     StoredEvent {
         seq,
         time_ms: body.time_ms,
@@ -230,7 +216,7 @@ fn stored_form<'a>(
         agent: body.agent.as_deref(),
         task: body.task.as_deref(),
         decision: body.decision.as_deref(),
-        detail,
+        detail: body.detail.as_str(),
         prev_hash: *prev_hash,
         hash: GENESIS,
     }

@@ -56,7 +56,7 @@ fn list(detail: &Value, key: &str) -> String {
 
 /// A one-line account of an event, by kind.
 pub fn summarize(event: &Event) -> String {
-    let d = &event.body.detail;
+    let d = &event.body.detail.to_value();
     let decision = event.body.decision.as_deref().unwrap_or("");
     match event.body.kind.as_str() {
         "task.granted" => format!(
@@ -146,7 +146,7 @@ impl Authority {
             };
             for event in self.store.query_events(&filter).await? {
                 if event.body.kind == "delegation" {
-                    pending.push(text(&event.body.detail, "child").to_string());
+                    pending.push(text(&event.body.detail.to_value(), "child").to_string());
                 }
                 events.insert(event.seq, event);
             }
@@ -162,7 +162,7 @@ impl Authority {
                 kind: event.body.kind,
                 actor: event.body.actor,
                 decision: event.body.decision,
-                detail: event.body.detail,
+                detail: event.body.detail.to_value(),
             })
             .collect())
     }

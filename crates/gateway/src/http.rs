@@ -12,7 +12,6 @@ use axum::http::{StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use control::CallVerdict;
 use control::clock::{Clock, SystemClock};
-use serde_json::json;
 
 use crate::catalog::{Classified, ToolKind, ToolSpec};
 use crate::error::Refusal;
@@ -193,16 +192,22 @@ impl Call {
             agent.clone(),
         )
         .agent(agent)
-        .detail(json!({
-            "tool": tool.name,
-            "action": classified.action,
-            "status": status.as_u16(),
-            "upstream_reached": reached,
-            "complete": end.complete,
-            "duration_ms": u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
-            "bytes": end.bytes,
-            "audit_seq": verdict.audit_seq,
-        }));
+        .detail(
+            // Keys in byte order: written as the canonical text, with no map in between.
+            audit::Detail::object()
+                .str("action", &classified.action)
+                .opt_u64("audit_seq", verdict.audit_seq)
+                .u64("bytes", end.bytes)
+                .bool("complete", end.complete)
+                .u64(
+                    "duration_ms",
+                    u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                )
+                .u64("status", status.as_u16().into())
+                .str("tool", &tool.name)
+                .bool("upstream_reached", reached)
+                .finish(),
+        );
         if let Some(task) = &verdict.task {
             event = event.task(task.clone());
         }

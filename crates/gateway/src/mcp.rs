@@ -746,8 +746,21 @@ impl Outcome {
     pub(crate) fn finish(self) {
         let duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let time_ms = self.authority.now().saturating_mul(1000);
-        let mut event = audit::EventBody::new(time_ms, audit::kinds::CALL_OUTCOME, self.agent.clone().unwrap_or_else(|| "unauthenticated".into()))
-            .detail(json!({ "tool": self.tool, "action": self.action, "status": self.status, "duration_ms": duration_ms }));
+        let mut event = audit::EventBody::new(
+            time_ms,
+            audit::kinds::CALL_OUTCOME,
+            self.agent
+                .clone()
+                .unwrap_or_else(|| "unauthenticated".into()),
+        )
+        .detail(
+            audit::Detail::object()
+                .str("action", &self.action)
+                .u64("duration_ms", duration_ms)
+                .u64("status", self.status.into())
+                .str("tool", &self.tool)
+                .finish(),
+        );
         if let Some(agent) = self.agent {
             event = event.agent(agent);
         }

@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use audit::{ChainBreak, ChainVerifier, Event, EventBody, GENESIS, Hash, StoredEvent};
+use audit::{ChainBreak, ChainVerifier, Detail, Event, EventBody, GENESIS, Hash, StoredEvent};
 use model::{AgentName, AgentStatus, Secret, TaskId, TaskStatus, UnixSeconds};
 use serde::de::DeserializeOwned;
 use sqlx::pool::PoolConnection;
@@ -683,7 +683,7 @@ async fn appends_in_one_round_trip<C: Conn>(
         .collect();
     let sizes: Vec<usize> = appends.iter().map(Vec::len).collect();
     let mut head = expected;
-    let (events, details) = seal(&mut head, appends.into_iter().flatten());
+    let events = seal(&mut head, appends.into_iter().flatten());
     // Each chunk's guard is the head it was sealed after, as the guard reads it back: `seq`, a
     // space, the hash in SQLite's hexadecimal (none for an empty chain).
     let guard = |head: Head| {
@@ -691,12 +691,11 @@ async fn appends_in_one_round_trip<C: Conn>(
     };
     let mut args = Vec::with_capacity(total.div_ceil(PADDED_ROWS) + events.len() * 10);
     let mut before = expected;
-    let mut details = details.into_iter();
     // The last chunk may be short: its padding rows' parameters stay unbound, as NULL.
     let built: Result<()> = events.chunks(PADDED_ROWS).try_for_each(|chunk| {
         args.push(Arg::OptText(guard(before)));
-        for (event, detail) in chunk.iter().zip(details.by_ref()) {
-            event_args(event, detail, &mut args)?;
+        for event in chunk {
+            event_args(event, &mut args)?;
         }
         if let Some(last) = chunk.last() {
             before = Head {
@@ -811,8 +810,8 @@ async fn appends_only<C: Conn>(
     appends: Vec<Vec<EventBody>>,
 ) -> Result<(Vec<Result<Outcome>>, Head), (StoreError, Vec<Vec<EventBody>>)> {
     let sizes: Vec<usize> = appends.iter().map(Vec::len).collect();
-    let (events, details) = seal(&mut head, appends.into_iter().flatten());
-    let inserted = match insert_events(conn, &events, details, C::MULTI_STATEMENT).await {
+    let events = seal(&mut head, appends.into_iter().flatten());
+    let inserted = match insert_events(conn, &events, C::MULTI_STATEMENT).await {
         Ok(()) if !C::MULTI_STATEMENT => conn
             .execute("COMMIT", vec![])
             .await
@@ -874,8 +873,8 @@ async fn append_run<C: Conn>(
     conn.execute("SAVEPOINT remit_run", vec![])
         .await
         .map_err(db_error)?;
-    let (events, details) = seal(head, run.into_iter().flatten());
-    match insert_events(conn, &events, details, false).await {
+    let events = seal(head, run.into_iter().flatten());
+    match insert_events(conn, &events, false).await {
         Ok(()) => {
             conn.execute("RELEASE SAVEPOINT remit_run", vec![])
                 .await
@@ -903,40 +902,31 @@ async fn append_run<C: Conn>(
     Ok(())
 }
 
-/// Chains `bodies` after `head`, advancing it. Each event comes with its `detail` as the
-/// canonical JSON that was hashed, which is also what is stored: encoded once.
-fn seal(head: &mut Head, bodies: impl IntoIterator<Item = EventBody>) -> (Vec<Event>, Vec<String>) {
+/// Chains `bodies` after `head`, advancing it.
+fn seal(head: &mut Head, bodies: impl IntoIterator<Item = EventBody>) -> Vec<Event> {
     let bodies = bodies.into_iter();
     let mut events = Vec::with_capacity(bodies.size_hint().0);
-    let mut details = Vec::with_capacity(bodies.size_hint().0);
+    let mut scratch = Vec::new();
     for body in bodies {
-        let detail = audit::canonical_detail(&body.detail);
-        let event = audit::seal_with_detail(head.seq + 1, head.hash, body, &detail);
+        let event = Event::seal_in(head.seq + 1, head.hash, body, &mut scratch);
         *head = Head {
             seq: event.seq,
             hash: event.hash,
         };
         events.push(event);
-        details.push(detail);
     }
-    (events, details)
+    events
 }
 
 async fn append_one<C: Conn>(conn: &mut C, head: &mut Head, body: EventBody) -> Result<Event> {
-    let (mut events, details) = seal(head, [body]);
-    insert_events(conn, &events, details, false).await?;
+    let mut events = seal(head, [body]);
+    insert_events(conn, &events, false).await?;
     events.pop().ok_or_else(wrong_outcome)
 }
 
-/// Inserts `events` (with their stored `details`) in multi-row statements; with `commit`
+/// Inserts `events` in multi-row statements; with `commit`
 /// (only where [`Conn::MULTI_STATEMENT`]) the last one also commits, in the same round trip.
-async fn insert_events<C: Conn>(
-    conn: &mut C,
-    events: &[Event],
-    details: Vec<String>,
-    commit: bool,
-) -> Result<()> {
-    let mut details = details.into_iter();
+async fn insert_events<C: Conn>(conn: &mut C, events: &[Event], commit: bool) -> Result<()> {
     let mut rest = events;
     while !rest.is_empty() {
         let (rows, padded) = if C::MULTI_STATEMENT {
@@ -953,8 +943,8 @@ async fn insert_events<C: Conn>(
         };
         let (chunk, tail) = rest.split_at(rows);
         let mut args = Vec::with_capacity(rows * 10);
-        for (event, detail) in chunk.iter().zip(details.by_ref()) {
-            event_args(event, detail, &mut args)?;
+        for event in chunk {
+            event_args(event, &mut args)?;
         }
         let sql = if padded {
             padded_insert_sql(rows, commit && tail.is_empty())
@@ -1032,7 +1022,7 @@ fn insert_events_sql(rows: usize, anonymous: bool) -> &'static str {
         .map_or("", |(_, sql)| sql.as_str())
 }
 
-fn event_args(event: &Event, detail: String, args: &mut Vec<Arg>) -> Result<()> {
+fn event_args(event: &Event, args: &mut Vec<Arg>) -> Result<()> {
     args.extend([
         Arg::Int(to_i64(event.seq, "audit event")?),
         Arg::Int(event.body.time_ms),
@@ -1041,7 +1031,7 @@ fn event_args(event: &Event, detail: String, args: &mut Vec<Arg>) -> Result<()> 
         Arg::OptText(event.body.agent.clone()),
         Arg::OptText(event.body.task.clone()),
         Arg::OptText(event.body.decision.clone()),
-        Arg::Text(detail),
+        Arg::Text(event.body.detail.as_str().to_owned()),
         Arg::Bytes(event.prev_hash.to_vec()),
         Arg::Bytes(event.hash.to_vec()),
     ]);
@@ -1327,15 +1317,17 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
                 return Ok(Outcome::Approval(None));
             }
             approval.status = ApprovalStatus::Consumed;
-            if let serde_json::Value::Object(detail) = &mut event.detail {
-                detail.insert("approval".to_string(), approval.id.clone().into());
+            let mut detail = event.detail.to_value();
+            if let serde_json::Value::Object(fields) = &mut detail {
+                fields.insert("approval".to_string(), approval.id.clone().into());
             }
+            event.detail = Detail::from_value(&detail);
             append_one(conn, head, event).await?;
             Ok(Outcome::Approval(Some(approval)))
         }
         WriteOp::Append(bodies) => {
-            let (events, details) = seal(head, bodies);
-            insert_events(conn, &events, details, false).await?;
+            let events = seal(head, bodies);
+            insert_events(conn, &events, false).await?;
             Ok(Outcome::Events(events))
         }
     }
@@ -1783,7 +1775,8 @@ fn event_from_row(row: &impl RowExt) -> Result<Event> {
             agent: fields.opt_text("agent")?,
             task: fields.opt_text("task")?,
             decision: fields.opt_text("decision")?,
-            detail: fields.json("detail")?,
+            detail: Detail::stored(fields.text("detail")?)
+                .map_err(|error| fields.fail("detail", error))?,
         },
         prev_hash: fields.hash("prev_hash")?,
         hash: fields.hash("hash")?,

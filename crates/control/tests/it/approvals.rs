@@ -147,7 +147,7 @@ async fn an_approval_lets_the_exact_call_pass_once() {
     let with = |kind: &str| {
         events
             .iter()
-            .filter(|e| e.body.kind == kind && e.body.detail["approval"] == id.as_str())
+            .filter(|e| e.body.kind == kind && e.body.detail.to_value()["approval"] == id.as_str())
             .count()
     };
     assert_eq!(with(audit::kinds::APPROVAL_REQUESTED), 1);
@@ -161,14 +161,14 @@ async fn an_approval_lets_the_exact_call_pass_once() {
         })
         .collect();
     assert_eq!(allowed.len(), 1);
-    assert_eq!(allowed[0].body.detail["approval"], id.as_str());
+    assert_eq!(allowed[0].body.detail.to_value()["approval"], id.as_str());
     let consumed = events
         .iter()
         .find(|e| e.body.kind == audit::kinds::APPROVAL_CONSUMED)
         .unwrap();
     assert!(consumed.seq < allowed[0].seq, "spent before the decision");
     assert_eq!(
-        consumed.body.detail["args_digest"],
+        consumed.body.detail.to_value()["args_digest"],
         control::approvals::args_digest(ARGS)
     );
 }

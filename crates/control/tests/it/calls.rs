@@ -457,7 +457,7 @@ async fn every_decision_is_audited_and_no_secret_reaches_the_log() {
     let codes: Vec<_> = events
         .iter()
         .filter(|e| e.body.kind == "call.decision")
-        .map(|e| e.body.detail["code"].clone())
+        .map(|e| e.body.detail.to_value()["code"].clone())
         .collect();
     assert_eq!(
         codes,

@@ -46,7 +46,7 @@ async fn quarantined_then_released(h: &Harness, agent: &Agent, old: &control::Gr
     assert_eq!(
         (
             quarantine.body.actor.as_str(),
-            &quarantine.body.detail["rule"]
+            &quarantine.body.detail.to_value()["rule"]
         ),
         ("remit", &Value::from(rule))
     );

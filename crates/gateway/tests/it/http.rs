@@ -764,8 +764,8 @@ async fn an_unreachable_upstream_answers_502_without_secret_or_address() {
     let outcome = &s
         .events(s.grant.task_id.as_str(), audit::kinds::CALL_OUTCOME, 1)
         .await[0];
-    assert_eq!(outcome.body.detail["status"], 502);
-    assert_eq!(outcome.body.detail["upstream_reached"], false);
+    assert_eq!(outcome.body.detail.to_value()["status"], 502);
+    assert_eq!(outcome.body.detail.to_value()["upstream_reached"], false);
     let metrics = s
         .client
         .get(format!("{}/metrics", s.remit.base))
@@ -1052,7 +1052,7 @@ async fn a_bearer_tool_accepts_task_tokens_without_proof_and_records_the_mode() 
     let decisions = s
         .events(s.grant.task_id.as_str(), audit::kinds::CALL_DECISION, 1)
         .await;
-    assert_eq!(decisions[0].body.detail["mode"], "bearer");
+    assert_eq!(decisions[0].body.detail.to_value()["mode"], "bearer");
     assert_eq!(decisions[0].body.decision.as_deref(), Some("allow"));
 }
 
@@ -1120,14 +1120,14 @@ async fn the_outcome_is_recorded_after_the_body_and_metrics_show_the_decisions()
         .iter()
         .find(|e| e.body.decision.as_deref() == Some("allow"))
         .unwrap();
-    assert_eq!(outcome.body.detail["audit_seq"], allowed.seq);
+    assert_eq!(outcome.body.detail.to_value()["audit_seq"], allowed.seq);
     assert!(outcome.seq > allowed.seq);
-    assert_eq!(outcome.body.detail["tool"], "gh");
-    assert_eq!(outcome.body.detail["action"], "list_issues");
-    assert_eq!(outcome.body.detail["status"], 200);
-    assert_eq!(outcome.body.detail["bytes"], length);
-    assert_eq!(outcome.body.detail["complete"], true);
-    assert!(outcome.body.detail["duration_ms"].is_u64());
+    assert_eq!(outcome.body.detail.to_value()["tool"], "gh");
+    assert_eq!(outcome.body.detail.to_value()["action"], "list_issues");
+    assert_eq!(outcome.body.detail.to_value()["status"], 200);
+    assert_eq!(outcome.body.detail.to_value()["bytes"], length);
+    assert_eq!(outcome.body.detail.to_value()["complete"], true);
+    assert!(outcome.body.detail.to_value()["duration_ms"].is_u64());
     assert_eq!(
         outcome.body.agent.as_deref(),
         Some(s.grant.spiffe_id.as_str())

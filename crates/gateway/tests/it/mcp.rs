@@ -700,7 +700,7 @@ async fn every_forwarded_call_records_its_outcome() {
             .collect::<Vec<_>>();
         if outcomes
             .iter()
-            .any(|e| e.body.detail["action"] == "read_file")
+            .any(|e| e.body.detail.to_value()["action"] == "read_file")
         {
             break;
         }
@@ -708,9 +708,9 @@ async fn every_forwarded_call_records_its_outcome() {
     }
     let call = outcomes
         .iter()
-        .find(|e| e.body.detail["action"] == "read_file")
+        .find(|e| e.body.detail.to_value()["action"] == "read_file")
         .expect("an outcome for the call");
-    assert_eq!(call.body.detail["tool"], "vault");
-    assert_eq!(call.body.detail["status"], 200);
-    assert!(call.body.detail["duration_ms"].is_u64());
+    assert_eq!(call.body.detail.to_value()["tool"], "vault");
+    assert_eq!(call.body.detail.to_value()["status"], 200);
+    assert!(call.body.detail.to_value()["duration_ms"].is_u64());
 }

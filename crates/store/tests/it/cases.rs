@@ -1207,7 +1207,7 @@ pub async fn approvals(db: &TestDb) {
     assert_eq!(spent.status, ApprovalStatus::Consumed);
     let last = all_events(store.as_ref()).await.pop().unwrap();
     assert_eq!(last.body.kind, kinds::APPROVAL_CONSUMED);
-    assert_eq!(last.body.detail["approval"], "apr_01");
+    assert_eq!(last.body.detail.to_value()["approval"], "apr_01");
     assert_eq!(
         store
             .consume_approval(call(&task, "d1"), now + 21, event(kinds::APPROVAL_CONSUMED))

@@ -3,7 +3,7 @@
 
 use audit::{BreakReason, ChainBreak, kinds};
 
-use crate::harness::{TestDb, event, verify, verify_paged, verify_stored};
+use crate::harness::{TestDb, event, verify, verify_paged, verify_read, verify_stored};
 
 /// Ten intact events, checked before each test tampers with them.
 async fn ten_events(db: &TestDb) {
@@ -40,13 +40,21 @@ pub async fn edited_detail(db: &TestDb) {
 pub async fn detail_respelled_with_the_same_meaning(db: &TestDb) {
     ten_events(db).await;
     // The stored text is what was hashed, so a respelling is an edit even where it parses to
-    // the same value: reported by remit's verification, while events read through the API
-    // (parsed, then re-encoded) still verify.
+    // the same value: reported by remit's verification and by the events read back (which
+    // carry the stored text), while events received as JSON through the API (parsed, then
+    // re-encoded) still verify.
     db.raw
         .execute(r#"UPDATE audit_events SET detail = '{ "call": 3 }' WHERE seq = 4"#)
         .await;
     assert_eq!(
         verify_stored(db.store.as_ref()).await,
+        Err(ChainBreak {
+            seq: 4,
+            reason: BreakReason::Content
+        })
+    );
+    assert_eq!(
+        verify_read(db.store.as_ref()).await,
         Err(ChainBreak {
             seq: 4,
             reason: BreakReason::Content
