@@ -203,7 +203,7 @@ REMIT_SERVE=("$REMIT" --config "$WORK/remit.toml" serve)
 if [[ -n ${CALLGRIND_DIR:-} ]]; then
     mkdir -p "$CALLGRIND_DIR"
     rm -f "$CALLGRIND_DIR"/callgrind.out*
-    REMIT_SERVE=(valgrind --tool=callgrind --callgrind-out-file="$CALLGRIND_DIR/callgrind.out"
+    REMIT_SERVE=(valgrind --tool=callgrind --compress-strings=no --callgrind-out-file="$CALLGRIND_DIR/callgrind.out"
         "${REMIT_SERVE[@]}")
 fi
 "${REMIT_SERVE[@]}" >"$WORK/remit.log" 2>&1 &

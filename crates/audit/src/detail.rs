@@ -204,7 +204,14 @@ impl DetailObject {
             }
         }
         self.last_key = Some(key);
-        crate::write_scalar(key, &mut self.out);
-        self.out.push(b':');
+        // Keys are names in the code: written as they are unless JSON needs an escape.
+        if key.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            self.out.push(b'"');
+            self.out.extend_from_slice(key.as_bytes());
+            self.out.extend_from_slice(b"\":");
+        } else {
+            crate::write_scalar(key, &mut self.out);
+            self.out.push(b':');
+        }
     }
 }

@@ -200,6 +200,21 @@ fn a_detail_with_keys_out_of_order_is_still_canonical() {
 }
 
 #[test]
+fn a_detail_key_that_needs_escaping_is_escaped() {
+    let built = Detail::object()
+        .u64("a\"b", 1)
+        .u64("c\\d", 2)
+        .u64("e\nf", 3)
+        .u64("é", 4)
+        .finish();
+    assert_eq!(built.as_str(), r#"{"a\"b":1,"c\\d":2,"e\nf":3,"é":4}"#);
+    assert_eq!(
+        built,
+        Detail::from_value(&json!({"a\"b": 1, "c\\d": 2, "e\nf": 3, "é": 4}))
+    );
+}
+
+#[test]
 fn a_stored_detail_is_kept_byte_for_byte_and_must_be_json() {
     let respelled = r#"{"z": 1, "a": 2}"#;
     let detail = Detail::stored(respelled.to_string()).unwrap();

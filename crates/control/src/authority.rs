@@ -47,7 +47,8 @@ pub struct Authority {
     pub(crate) tasks: TaskCache,
     pub(crate) containment: crate::containment::Containment,
     /// Allowed calls per task not yet added to the store's `calls_used`.
-    pub(crate) unflushed_calls: parking_lot::Mutex<std::collections::HashMap<String, u32>>,
+    pub(crate) unflushed_calls:
+        parking_lot::Mutex<std::collections::HashMap<crate::compact::TaskKey, u32>>,
     /// Events that need not be durable before anything proceeds (call outcomes), appended in
     /// batches a few milliseconds apart.
     deferred: Arc<parking_lot::Mutex<Vec<EventBody>>>,
@@ -301,10 +302,11 @@ impl Authority {
     /// so that the store's writer commits them in one batch. A count that cannot be written
     /// is kept for the next flush.
     pub async fn flush_call_counts(&self) {
-        let pending: Vec<(String, u32)> = self.unflushed_calls.lock().drain().collect();
+        let pending: Vec<(crate::compact::TaskKey, u32)> =
+            self.unflushed_calls.lock().drain().collect();
         let counts: Vec<(TaskId, u32)> = pending
             .iter()
-            .filter_map(|(task, calls)| Some((task.parse::<TaskId>().ok()?, *calls)))
+            .map(|(task, calls)| (task.task_id(), *calls))
             .collect();
         if let Err(error) = self.store.add_many_task_calls(&counts).await {
             tracing::warn!(

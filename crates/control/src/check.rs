@@ -128,7 +128,7 @@ impl VerifiedToken {
 
     /// The task the token is for.
     pub fn task(&self) -> String {
-        self.task.to_string()
+        self.task.text().as_str().to_string()
     }
 
     pub fn expires_at(&self) -> i64 {
@@ -384,13 +384,9 @@ impl Authority {
         // in one batch, off the call path (the audit log holds every call exactly).
         if verdict.is_allow()
             && check == Check::Call
-            && let Some(task) = verdict.task.as_deref()
+            && let Some(claims) = &verdict.claims
         {
-            *self
-                .unflushed_calls
-                .lock()
-                .entry(task.to_string())
-                .or_insert(0) += 1;
+            *self.unflushed_calls.lock().entry(claims.task).or_insert(0) += 1;
         }
         verdict
     }
@@ -524,9 +520,10 @@ impl Authority {
         };
 
         // Admission: rate limits per agent and task, now that both are authenticated.
-        let task_id = claims.task();
+        let task_id = claims.task.text();
+        let task_id = task_id.as_str();
         if let Some(limiter) = attempt.limiter
-            && let Err(retry_after) = limiter.admit(claims.subject(), &task_id, self.clock.now_ms())
+            && let Err(retry_after) = limiter.admit(claims.subject(), task_id, self.clock.now_ms())
         {
             let denial = Denial {
                 retry_after: Some(retry_after),
@@ -610,7 +607,7 @@ impl Authority {
                 class: attempt.class,
                 sensitivity: attempt.sensitivity,
                 arguments: attempt.arguments,
-                task: &task_id,
+                task: task_id,
                 intent: &task.context.intent,
                 obo: task.context.obo.as_deref(),
                 depth: i64::from(task.depth),

@@ -48,7 +48,31 @@ impl TaskKey {
         // The last digit carries two padding bits; only the spelling remit writes (padding
         // zero) is accepted, so that the key turns back into exactly `text`.
         let key = TaskKey(bytes);
-        (key.task_id().as_str() == text).then_some(key)
+        (key.text().as_str() == text).then_some(key)
+    }
+
+    /// The task id, spelled on the stack: what the call path formats without allocating.
+    pub fn text(&self) -> TaskIdText {
+        let mut out = [0u8; TaskIdText::LEN];
+        out[..5].copy_from_slice(b"task_");
+        let mut digits = out[5..].iter_mut();
+        let mut buffer: u32 = 0;
+        let mut bits = 0;
+        for &byte in &self.0 {
+            buffer = (buffer << 8) | u32::from(byte);
+            bits += 8;
+            while bits >= 5 {
+                bits -= 5;
+                if let Some(digit) = digits.next() {
+                    *digit = BASE32[((buffer >> bits) & 31) as usize];
+                }
+            }
+        }
+        // 128 bits are 25 digits and 3 bits, written with two zero bits of padding.
+        if let Some(digit) = digits.next() {
+            *digit = BASE32[((buffer << (5 - bits)) & 31) as usize];
+        }
+        TaskIdText(out)
     }
 
     pub fn task_id(&self) -> TaskId {
@@ -58,7 +82,26 @@ impl TaskKey {
 
 impl fmt::Display for TaskKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.task_id().as_str())
+        f.write_str(self.text().as_str())
+    }
+}
+
+/// A task id as [`TaskKey::text`] spells it: `task_` and 26 base-32 digits, on the stack.
+#[derive(Clone, Copy)]
+pub struct TaskIdText([u8; TaskIdText::LEN]);
+
+impl TaskIdText {
+    const LEN: usize = 5 + 26;
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for TaskIdText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -197,9 +240,15 @@ mod tests {
 
     #[test]
     fn task_keys_turn_back_into_their_id() {
-        for seed in [[0u8; 16], [0xff; 16], *b"0123456789abcdef"] {
+        let mut seeds = vec![[0u8; 16], [0xff; 16], *b"0123456789abcdef"];
+        // Every digit value in every position, through a byte pattern that walks them.
+        seeds.extend(
+            (0..=255u8).map(|i| std::array::from_fn(|j| i.wrapping_mul(31) ^ (j as u8 * 17))),
+        );
+        for seed in seeds {
             let id = TaskId::from_random(seed);
             let key = TaskKey::parse(id.as_str()).unwrap();
+            assert_eq!(key.text().as_str(), id.as_str());
             assert_eq!(key.to_string(), id.as_str());
             assert_eq!(key.task_id(), id);
         }

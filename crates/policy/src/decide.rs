@@ -9,9 +9,9 @@
 //! call per slice), against about 2 µs here. `decide_*_unsliced` and the tests compare
 //! the two.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use cedar_policy::Effect;
 use cedar_policy_core::ast::{
@@ -64,6 +64,47 @@ impl Types {
             write: action("write")?,
             admin: action("admin")?,
         })
+    }
+}
+
+/// Agent entities by SPIFFE ID, built once per agent rather than once per request: an agent's
+/// calls all present the same three attributes. An entry is used only while the agent's
+/// name and owner are still the ones it was built from; past [`AgentEntities::CAPACITY`]
+/// agents the cache starts over, so it stays bounded whatever callers present.
+#[derive(Debug, Default)]
+pub(crate) struct AgentEntities(RwLock<HashMap<Box<str>, Arc<AgentEntity>>>);
+
+#[derive(Debug)]
+struct AgentEntity {
+    name: Box<str>,
+    owner: Box<str>,
+    entity: Arc<Entity>,
+    /// The principal and its owner.
+    keys: [EntityUID; 2],
+}
+
+impl AgentEntities {
+    pub(crate) const CAPACITY: usize = 10_000;
+
+    fn get(&self, agent: &crate::AgentFacts<'_>) -> Option<Arc<AgentEntity>> {
+        let cached = self.0.read().ok()?;
+        let entry = cached.get(agent.spiffe_id)?;
+        (*entry.name == *agent.name && *entry.owner == *agent.owner).then(|| Arc::clone(entry))
+    }
+
+    fn insert(&self, spiffe_id: &str, entry: Arc<AgentEntity>) {
+        // A poisoned lock only loses the cache, never a decision.
+        if let Ok(mut cached) = self.0.write() {
+            if cached.len() >= Self::CAPACITY {
+                cached.clear();
+            }
+            cached.insert(spiffe_id.into(), entry);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.read().map_or(0, |cached| cached.len())
     }
 }
 
@@ -179,10 +220,13 @@ impl PolicyEngine {
         )
     }
 
-    fn agent_entity(&self, agent: &crate::AgentFacts<'_>) -> (Entity, [EntityUID; 2]) {
+    fn agent_entity(&self, agent: &crate::AgentFacts<'_>) -> (Arc<Entity>, [EntityUID; 2]) {
+        if let Some(cached) = self.agents.get(agent) {
+            return (Arc::clone(&cached.entity), cached.keys.clone());
+        }
         let principal = uid(&self.types.agent, agent.spiffe_id);
         let owner = uid(&self.types.owner, agent.owner);
-        let entity = entity(
+        let entity = Arc::new(entity(
             principal.clone(),
             [
                 ("name", string(agent.name)),
@@ -190,13 +234,21 @@ impl PolicyEngine {
                 ("spiffe_id", string(agent.spiffe_id)),
             ],
             Some(owner.clone()),
-        );
-        (entity, [principal, owner])
+        ));
+        let keys = [principal, owner];
+        let entry = AgentEntity {
+            name: agent.name.into(),
+            owner: agent.owner.into(),
+            entity: Arc::clone(&entity),
+            keys: keys.clone(),
+        };
+        self.agents.insert(agent.spiffe_id, Arc::new(entry));
+        (entity, keys)
     }
 
     fn prepare(
         &self,
-        agent: Entity,
+        agent: Arc<Entity>,
         principal_keys: [EntityUID; 2],
         action: EntityUID,
         (resource, resource_parent, resource_entity): (EntityUID, Option<EntityUID>, Entity),
@@ -206,17 +258,18 @@ impl PolicyEngine {
         let action_entity = self
             .action_entities
             .get(&action)
-            .cloned()
+            .map(Arc::clone)
             .ok_or_else(|| format!("the schema does not declare action `{action}`"))?;
         // Every parent is a leaf (owners, tools) and the action's ancestors come closed from
         // the schema, so the hierarchy is already transitively closed.
-        let entities = Entities::from_entities(
-            [agent, resource_entity, action_entity],
-            None::<&NoEntitiesSchema>,
-            TCComputation::AssumeAlreadyComputed,
-            Extensions::all_available(),
-        )
-        .map_err(|error| format!("cannot build the entities: {error}"))?;
+        let entities = Entities::new()
+            .add_entities(
+                [agent, Arc::new(resource_entity), action_entity],
+                None::<&NoEntitiesSchema>,
+                TCComputation::AssumeAlreadyComputed,
+                Extensions::all_available(),
+            )
+            .map_err(|error| format!("cannot build the entities: {error}"))?;
         let request = Request::new(
             (principal_keys[0].clone(), None),
             (action.clone(), None),

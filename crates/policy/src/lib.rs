@@ -80,8 +80,11 @@ pub struct PolicyEngine {
     index: HashMap<ast::EntityUID, load::ActionIndex>,
     /// Every policy, in load order (files by name, then position in the file).
     policies: Vec<load::Compiled>,
-    /// Action entities from the schema, with their groups, added to each request.
-    action_entities: HashMap<ast::EntityUID, ast::Entity>,
+    /// Action entities from the schema, with their groups, added to each request (shared,
+    /// not copied, into each request's entities).
+    action_entities: HashMap<ast::EntityUID, std::sync::Arc<ast::Entity>>,
+    /// Agent entities already built, by SPIFFE ID: see [`decide::AgentEntities`].
+    agents: decide::AgentEntities,
     types: decide::Types,
     /// Static policies have no slots; the evaluator still wants a binding for them.
     empty_slots: ast::SlotEnv,

@@ -328,8 +328,12 @@ pub(crate) fn build(
         policies: compiled,
         action_entities: action_entities
             .iter()
-            .map(|entity| (entity.uid().as_ref().clone(), entity.as_ref().clone()))
+            .map(|entity| {
+                let entity: &ast::Entity = entity.as_ref();
+                (entity.uid().clone(), std::sync::Arc::new(entity.clone()))
+            })
             .collect(),
+        agents: Default::default(),
         types: crate::decide::Types::new()?,
         empty_slots: ast::SlotEnv::new(),
         #[cfg(test)]

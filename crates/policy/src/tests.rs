@@ -407,6 +407,50 @@ fn context_and_entities_reach_the_policies() {
 }
 
 #[test]
+fn an_agent_entity_is_reused_only_while_its_facts_are_the_same() {
+    // One engine, so that its cache of agent entities is in play from call to call.
+    let engine = engine(
+        r#"
+        @id("alice") permit (principal in Owner::"alice@example.org", action, resource)
+        when { principal.name == "triage-bot" };
+        "#,
+    );
+    let decide = |agent: AgentFacts<'static>| {
+        let mut request = call(ActionClass::Read, "github", "x");
+        request.agent = agent;
+        engine.decide_call(&request).decision
+    };
+    assert_eq!(decide(TRIAGE), Decision::Allow);
+    assert_eq!(decide(TRIAGE), Decision::Allow);
+    // The same SPIFFE ID with another owner or name is not served the cached entity.
+    let moved = AgentFacts {
+        owner: "bob@example.org",
+        ..TRIAGE
+    };
+    assert_eq!(decide(moved), Decision::Deny);
+    let renamed = AgentFacts {
+        name: "other-bot",
+        ..TRIAGE
+    };
+    assert_eq!(decide(renamed), Decision::Deny);
+    assert_eq!(decide(TRIAGE), Decision::Allow);
+    assert_eq!(engine.agents.len(), 1);
+
+    // Bounded: past its capacity the cache starts over instead of growing.
+    let ids: Vec<&'static str> = (0..decide::AgentEntities::CAPACITY + 5)
+        .map(|i| &*format!("spiffe://example.org/agent/bot-{i}").leak())
+        .collect();
+    for id in ids {
+        let agent = AgentFacts {
+            spiffe_id: id,
+            ..TRIAGE
+        };
+        assert_eq!(decide(agent), Decision::Allow);
+    }
+    assert!(engine.agents.len() <= decide::AgentEntities::CAPACITY);
+}
+
+#[test]
 fn task_requests_see_their_scope() {
     let policies = r#"
         @id("bounded") permit (principal, action == Action::"RequestTask", resource == Tool::"github")
