@@ -187,26 +187,27 @@ impl PolicyEngine {
             model::ActionClass::Write => &types.write,
             model::ActionClass::Admin => &types.admin,
         };
+        // In key order, so that building the map finds it sorted (it sorts the entries first).
         let mut context = BTreeMap::from([
-            ("task".into(), string(call.task)),
-            ("intent".into(), string(call.intent)),
-            ("tool".into(), string(call.tool)),
             ("action".into(), string(call.action)),
-            ("class".into(), string(call.class.as_str())),
-            (
-                "sensitivity".into(),
-                Value::set(call.sensitivity.iter().map(string), None),
-            ),
+            ("approved".into(), Value::from(call.approved)),
             ("arguments".into(), string(call.arguments)),
-            ("depth".into(), Value::from(call.depth)),
+            ("bearer".into(), Value::from(call.bearer)),
+            ("class".into(), string(call.class.as_str())),
             (
                 "delegators".into(),
                 Value::set(call.delegators.iter().map(string), None),
             ),
-            ("approved".into(), Value::from(call.approved)),
-            ("bearer".into(), Value::from(call.bearer)),
-            ("time".into(), Value::from(call.now)),
+            ("depth".into(), Value::from(call.depth)),
             ("hour".into(), Value::from(hour_of(call.now))),
+            ("intent".into(), string(call.intent)),
+            (
+                "sensitivity".into(),
+                Value::set(call.sensitivity.iter().map(string), None),
+            ),
+            ("task".into(), string(call.task)),
+            ("time".into(), Value::from(call.now)),
+            ("tool".into(), string(call.tool)),
         ]);
         if let Some(obo) = call.obo {
             context.insert("obo".into(), string(obo));
