@@ -241,7 +241,7 @@ mod tests {
     #[test]
     fn task_keys_turn_back_into_their_id() {
         let mut seeds = vec![[0u8; 16], [0xff; 16], *b"0123456789abcdef"];
-        // Every digit value in every position, through a byte pattern that walks them.
+        // Every digit value in every position (the last, with its padding, holds eight).
         seeds.extend(
             (0..=255u8).map(|i| std::array::from_fn(|j| i.wrapping_mul(31) ^ (j as u8 * 17))),
         );
