@@ -55,10 +55,6 @@ impl Detail {
         &self.0
     }
 
-    pub fn into_string(self) -> String {
-        self.0
-    }
-
     /// The detail parsed, for readers that look into it.
     pub fn to_value(&self) -> Value {
         // Always JSON: written from a `Value` or the builder, or checked by `stored`.
@@ -175,8 +171,7 @@ impl DetailObject {
     pub fn finish(mut self) -> Detail {
         self.out.push(b'}');
         // Only UTF-8 was written: keys and strings come from `&str`, escaped by serde_json.
-        let text = String::from_utf8(self.out)
-            .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned());
+        let text = crate::utf8_text(self.out);
         if self.sorted {
             return Detail(text);
         }

@@ -154,6 +154,14 @@ impl Event {
             hash,
         }
     }
+
+    /// The event as a store holds it, `detail` as its text: the form that is hashed.
+    pub fn stored(&self) -> StoredEvent<'_> {
+        StoredEvent {
+            hash: self.hash,
+            ..stored_form(self.seq, &self.prev_hash, &self.body)
+        }
+    }
 }
 
 /// An event's hashed fields, borrowed, with `detail` as canonical JSON text: what a store
@@ -199,13 +207,6 @@ impl StoredEvent<'_> {
     }
 }
 
-/// The canonical encoding described in the crate documentation.
-pub fn canonical_bytes(seq: u64, prev_hash: &Hash, body: &EventBody) -> Vec<u8> {
-    let mut out = Vec::new();
-    stored_form(seq, prev_hash, body).encode(&mut out);
-    out
-}
-
 /// `body` at `seq` after `prev_hash` as a store holds it; its own `hash` is not yet known.
 fn stored_form<'a>(seq: u64, prev_hash: &Hash, body: &'a EventBody) -> StoredEvent<'a> {
     StoredEvent {
@@ -220,11 +221,6 @@ fn stored_form<'a>(seq: u64, prev_hash: &Hash, body: &'a EventBody) -> StoredEve
         prev_hash: *prev_hash,
         hash: GENESIS,
     }
-}
-
-/// SHA-256 of the canonical encoding.
-pub fn hash_event(seq: u64, prev_hash: &Hash, body: &EventBody) -> Hash {
-    sha256(&canonical_bytes(seq, prev_hash, body))
 }
 
 fn sha256(bytes: &[u8]) -> Hash {
@@ -255,10 +251,14 @@ fn optional_field(out: &mut Vec<u8>, text: Option<&str>) {
 pub fn canonical_json(value: &Value, out: &mut String) {
     let mut bytes = std::mem::take(out).into_bytes();
     write_canonical(value, &mut bytes);
-    // Only UTF-8 was written (serde_json escapes strings into UTF-8); the fallback is for
-    // the impossible case and never panics.
-    *out = String::from_utf8(bytes)
-        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned());
+    *out = utf8_text(bytes);
+}
+
+/// Bytes that only serde_json and `&str`s wrote, so UTF-8, as a `String`; the fallback is for
+/// the impossible case and never panics.
+fn utf8_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
 }
 
 /// [`canonical_json`] into bytes: object keys and strings are escaped by serde_json straight
@@ -350,13 +350,9 @@ impl Default for ChainVerifier {
 
 impl ChainVerifier {
     /// Checks one event. After a break, the verifier's state is unspecified: stop there.
+    /// Its `detail` is hashed as the text it holds, as [`ChainVerifier::push_stored`] does.
     pub fn push(&mut self, event: &Event) -> Result<(), ChainBreak> {
-        self.check_link(event.seq, &event.prev_hash)?;
-        if hash_event(event.seq, &event.prev_hash, &event.body) != event.hash {
-            return Err(content_break(event.seq));
-        }
-        self.advance(event.hash);
-        Ok(())
+        self.push_stored(&event.stored())
     }
 
     /// Checks one event as a store holds it, hashing its `detail` text as stored: a `detail`

@@ -102,16 +102,8 @@ fn hashes_round_trip_through_hex() {
 /// An event of `chain` in the form a store holds it, with `detail` as the given text.
 fn stored<'a>(event: &'a Event, detail: &'a str) -> StoredEvent<'a> {
     StoredEvent {
-        seq: event.seq,
-        time_ms: event.body.time_ms,
-        kind: &event.body.kind,
-        actor: &event.body.actor,
-        agent: event.body.agent.as_deref(),
-        task: event.body.task.as_deref(),
-        decision: event.body.decision.as_deref(),
         detail,
-        prev_hash: event.prev_hash,
-        hash: event.hash,
+        ..event.stored()
     }
 }
 

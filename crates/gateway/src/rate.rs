@@ -145,10 +145,8 @@ impl control::CallLimiter for RateLimiter {
             };
             return Err(wait);
         }
+        agent_bucket.tokens -= 1.0;
         task_bucket.tokens -= 1.0;
-        if let Some(agent_bucket) = buckets.agents.get_mut(agent) {
-            agent_bucket.tokens -= 1.0;
-        }
         Ok(())
     }
 }

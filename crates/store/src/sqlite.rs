@@ -46,9 +46,9 @@ impl Backend for SqliteBackend {
         &self.pool
     }
 
-    // `octet_length` and ordered aggregates need SQLite 3.44 (sqlx bundles a newer one).
     const INSERT_SKIPPING: (&'static str, &'static str) = ("INSERT OR IGNORE INTO", "");
 
+    // `octet_length` and ordered aggregates need SQLite 3.44 (sqlx bundles a newer one).
     const PACKED_EVENTS_SQL: Option<&'static str> = Some(
         "SELECT group_concat(printf('%d %d %s %s %d:%s%d:%s%d:%s%d:%s%d:%s%d:%s', \
          seq, time_ms, hex(prev_hash), hex(hash), octet_length(kind), kind, \
