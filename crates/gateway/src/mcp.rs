@@ -569,36 +569,45 @@ impl Call<'_> {
         } else {
             parts.status
         };
-        let body = match serde_json::from_slice::<Value>(&bytes) {
-            Ok(mut value) => {
-                filter.apply(&mut value);
-                scrubber.value(&mut value);
-                let body = match (value, errors.is_empty()) {
-                    (value, true) => value,
-                    (Value::Array(mut items), false) => {
-                        items.extend(errors);
-                        Value::Array(items)
-                    }
-                    (value, false) => {
-                        let mut items = vec![value];
-                        items.extend(errors);
-                        shape(batch, items)
-                    }
-                };
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                Bytes::from(body.to_string())
+        let body = if errors.is_empty() && scrubber.passes_unchanged(&bytes) {
+            // The common answer: nothing to filter, nothing to scrub, nothing to add.
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            bytes
+        } else {
+            match serde_json::from_slice::<Value>(&bytes) {
+                Ok(mut value) => {
+                    filter.apply(&mut value);
+                    scrubber.value(&mut value);
+                    let body = match (value, errors.is_empty()) {
+                        (value, true) => value,
+                        (Value::Array(mut items), false) => {
+                            items.extend(errors);
+                            Value::Array(items)
+                        }
+                        (value, false) => {
+                            let mut items = vec![value];
+                            items.extend(errors);
+                            shape(batch, items)
+                        }
+                    };
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    Bytes::from(body.to_string())
+                }
+                Err(_) if bytes.is_empty() && !errors.is_empty() => {
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    Bytes::from(shape(batch, errors).to_string())
+                }
+                Err(_) => Bytes::from(scrubber.text(&String::from_utf8_lossy(&bytes))),
             }
-            Err(_) if bytes.is_empty() && !errors.is_empty() => {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                Bytes::from(shape(batch, errors).to_string())
-            }
-            Err(_) => Bytes::from(scrubber.text(&String::from_utf8_lossy(&bytes))),
         };
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
@@ -679,6 +688,19 @@ impl Scrubber {
             .any(|needle| text.contains(needle.as_str()))
     }
 
+    /// Whether a JSON text may go back to the agent byte for byte: it is one JSON value, no
+    /// string and no key in it holds a credential (compared after unescaping, as [`value`]
+    /// compares), and no key is `tools` (a result [`ToolsFilter`] may narrow). Checked in one
+    /// pass that builds no tree; an answer that fails it (invalid JSON included) takes the
+    /// careful path, which parses, filters, scrubs and writes it out again.
+    ///
+    /// [`value`]: Scrubber::value
+    pub(crate) fn passes_unchanged(&self, json: &[u8]) -> bool {
+        let mut deserializer = serde_json::Deserializer::from_slice(json);
+        serde::de::DeserializeSeed::deserialize(Scan(self), &mut deserializer).is_ok()
+            && deserializer.end().is_ok()
+    }
+
     pub(crate) fn text(&self, text: &str) -> String {
         let mut out = text.to_string();
         for needle in &self.needles {
@@ -708,6 +730,98 @@ impl Scrubber {
                 object.values_mut().for_each(|item| self.value(item));
             }
             _ => {}
+        }
+    }
+}
+
+/// [`Scrubber::passes_unchanged`]'s walk over a JSON value. It fails (and so stops) at the
+/// first string or key that needs the careful path.
+#[derive(Clone, Copy)]
+struct Scan<'a>(&'a Scrubber);
+
+/// A key of a JSON object, for [`Scan`].
+struct ScanKey<'a>(&'a Scrubber);
+
+fn rewrite_needed<E: serde::de::Error>() -> E {
+    E::custom("the answer needs rewriting")
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Scan<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Scan<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<(), E> {
+        if self.0.finds(text) {
+            Err(rewrite_needed())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        while items.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
+        while entries.next_key_seed(ScanKey(self.0))?.is_some() {
+            entries.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ScanKey<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ScanKey<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("an object key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<(), E> {
+        if key == "tools" || self.0.finds(key) {
+            Err(rewrite_needed())
+        } else {
+            Ok(())
         }
     }
 }
@@ -821,4 +935,58 @@ fn upstream_failure(message: &str) -> Response {
         axum::Json(json!({ "error": "upstream_failed", "message": message })),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "sk-upstream-77";
+
+    fn scrubber() -> Scrubber {
+        // Every spelling of the secret, as the gateway's upstream client derives them.
+        let upstream = crate::forward::Upstream::new(vec![format!("Bearer {SECRET}")]);
+        Scrubber::new(&upstream.expect("upstream client").secrets)
+    }
+
+    #[test]
+    fn answers_that_need_nothing_pass_unchanged() {
+        let scrubber = scrubber();
+        for clean in [
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"{\"id\":42}"}]}}"#,
+            r#"{"jsonrpc": "2.0", "id": 7, "result": {"isError": false, "n": [1, -2, 3.5e3, null, true]}}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":2,"error":{"code":-1,"message":"tool\n"}}]"#,
+            r#"{"result":{"toolsets":"sk-upstream"}}"#,
+            r#""a string""#,
+        ] {
+            assert!(scrubber.passes_unchanged(clean.as_bytes()), "{clean}");
+        }
+    }
+
+    #[test]
+    fn answers_with_a_credential_a_tool_list_or_no_json_take_the_careful_path() {
+        let scrubber = scrubber();
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for needs in [
+            // The credential in a value, plain, inside a longer string, escaped, nested.
+            format!(r#"{{"result":{{"text":"{SECRET}"}}}}"#),
+            format!(r#"{{"result":{{"text":"header: Bearer {SECRET}\n"}}}}"#),
+            r#"{"result":{"text":"\u0073k-upstream-77"}}"#.to_string(),
+            format!(r#"{{"a":[1,{{"b":["x","{SECRET}"]}}]}}"#),
+            // The credential as a key, plain and escaped.
+            format!(r#"{{"{SECRET}":1}}"#),
+            r#"{"sk-upstream-\u0037\u0037":1}"#.to_string(),
+            // A tool list, at any depth and however the key is spelled.
+            r#"{"result":{"tools":[]}}"#.to_string(),
+            r#"[{"id":1,"result":{"tool\u0073":[{"name":"x"}]}}]"#.to_string(),
+            // Not one JSON value.
+            String::new(),
+            "not json".to_string(),
+            r#"{"a":1"#.to_string(),
+            r#"{"a":1} {"b":2}"#.to_string(),
+            deep,
+        ] {
+            assert!(!scrubber.passes_unchanged(needs.as_bytes()), "{needs}");
+        }
+    }
 }

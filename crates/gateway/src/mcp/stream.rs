@@ -141,16 +141,20 @@ impl Parser {
                     .map(|data| data.strip_prefix(' ').unwrap_or(data))
             })
             .collect();
-        // A JSON message is rewritten whole (filtered, scrubbed after unescaping); anything
-        // else is scrubbed line by line.
-        let message = (!data.is_empty())
-            .then(|| serde_json::from_str::<Value>(&data.join("\n")).ok())
-            .flatten()
-            .map(|mut value| {
-                self.tools.apply(&mut value);
-                self.scrubber.value(&mut value);
-                value.to_string()
-            });
+        // A JSON message on one line that needs nothing passes as it came; any other JSON
+        // message is rewritten whole (filtered, scrubbed after unescaping); anything else is
+        // scrubbed line by line.
+        let message = match data.as_slice() {
+            [] => None,
+            [only] if self.scrubber.passes_unchanged(only.as_bytes()) => Some((*only).to_string()),
+            _ => serde_json::from_str::<Value>(&data.join("\n"))
+                .ok()
+                .map(|mut value| {
+                    self.tools.apply(&mut value);
+                    self.scrubber.value(&mut value);
+                    value.to_string()
+                }),
+        };
         let mut data_written = false;
         for line in &lines {
             match (&message, line.starts_with("data:")) {
@@ -227,6 +231,13 @@ mod tests {
             &[": keep-alive\n\nevent: message\ndata: not json"],
         );
         assert_eq!(out, ": keep-alive\n\n");
+    }
+
+    #[test]
+    fn a_message_that_needs_nothing_passes_as_it_came() {
+        // Spacing the careful path would not keep: this event was not parsed into a tree.
+        let event = "data: {\"jsonrpc\": \"2.0\", \"id\": 3, \"result\": {\"text\": \"a \\\"quoted\\\" line\\n\"}}\n\n";
+        assert_eq!(check(&["sk-upstream"], &[], &[event]), event);
     }
 
     #[test]

@@ -544,6 +544,32 @@ async fn the_upstream_credential_never_reaches_the_agent() {
 }
 
 #[tokio::test]
+async fn json_answers_never_carry_the_upstream_credential_either() {
+    let (_upstream, remit) = setup(true).await;
+    let agent = remit.agent(&crate::harness::unique("reader")).await;
+    let mut session = Session::open(&remit, &agent, &["echo_headers", "read_file"]).await;
+    session.initialize().await;
+    // Escaped newlines around it: the answer is parsed, scrubbed and written again.
+    let echoed = session.call("echo_headers", json!({})).await.to_string();
+    assert!(echoed.contains("authorization: [redacted]"), "{echoed}");
+    assert!(!echoed.contains(SECRET), "{echoed}");
+    // Nothing escaped anywhere in the answer: only the credential sends it the careful way.
+    let read = session.call("read_file", json!({ "path": SECRET })).await;
+    assert_eq!(
+        read["result"]["content"][0]["text"], "read_file [redacted]: done",
+        "{read}"
+    );
+    // An answer that needs nothing arrives whole.
+    let read = session
+        .call("read_file", json!({ "path": "notes.txt" }))
+        .await;
+    assert_eq!(
+        read["result"]["content"][0]["text"], "read_file notes.txt: done",
+        "{read}"
+    );
+}
+
+#[tokio::test]
 async fn revocation_between_two_calls_denies_the_second() {
     let (upstream, remit) = setup(false).await;
     let agent = remit.agent(&crate::harness::unique("reader")).await;
