@@ -99,6 +99,19 @@ fn hashes_round_trip_through_hex() {
     assert_eq!(from_hex(&"g".repeat(64)), None);
 }
 
+#[test]
+fn hex_spells_every_byte_value_in_both_cases() {
+    for first in 0..=u8::MAX {
+        let mut hash = [0u8; 32];
+        for (i, byte) in hash.iter_mut().enumerate() {
+            *byte = first.wrapping_add(u8::try_from(i).unwrap().wrapping_mul(37));
+        }
+        let expected: String = hash.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(to_hex(&hash), expected);
+        assert_eq!(to_hex_upper(&hash), expected.to_uppercase());
+    }
+}
+
 /// An event of `chain` in the form a store holds it, with `detail` as the given text.
 fn stored<'a>(event: &'a Event, detail: &'a str) -> StoredEvent<'a> {
     StoredEvent {

@@ -687,7 +687,7 @@ async fn appends_in_one_round_trip<C: Conn>(
     // Each chunk's guard is the head it was sealed after, as the guard reads it back: `seq`, a
     // space, the hash in SQLite's hexadecimal (none for an empty chain).
     let guard = |head: Head| {
-        (head.seq > 0).then(|| format!("{} {}", head.seq, audit::to_hex(&head.hash).to_uppercase()))
+        (head.seq > 0).then(|| format!("{} {}", head.seq, audit::to_hex_upper(&head.hash)))
     };
     let mut args = Vec::with_capacity(total.div_ceil(PADDED_ROWS) + events.len() * 10);
     let mut before = expected;
