@@ -25,7 +25,6 @@
 //! an edit, a deletion, an insertion or a reordering breaks the chain at the first event
 //! touched, and [`ChainVerifier`] names that sequence number.
 
-
 use aws_lc_rs::digest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
