@@ -46,8 +46,9 @@ pub(crate) struct Upstream {
     pub(crate) client: Client<Connector, Body>,
     /// Every form in which an upstream credential could travel back to an agent: the whole
     /// header value, the credential without its scheme (`Bearer …`), and its JSON-escaped
-    /// and percent-encoded spellings. Longest first.
-    pub(crate) secrets: Vec<String>,
+    /// and percent-encoded spellings. Longest first. Shared with every MCP answer's
+    /// scrubber, not copied into it.
+    pub(crate) secrets: Arc<[String]>,
     needles: Arc<Needles>,
 }
 

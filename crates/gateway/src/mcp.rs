@@ -667,7 +667,7 @@ impl ToolsFilter {
 /// Replaces upstream credentials in anything going back to the agent.
 #[derive(Debug, Clone)]
 pub(crate) struct Scrubber {
-    needles: Vec<String>,
+    needles: Arc<[String]>,
 }
 
 const REDACTED: &str = "[redacted]";
@@ -676,9 +676,9 @@ impl Scrubber {
     /// `secrets` are `Upstream::secrets`: every spelling of every credential (with and
     /// without its scheme, escaped and encoded), longest first, so that a secret containing
     /// another is replaced whole.
-    fn new(secrets: &[String]) -> Scrubber {
+    fn new(secrets: &Arc<[String]>) -> Scrubber {
         Scrubber {
-            needles: secrets.to_vec(),
+            needles: Arc::clone(secrets),
         }
     }
 
@@ -703,7 +703,7 @@ impl Scrubber {
 
     pub(crate) fn text(&self, text: &str) -> String {
         let mut out = text.to_string();
-        for needle in &self.needles {
+        for needle in self.needles.iter() {
             if out.contains(needle.as_str()) {
                 out = out.replace(needle.as_str(), REDACTED);
             }
