@@ -569,13 +569,11 @@ impl Call<'_> {
         } else {
             parts.status
         };
-        let body = if errors.is_empty() && scrubber.passes_unchanged(&bytes) {
-            // The common answer: nothing to filter, nothing to scrub, nothing to add.
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            bytes
+        // A JSON answer goes back as JSON: as it came when it needs nothing (the common case),
+        // else filtered, scrubbed and joined by remit's own errors. Anything else is text,
+        // scrubbed as such.
+        let json = if errors.is_empty() && scrubber.passes_unchanged(&bytes) {
+            Some(bytes.clone())
         } else {
             match serde_json::from_slice::<Value>(&bytes) {
                 Ok(mut value) => {
@@ -593,21 +591,23 @@ impl Call<'_> {
                             shape(batch, items)
                         }
                     };
-                    headers.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                    Bytes::from(body.to_string())
+                    Some(Bytes::from(body.to_string()))
                 }
                 Err(_) if bytes.is_empty() && !errors.is_empty() => {
-                    headers.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                    Bytes::from(shape(batch, errors).to_string())
+                    Some(Bytes::from(shape(batch, errors).to_string()))
                 }
-                Err(_) => Bytes::from(scrubber.text(&String::from_utf8_lossy(&bytes))),
+                Err(_) => None,
             }
+        };
+        let body = match json {
+            Some(json) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                json
+            }
+            None => Bytes::from(scrubber.text(&String::from_utf8_lossy(&bytes))),
         };
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
@@ -619,6 +619,9 @@ impl Call<'_> {
         Outcome::new(self, verdict, action, status, started).finish();
     }
 }
+
+/// The key of a `tools/list` result's tool array, which [`ToolsFilter`] narrows.
+const TOOLS_KEY: &str = "tools";
 
 /// Keeps only the tools a task may call in `tools/list` results.
 #[derive(Debug, Clone)]
@@ -650,7 +653,7 @@ impl ToolsFilter {
             Value::Array(items) => items.iter_mut().for_each(|item| self.apply(item)),
             Value::Object(object) => {
                 if let Some(Value::Array(tools)) =
-                    object.get_mut("result").and_then(|r| r.get_mut("tools"))
+                    object.get_mut("result").and_then(|r| r.get_mut(TOOLS_KEY))
                 {
                     tools.retain(|tool| {
                         tool.get("name")
@@ -697,7 +700,11 @@ impl Scrubber {
     /// [`value`]: Scrubber::value
     pub(crate) fn passes_unchanged(&self, json: &[u8]) -> bool {
         let mut deserializer = serde_json::Deserializer::from_slice(json);
-        serde::de::DeserializeSeed::deserialize(Scan(self), &mut deserializer).is_ok()
+        let scan = Scan {
+            scrubber: self,
+            key: false,
+        };
+        serde::de::DeserializeSeed::deserialize(scan, &mut deserializer).is_ok()
             && deserializer.end().is_ok()
     }
 
@@ -734,16 +741,13 @@ impl Scrubber {
     }
 }
 
-/// [`Scrubber::passes_unchanged`]'s walk over a JSON value. It fails (and so stops) at the
-/// first string or key that needs the careful path.
+/// [`Scrubber::passes_unchanged`]'s walk over a JSON value (`key: false`) or an object's key
+/// (`key: true`). It fails (and so stops) at the first string or key that needs the careful
+/// path: a credential in either, or a key naming a tool list.
 #[derive(Clone, Copy)]
-struct Scan<'a>(&'a Scrubber);
-
-/// A key of a JSON object, for [`Scan`].
-struct ScanKey<'a>(&'a Scrubber);
-
-fn rewrite_needed<E: serde::de::Error>() -> E {
-    E::custom("the answer needs rewriting")
+struct Scan<'a> {
+    scrubber: &'a Scrubber,
+    key: bool,
 }
 
 impl<'de> serde::de::DeserializeSeed<'de> for Scan<'_> {
@@ -782,8 +786,8 @@ impl<'de> serde::de::Visitor<'de> for Scan<'_> {
     }
 
     fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<(), E> {
-        if self.0.finds(text) {
-            Err(rewrite_needed())
+        if (self.key && text == TOOLS_KEY) || self.scrubber.finds(text) {
+            Err(E::custom("the answer needs rewriting"))
         } else {
             Ok(())
         }
@@ -795,34 +799,12 @@ impl<'de> serde::de::Visitor<'de> for Scan<'_> {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
-        while entries.next_key_seed(ScanKey(self.0))?.is_some() {
-            entries.next_value_seed(self)?;
+        let key = Scan { key: true, ..self };
+        let value = Scan { key: false, ..self };
+        while entries.next_key_seed(key)?.is_some() {
+            entries.next_value_seed(value)?;
         }
         Ok(())
-    }
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for ScanKey<'_> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for ScanKey<'_> {
-    type Value = ();
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("an object key")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<(), E> {
-        if key == "tools" || self.0.finds(key) {
-            Err(rewrite_needed())
-        } else {
-            Ok(())
-        }
     }
 }
 
