@@ -2,7 +2,9 @@
 # The gateway load harness: in one run on one machine, a small JSON HTTP tool call and an MCP
 # `tools/call`, each measured direct to a fast upstream, through nginx as a plain reverse proxy,
 # and through remit (bearer mode; a fresh ES256 proof per call; a fresh EdDSA proof per call),
-# at 64 keep-alive connections, then one table with the ratios to nginx and remit's RSS.
+# at 64 keep-alive connections, then one table with the ratios to nginx and remit's RSS, and
+# for each remit run a line from remit's /metrics: the decision's and the upstream head's mean
+# latency, and how busy the store's writer was (gathering, committing, filling lookups).
 #
 #   bash bench/run.sh                 # ~2 minutes of load after the build
 #   DURATION=20s WARMUP=3s CONNECTIONS=64 LOADGEN_THREADS=2 bash bench/run.sh
@@ -245,6 +247,11 @@ load() { # load GROUP LABEL URL PIDS [extra loadgen args…]
             >/dev/null 2>&1 &
         perf_pid=$!
     fi
+    local counters_before="" started=""
+    if [[ $label == remit* ]]; then
+        counters_before=$(counters)
+        started=$(date +%s.%N)
+    fi
     "$LOADGEN" run --group "$group" --label "$label" --url "$url" \
         --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
         --threads "$LOADGEN_THREADS" --clock-ticks "$CLK_TCK" --out "$RESULTS" \
@@ -263,10 +270,38 @@ load() { # load GROUP LABEL URL PIDS [extra loadgen args…]
                 printf "callgrind: %s: %d calls, %d instructions per call\n", run, calls, $2 / calls
                 exit }' "$CALLGRIND_DIR/$group-${label// /-}.callgrind" >&2
     fi
-    if [[ $label == remit* ]]; then # remit's counters so far, kept with KEEP=1
+    if [[ -n $counters_before ]]; then
+        # Over the whole run, warm-up included: where a call's time went, and how busy the
+        # store's writer (the one serial stage) was.
+        echo "$counters_before $(counters) $started $(date +%s.%N)" | awk -v run="$group $label" '{
+            n = NF / 2 - 1; wall = $(2 * n + 2) - $(2 * n + 1)
+            for (i = 1; i <= n; i++) d[i] = $(n + i) - $i
+            if (d[1] == 0 || d[7] == 0) exit
+            printf "- %s: decision %.2f ms and upstream head %.2f ms on average; store writer %.0f%% busy ", run, d[5] / d[6] * 1000, d[7] / d[8] * 1000, (d[3] + d[4] + d[10]) / wall * 100
+            printf "(gathering %.0f%%, committing %.0f%%, filling lookups %.0f%%), %.1f writes per batch, %.2f ms per commit", d[3] / wall * 100, d[4] / wall * 100, d[10] / wall * 100, d[2] / d[1], d[4] / d[1] * 1000
+            if (d[9] > 0) printf ", %.1f ms per lookup fill", d[10] / d[9] * 1000
+            printf "\n" }' >>"$WORK/writer.txt"
         curl -fsS "http://127.0.0.1:$REMIT_PORT/metrics" >"$WORK/metrics-$group-${label// /-}.txt" || true
     fi
     sleep 1
+}
+
+# remit's counters, in a fixed order: the store writer's batches, writes, gathering and
+# committing seconds; the decision's and the upstream head's latency sums and counts; lookup
+# fills and their seconds.
+counters() {
+    curl -fsS "http://127.0.0.1:$REMIT_PORT/metrics" | awk '
+        /^remit_store_write_batches_total / {v[1] = $2}
+        /^remit_store_write_operations_total / {v[2] = $2}
+        /^remit_store_write_gathering_seconds_total / {v[3] = $2}
+        /^remit_store_write_committing_seconds_total / {v[4] = $2}
+        /^remit_decision_seconds_sum / {v[5] = $2}
+        /^remit_decision_seconds_count / {v[6] = $2}
+        /^remit_upstream_seconds_sum/ {v[7] += $2}
+        /^remit_upstream_seconds_count/ {v[8] += $2}
+        /^remit_store_lookup_fills_total / {v[9] = $2}
+        /^remit_store_lookup_filling_seconds_total / {v[10] = $2}
+        END {for (i = 1; i <= 10; i++) printf "%s ", v[i] + 0}'
 }
 
 # Decisions remit has made so far (every call the harness makes is one decision).
@@ -310,6 +345,9 @@ HWM_KIB=$(awk '/^VmHWM:/ {print $2}' "/proc/$REMIT_PID/status")
 
 say "results ($CONNECTIONS connections, $DURATION after $WARMUP warm-up, generator $LOADGEN_THREADS threads, $(nproc) cores shared by all)"
 "$LOADGEN" report "$RESULTS" --rss-kib "$RSS_KIB" --hwm-kib "$HWM_KIB"
+if [[ -s $WORK/writer.txt ]]; then
+    cat "$WORK/writer.txt"
+fi
 if grep -q '"errors":[1-9]' "$RESULTS"; then
     echo "note: some runs had errors; rerun with KEEP=1 and see $RESULTS and remit.log" >&2
 fi

@@ -235,6 +235,8 @@ async fn resource_metadata(State(gateway): State<Arc<Gateway>>) -> impl IntoResp
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        gateway.metrics.render(),
+        gateway
+            .metrics
+            .render(&gateway.authority().store().writer_stats()),
     )
 }

@@ -1,11 +1,13 @@
 //! Prometheus metrics of the gateway, in the text exposition format: decisions by outcome,
-//! tool and reason, and latency histograms for the decision and for the upstream.
+//! tool and reason, latency histograms for the decision and for the upstream, and the store
+//! writer's counters (the call path's one serial stage).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use store::WriterStats;
 
 /// Histogram bucket bounds in seconds: from 10 µs to 10 s.
 const BOUNDS: [f64; 16] = [
@@ -116,7 +118,8 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self) -> String {
+    /// The text exposition of the gateway's metrics and of `writer`, the store's.
+    pub fn render(&self, writer: &WriterStats) -> String {
         let state = self.state.lock();
         let mut out = String::new();
         out.push_str("# HELP remit_decisions_total Call decisions by outcome, tool and reason.\n");
@@ -157,7 +160,51 @@ impl Metrics {
                 label(tool)
             );
         }
+        drop(state);
+        render_writer(&mut out, writer);
         out
+    }
+}
+
+/// The store writer's counters. Busy share of the writer = the rate of the three `_seconds`
+/// counters together; batch size = operations / batches.
+fn render_writer(out: &mut String, writer: &WriterStats) {
+    let counters: [(&str, &str, f64); 6] = [
+        (
+            "remit_store_write_batches_total",
+            "Transactions the store's writer ran for queued writes (group commits).",
+            writer.batches as f64,
+        ),
+        (
+            "remit_store_write_operations_total",
+            "Writes those transactions carried (a call's decision is one).",
+            writer.operations as f64,
+        ),
+        (
+            "remit_store_write_gathering_seconds_total",
+            "Time the writer let a batch grow before starting its transaction.",
+            writer.gathering.as_secs_f64(),
+        ),
+        (
+            "remit_store_write_committing_seconds_total",
+            "Time the writer spent running and committing batches.",
+            writer.committing.as_secs_f64(),
+        ),
+        (
+            "remit_store_lookup_fills_total",
+            "Transactions that filled the audit log's per-agent and per-task lookups.",
+            writer.lookup_fills as f64,
+        ),
+        (
+            "remit_store_lookup_filling_seconds_total",
+            "Time those took, holding the chain lock (no decision commits meanwhile).",
+            writer.lookup_filling.as_secs_f64(),
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
     }
 }
 
@@ -172,7 +219,15 @@ mod tests {
         metrics.decision("deny", "github", "out_of_scope", Duration::from_micros(30));
         metrics.decision("allow", "github", "allowed", Duration::from_micros(60));
         metrics.upstream("github", Duration::from_millis(3), false);
-        let text = metrics.render();
+        let writer = WriterStats {
+            batches: 3,
+            operations: 7,
+            gathering: Duration::from_micros(250),
+            committing: Duration::from_millis(2),
+            lookup_fills: 1,
+            lookup_filling: Duration::from_micros(1_500),
+        };
+        let text = metrics.render(&writer);
         assert!(
             text.contains(
                 "remit_decisions_total{outcome=\"allow\",tool=\"github\",reason=\"allowed\"} 2\n"
@@ -188,5 +243,16 @@ mod tests {
         );
         assert!(text.contains("remit_decision_seconds_count 3\n"));
         assert!(text.contains("remit_upstream_seconds_bucket{tool=\"github\",le=\"0.005\"} 1\n"));
+        for line in [
+            "remit_store_write_batches_total 3\n",
+            "remit_store_write_operations_total 7\n",
+            "remit_store_write_gathering_seconds_total 0.00025\n",
+            "remit_store_write_committing_seconds_total 0.002\n",
+            "remit_store_lookup_fills_total 1\n",
+            "remit_store_lookup_filling_seconds_total 0.0015\n",
+            "# TYPE remit_store_write_batches_total counter\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
     }
 }

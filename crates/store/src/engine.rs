@@ -17,6 +17,7 @@
 
 use std::fmt::{self, Display};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -31,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     AgentRecord, ApprovalKey, ApprovalRecord, ApprovalStatus, AuditFilter, NewRevocation,
     OperatorRecord, Result, Revocation, RevocationKind, SigningKeyRecord, Store, StoreError,
-    TaskRecord,
+    TaskRecord, WriterStats,
 };
 
 /// Most operations one transaction carries. Bounds the time a batch holds the chain lock.
@@ -242,6 +243,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
 pub(crate) struct SqlStore<B: Backend> {
     backend: Arc<B>,
     writer: mpsc::Sender<Pending>,
+    /// Written by the writer task, read for [`Store::writer_stats`].
+    counters: Arc<WriterCounters>,
     /// See [`Store::revocation_signal`].
     revocations: Option<Arc<tokio::sync::Notify>>,
     /// Dropped with the store, which ends the task that feeds `revocations`.
@@ -261,8 +264,10 @@ impl<B: Backend> SqlStore<B> {
     pub(crate) fn start(backend: B) -> SqlStore<B> {
         let backend = Arc::new(backend);
         let (writer, queue) = mpsc::channel(QUEUE);
+        let counters = Arc::new(WriterCounters::default());
         let task = Writer {
             backend: backend.clone(),
+            counters: counters.clone(),
             conn: None,
             known_head: None,
             lookups_behind: false,
@@ -272,6 +277,7 @@ impl<B: Backend> SqlStore<B> {
         SqlStore {
             backend,
             writer,
+            counters,
             revocations: None,
             _stop: None,
         }
@@ -417,8 +423,40 @@ struct Head {
     hash: Hash,
 }
 
+/// [`WriterStats`] as the writer counts them, durations in microseconds. Each counter stands
+/// alone (relaxed), except that a counted lookup fill's time is seen with it.
+#[derive(Debug, Default)]
+struct WriterCounters {
+    batches: AtomicU64,
+    operations: AtomicU64,
+    gathering_us: AtomicU64,
+    committing_us: AtomicU64,
+    lookup_fills: AtomicU64,
+    lookup_filling_us: AtomicU64,
+}
+
+impl WriterCounters {
+    fn add_time(counter: &AtomicU64, since: Instant) {
+        let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        counter.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> WriterStats {
+        let time = |counter: &AtomicU64| Duration::from_micros(counter.load(Ordering::Relaxed));
+        WriterStats {
+            batches: self.batches.load(Ordering::Relaxed),
+            operations: self.operations.load(Ordering::Relaxed),
+            gathering: time(&self.gathering_us),
+            committing: time(&self.committing_us),
+            lookup_fills: self.lookup_fills.load(Ordering::Acquire),
+            lookup_filling: time(&self.lookup_filling_us),
+        }
+    }
+}
+
 struct Writer<B: Backend> {
     backend: Arc<B>,
+    counters: Arc<WriterCounters>,
     /// Kept across batches to keep its prepared statements warm; dropped after a failure.
     conn: Option<PoolConnection<B::Db>>,
     /// The chain head this writer last committed, which is still the head unless another
@@ -452,6 +490,7 @@ impl<B: Backend> Writer<B> {
             if received == 0 {
                 break;
             }
+            let gathering = Instant::now();
             // Callers woken by the previous commit are runnable but may not have queued their
             // next operation yet. Yield to let them, again while each yield brings more (a
             // few times at most): under load the batch grows to hold them all; idle, this
@@ -470,7 +509,16 @@ impl<B: Backend> Writer<B> {
                 }
             }
             let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|p| (p.op, p.reply)).unzip();
-            match self.commit(ops).await {
+            WriterCounters::add_time(&self.counters.gathering_us, gathering);
+            self.counters.batches.fetch_add(1, Ordering::Relaxed);
+            let operations = u64::try_from(ops.len()).unwrap_or(u64::MAX);
+            self.counters
+                .operations
+                .fetch_add(operations, Ordering::Relaxed);
+            let committing = Instant::now();
+            let committed = self.commit(ops).await;
+            WriterCounters::add_time(&self.counters.committing_us, committing);
+            match committed {
                 Ok(results) => {
                     for (reply, result) in replies.into_iter().zip(results) {
                         // A caller that gave up waiting is no reason to stop.
@@ -496,7 +544,8 @@ impl<B: Backend> Writer<B> {
     /// the chain, in any process). The lookups are derived from the log: a failure here loses
     /// nothing, and the next attempt starts from the same mark.
     async fn fill_lookups(&mut self) {
-        self.lookups_filled = Instant::now();
+        let filling = Instant::now();
+        self.lookups_filled = filling;
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => match self.backend.pool().acquire().await {
@@ -507,7 +556,11 @@ impl<B: Backend> Writer<B> {
                 }
             },
         };
-        match fill_lookups(&*self.backend, &mut **conn).await {
+        let filled = fill_lookups(&*self.backend, &mut **conn).await;
+        WriterCounters::add_time(&self.counters.lookup_filling_us, filling);
+        // Release: whoever sees this fill counted sees its time too.
+        self.counters.lookup_fills.fetch_add(1, Ordering::Release);
+        match filled {
             Ok(()) => self.lookups_behind = false,
             Err(error) => {
                 tracing::warn!(%error, "cannot fill the audit lookups");
@@ -1891,6 +1944,10 @@ fn ids(rows: Vec<impl RowExt>, what: &'static str) -> Result<Vec<TaskId>> {
 impl<B: Backend> Store for SqlStore<B> {
     fn kind(&self) -> &'static str {
         B::KIND
+    }
+
+    fn writer_stats(&self) -> WriterStats {
+        self.counters.snapshot()
     }
 
     fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>> {

@@ -4,6 +4,7 @@
 //! writes are group-committed so that durability stays cheap.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use audit::{Event, EventBody};
@@ -250,6 +251,28 @@ pub struct AuditFilter {
     pub newest: bool,
 }
 
+/// What a store's writer has done since the store was opened: counters for `/metrics`.
+/// Every write of a store instance passes through its one writer (group commit), the call
+/// path's one serial stage, so these say how close a node is to its write ceiling: the rates
+/// of `gathering`, `committing` and `lookup_filling` add up to the share of time the writer
+/// is busy, and `operations / batches` is the batch size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Transactions run for queued operations (lookup fills not included).
+    pub batches: u64,
+    /// Operations those transactions carried.
+    pub operations: u64,
+    /// Time from a batch's first operation to the start of its transaction, while the writer
+    /// lets the batch grow.
+    pub gathering: Duration,
+    /// Time running batches, from the start of the transaction to its commit (or failure).
+    pub committing: Duration,
+    /// Transactions that filled the per-agent and per-task audit lookups.
+    pub lookup_fills: u64,
+    /// Time those took; each one holds the chain lock, so no call's decision commits meanwhile.
+    pub lookup_filling: Duration,
+}
+
 /// The one storage interface. Each method that changes state takes the audit event that
 /// records the change and commits both together or neither.
 #[async_trait]
@@ -264,6 +287,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }
+
+    /// What this store's writer has done since the store was opened.
+    fn writer_stats(&self) -> WriterStats;
 
     /// A cheap round trip, for health checks and fail-closed probes.
     async fn ping(&self) -> Result<()>;

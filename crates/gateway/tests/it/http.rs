@@ -1150,6 +1150,19 @@ async fn the_outcome_is_recorded_after_the_body_and_metrics_show_the_decisions()
     ] {
         assert!(metrics.contains(line), "missing {line:?} in:\n{metrics}");
     }
+    // The store writer's counters: at least the two decisions and the outcome went through it.
+    let counter = |name: &str| -> f64 {
+        let prefix = format!("{name} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(counter("remit_store_write_operations_total") >= 3.0);
+    assert!(counter("remit_store_write_batches_total") >= 1.0);
+    assert!(counter("remit_store_write_committing_seconds_total") > 0.0);
 }
 
 #[tokio::test]

@@ -515,6 +515,54 @@ pub async fn group_commit_keeps_one_chain(db: &TestDb) {
     assert_eq!(returned, all_events(store.as_ref()).await);
 }
 
+pub async fn writer_stats_count_every_operation(db: &TestDb) {
+    let store = &db.store;
+    let before = store.writer_stats();
+    let writers: Vec<_> = (0..8)
+        .map(|writer| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for call in 0..10 {
+                    let body = event(kinds::CALL_DECISION)
+                        .agent(format!("agent-{writer}"))
+                        .detail(serde_json::json!({ "call": call }));
+                    store.append_events(vec![body]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let after = store.writer_stats();
+    assert_eq!(
+        after.operations - before.operations,
+        80,
+        "one operation per append"
+    );
+    let batches = after.batches - before.batches;
+    assert!(
+        (1..=80).contains(&batches),
+        "{batches} batches for 80 operations"
+    );
+    assert!(after.committing > before.committing);
+    // Idle, the writer fills the audit lookups once; that is counted too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.writer_stats().lookup_fills == after.lookup_fills {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lookup fill was counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let filled = store.writer_stats();
+    assert_eq!(
+        filled.operations, after.operations,
+        "a fill is not an operation"
+    );
+    assert!(filled.lookup_filling > after.lookup_filling);
+}
+
 pub async fn a_failing_append_does_not_sink_its_batch(db: &TestDb) {
     // A trigger that refuses one actor's events stands in for an append the database
     // rejects; the appends queued with it must still commit, on one unbroken chain.

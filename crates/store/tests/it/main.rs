@@ -47,6 +47,7 @@ on_both_backends!(
     cases::task_calls,
     cases::revocation_feed,
     cases::group_commit_keeps_one_chain,
+    cases::writer_stats_count_every_operation,
     cases::a_failing_append_does_not_sink_its_batch,
     cases::the_writer_chains_onto_the_stored_head,
     cases::each_state_change_writes_one_event,
