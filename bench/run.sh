@@ -4,7 +4,7 @@
 # and through remit (bearer mode; a fresh ES256 proof per call; a fresh EdDSA proof per call),
 # at 64 keep-alive connections, then one table with the ratios to nginx and remit's RSS, and
 # for each remit run a line from remit's /metrics: the decision's and the upstream head's mean
-# latency, and how busy the store's writer was (gathering, committing, filling lookups).
+# latency, how busy the store's writer was (gathering, committing) and its lookup filler.
 #
 #   bash bench/run.sh                 # ~2 minutes of load after the build
 #   DURATION=20s WARMUP=3s CONNECTIONS=64 LOADGEN_THREADS=2 bash bench/run.sh
@@ -277,8 +277,8 @@ load() { # load GROUP LABEL URL PIDS [extra loadgen args…]
             n = NF / 2 - 1; wall = $(2 * n + 2) - $(2 * n + 1)
             for (i = 1; i <= n; i++) d[i] = $(n + i) - $i
             if (d[1] == 0 || d[7] == 0) exit
-            printf "- %s: decision %.2f ms and upstream head %.2f ms on average; store writer %.0f%% busy ", run, d[5] / d[6] * 1000, d[7] / d[8] * 1000, (d[3] + d[4] + d[10]) / wall * 100
-            printf "(gathering %.0f%%, committing %.0f%%, filling lookups %.0f%%), %.1f writes per batch, %.2f ms per commit", d[3] / wall * 100, d[4] / wall * 100, d[10] / wall * 100, d[2] / d[1], d[4] / d[1] * 1000
+            printf "- %s: decision %.2f ms and upstream head %.2f ms on average; store writer %.0f%% busy ", run, d[5] / d[6] * 1000, d[7] / d[8] * 1000, (d[3] + d[4]) / wall * 100
+            printf "(gathering %.0f%%, committing %.0f%%), %.1f writes per batch, %.2f ms per commit; lookup filler %.0f%% busy", d[3] / wall * 100, d[4] / wall * 100, d[2] / d[1], d[4] / d[1] * 1000, d[10] / wall * 100
             if (d[9] > 0) printf ", %.1f ms per lookup fill", d[10] / d[9] * 1000
             printf "\n" }' >>"$WORK/writer.txt"
         curl -fsS "http://127.0.0.1:$REMIT_PORT/metrics" >"$WORK/metrics-$group-${label// /-}.txt" || true

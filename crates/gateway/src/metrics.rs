@@ -197,7 +197,7 @@ fn render_writer(out: &mut String, writer: &WriterStats) {
         ),
         (
             "remit_store_lookup_filling_seconds_total",
-            "Time those took, holding the chain lock (no decision commits meanwhile).",
+            "Time those took, beside the writer (fills do not hold the chain lock).",
             writer.lookup_filling.as_secs_f64(),
         ),
     ];

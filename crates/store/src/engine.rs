@@ -14,6 +14,10 @@
 //! head this writer last committed and an insert guarded by the head read inside the
 //! transaction confirms it, and two (`BEGIN IMMEDIATE` with the head read, then the inserts
 //! with the `COMMIT`) when another writer moved the head.
+//!
+//! Beside the writer, a filler task keeps the audit log's per-agent and per-task lookups up
+//! with the log, in transactions of its own that never take the chain lock (see
+//! [`fill_lookups`]): a fill under that lock held up every call's decision commit.
 
 use std::fmt::{self, Display};
 use std::str::FromStr;
@@ -50,10 +54,13 @@ const QUEUE: usize = 8192;
 const QUERY_CAP: u32 = 1_000;
 /// Tasks per statement when a node flushes its call counts (two parameters each).
 const TASK_CALL_CHUNK: usize = 100;
-/// How far the agent and task lookups of the audit log may lag the log: the writer fills them
-/// this often while it writes, and once more when it falls idle. Queries read the lag from the
-/// log itself, so it bounds their work, not what they see.
+/// How far the agent and task lookups of the audit log may lag the log: a task beside the
+/// writer looks this often for events past the lookups' mark and fills them in. Queries read
+/// the lag from the log itself, so it bounds their work, not what they see.
 const LOOKUP_INTERVAL: Duration = Duration::from_millis(100);
+/// Most events one lookup fill takes in, so that a refill of a whole log (a lost lookup file)
+/// runs as a series of short transactions.
+const LOOKUP_CHUNK: i64 = 10_000;
 const QUERY_DEFAULT: u32 = 100;
 
 /// Most rows one page of `events_after` or `revocations_after` returns, and what a zero limit
@@ -214,7 +221,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// `sqlite` or `postgres`.
     const KIND: &'static str;
 
+    /// Connections for reads, and for the lookup fill.
     fn pool(&self) -> &sqlx::Pool<Self::Db>;
+
+    /// Where the writer takes its connection from.
+    fn write_pool(&self) -> &sqlx::Pool<Self::Db> {
+        self.pool()
+    }
 
     /// A query returning, for the events from sequence number `$1` on (a page of them, in
     /// order), one text value in the [`unpack_events`] format and the page's last `seq`, or
@@ -229,6 +242,10 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// lookups' rows and, unlike it, lets SQLite keep no statement journal (a copy of every
     /// page the statement touches) for an insert of thousands of rows.
     const INSERT_SKIPPING: (&'static str, &'static str) = ("INSERT INTO", "ON CONFLICT DO NOTHING");
+
+    /// Starts a transaction for [`fill_lookups`] that excludes every other fill of the same
+    /// lookups but no writer of the chain.
+    async fn begin_fill(&self, conn: &mut Self::Conn) -> Result<(), sqlx::Error>;
 
     /// Starts a write transaction that excludes every other writer of the same chain, in this
     /// process or another, then runs [`head_sql`] in it and returns its row (none for an empty
@@ -249,6 +266,8 @@ pub(crate) struct SqlStore<B: Backend> {
     revocations: Option<Arc<tokio::sync::Notify>>,
     /// Dropped with the store, which ends the task that feeds `revocations`.
     _stop: Option<oneshot::Sender<()>>,
+    /// Dropped with the store, which ends the task that fills the audit lookups.
+    _stop_filler: oneshot::Sender<()>,
 }
 
 impl<B: Backend> fmt::Debug for SqlStore<B> {
@@ -260,7 +279,8 @@ impl<B: Backend> fmt::Debug for SqlStore<B> {
 }
 
 impl<B: Backend> SqlStore<B> {
-    /// Starts the writer task on the current Tokio runtime. It ends when the store is dropped.
+    /// Starts the writer task and the lookup filler on the current Tokio runtime. They end
+    /// when the store is dropped.
     pub(crate) fn start(backend: B) -> SqlStore<B> {
         let backend = Arc::new(backend);
         let (writer, queue) = mpsc::channel(QUEUE);
@@ -270,16 +290,22 @@ impl<B: Backend> SqlStore<B> {
             counters: counters.clone(),
             conn: None,
             known_head: None,
-            lookups_behind: false,
-            lookups_filled: Instant::now(),
         };
         tokio::spawn(task.run(queue));
+        let (stop_filler, stopped) = oneshot::channel();
+        let filler = Filler {
+            backend: backend.clone(),
+            counters: counters.clone(),
+            conn: None,
+        };
+        tokio::spawn(filler.run(stopped));
         SqlStore {
             backend,
             writer,
             counters,
             revocations: None,
             _stop: None,
+            _stop_filler: stop_filler,
         }
     }
 
@@ -463,9 +489,6 @@ struct Writer<B: Backend> {
     /// process or replica wrote since: what the next batch is sealed after, speculatively.
     /// `None` after a failure.
     known_head: Option<Head>,
-    /// Something was committed since the lookups were last filled.
-    lookups_behind: bool,
-    lookups_filled: Instant,
 }
 
 impl<B: Backend> Writer<B> {
@@ -475,18 +498,7 @@ impl<B: Backend> Writer<B> {
         // `recv_many` waits for the first operation, then takes whatever else is queued:
         // operations that arrive while a commit is in flight share the next one.
         loop {
-            let received = if self.lookups_behind {
-                let idle = LOOKUP_INTERVAL.saturating_sub(self.lookups_filled.elapsed());
-                match tokio::time::timeout(idle, queue.recv_many(&mut batch, MAX_BATCH)).await {
-                    Ok(received) => received,
-                    Err(_) => {
-                        self.fill_lookups().await;
-                        continue;
-                    }
-                }
-            } else {
-                queue.recv_many(&mut batch, MAX_BATCH).await
-            };
+            let received = queue.recv_many(&mut batch, MAX_BATCH).await;
             if received == 0 {
                 break;
             }
@@ -524,10 +536,6 @@ impl<B: Backend> Writer<B> {
                         // A caller that gave up waiting is no reason to stop.
                         let _ = reply.send(result);
                     }
-                    self.lookups_behind = true;
-                    if self.lookups_filled.elapsed() >= LOOKUP_INTERVAL {
-                        self.fill_lookups().await;
-                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, operations = replies.len(), "store write batch failed");
@@ -539,46 +547,18 @@ impl<B: Backend> Writer<B> {
         }
     }
 
-    /// Adds the events committed since the lookup mark to the agent and task lookups, and
-    /// moves the mark, in one write transaction (so under the same lock as every writer of
-    /// the chain, in any process). The lookups are derived from the log: a failure here loses
-    /// nothing, and the next attempt starts from the same mark.
-    async fn fill_lookups(&mut self) {
-        let filling = Instant::now();
-        self.lookups_filled = filling;
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => match self.backend.pool().acquire().await {
-                Ok(conn) => self.conn.insert(conn),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot fill the audit lookups");
-                    return;
-                }
-            },
-        };
-        let filled = fill_lookups(&*self.backend, &mut **conn).await;
-        WriterCounters::add_time(&self.counters.lookup_filling_us, filling);
-        // Release: whoever sees this fill counted sees its time too.
-        self.counters.lookup_fills.fetch_add(1, Ordering::Release);
-        match filled {
-            Ok(()) => self.lookups_behind = false,
-            Err(error) => {
-                tracing::warn!(%error, "cannot fill the audit lookups");
-                if let Some(mut conn) = self.conn.take() {
-                    conn.close_on_drop();
-                }
-            }
-        }
-    }
-
     /// Runs one batch in one transaction. The outer error fails the whole batch; the inner
     /// results are per operation and final only once the commit succeeded.
     async fn commit(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
         let conn = match &mut self.conn {
             Some(conn) => conn,
-            None => self
-                .conn
-                .insert(self.backend.pool().acquire().await.map_err(db_error)?),
+            None => self.conn.insert(
+                self.backend
+                    .write_pool()
+                    .acquire()
+                    .await
+                    .map_err(db_error)?,
+            ),
         };
         let result = transaction(&*self.backend, &mut **conn, &mut self.known_head, ops).await;
         if result.is_err() {
@@ -588,6 +568,86 @@ impl<B: Backend> Writer<B> {
             }
         }
         result
+    }
+}
+
+/// Fills the audit log's per-agent and per-task lookups from the log, beside the writer and
+/// never under the chain lock: the lookups are derived data, and a fill that held the lock
+/// (as one did, in the writer) stalled every call's decision commit for its duration.
+struct Filler<B: Backend> {
+    backend: Arc<B>,
+    counters: Arc<WriterCounters>,
+    /// Kept between fills; dropped after a failure.
+    conn: Option<PoolConnection<B::Db>>,
+}
+
+impl<B: Backend> Filler<B> {
+    async fn run(mut self, mut stopped: oneshot::Receiver<()>) {
+        let mut tick = tokio::time::interval(LOOKUP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first fill always runs, to check the mark against the log before trusting it.
+        let mut checked = false;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tick.tick() => {}
+            }
+            // Chunk after chunk until the lookups reach the log's head (a refill of a whole
+            // log takes many), unless the store goes away meanwhile.
+            loop {
+                match self.fill(checked).await {
+                    Ok(more) => {
+                        checked = true;
+                        if !more {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot fill the audit lookups");
+                        if let Some(mut conn) = self.conn.take() {
+                            conn.close_on_drop();
+                        }
+                        break;
+                    }
+                }
+                if !matches!(stopped.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One fill, unless `checked` and the lookups are already at the log's head: whether more
+    /// events wait past the new mark.
+    async fn fill(&mut self, checked: bool) -> Result<bool> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self
+                .conn
+                .insert(self.backend.pool().acquire().await.map_err(db_error)?),
+        };
+        if checked {
+            let row = conn
+                .fetch_optional(
+                    "SELECT (SELECT through_seq FROM audit_lookup_mark) AS mark, \
+                     (SELECT COALESCE(MAX(seq), 0) FROM audit_events) AS head",
+                    vec![],
+                )
+                .await
+                .map_err(db_error)?;
+            if let Some(row) = row {
+                let fields = Fields::keyed_by_int(&row, "audit lookup mark", "mark")?;
+                if fields.int("mark")? == fields.int("head")? {
+                    return Ok(false);
+                }
+            }
+        }
+        let filling = Instant::now();
+        let filled = fill_lookups(&*self.backend, &mut **conn).await;
+        WriterCounters::add_time(&self.counters.lookup_filling_us, filling);
+        // Release: whoever sees this fill counted sees its time too.
+        self.counters.lookup_fills.fetch_add(1, Ordering::Release);
+        filled
     }
 }
 
@@ -660,32 +720,114 @@ async fn transaction<B: Backend>(
     Ok(results)
 }
 
-/// The statements of [`Writer::fill_lookups`], in its write transaction.
-async fn fill_lookups<B: Backend>(backend: &B, conn: &mut B::Conn) -> Result<()> {
-    let (insert, skip) = B::INSERT_SKIPPING;
-    let lookup = |table: &str, column: &str| {
-        format!(
-            "{insert} {table} ({column}, seq) SELECT {column}, seq FROM audit_events \
-             WHERE seq > (SELECT through_seq FROM audit_lookup_mark) AND {column} IS NOT NULL {skip}"
+/// Adds up to [`LOOKUP_CHUNK`] events past the lookup mark to the agent and task lookups and
+/// moves the mark, in one transaction that excludes other fills but no writer of the chain:
+/// whether more events wait past the new mark.
+///
+/// The mark also keeps the hash of the event it stands at, which commits to the whole log up
+/// to it. If the log no longer holds that event (restored from an older backup, say, or
+/// replaced), the lookups describe another log: they are emptied and refilled from the start.
+/// Until then a query may miss events through them but never returns a wrong one, since it
+/// checks each event it finds against the log.
+///
+/// The fill sees a prefix of the log: on SQLite, one snapshot; on PostgreSQL, events commit
+/// in `seq` order under the chain lock, so every event up to the bound read here is visible
+/// to the statements after it.
+async fn fill_lookups<B: Backend>(backend: &B, conn: &mut B::Conn) -> Result<bool> {
+    backend.begin_fill(conn).await.map_err(db_error)?;
+    let filled = fill_in_transaction::<B>(conn).await;
+    let end = if filled.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    match conn.execute(end, vec![]).await {
+        Ok(_) => filled,
+        Err(error) => filled.and(Err(db_error(error))),
+    }
+}
+
+/// The statements of [`fill_lookups`] inside its transaction.
+async fn fill_in_transaction<B: Backend>(conn: &mut B::Conn) -> Result<bool> {
+    let row = conn
+        .fetch_optional(
+            "SELECT through_seq, through_hash FROM audit_lookup_mark",
+            vec![],
         )
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| StoreError::Corrupt("the audit lookup mark is missing".to_string()))?;
+    let (mut mark, mark_hash) = {
+        let fields = Fields::keyed_by_int(&row, "audit lookup mark", "through_seq")?;
+        (fields.int("through_seq")?, fields.hash("through_hash")?)
     };
-    let statements = [
-        lookup("audit_agent_events", "agent"),
-        lookup("audit_task_events", "task"),
-        "UPDATE audit_lookup_mark SET through_seq = \
-         (SELECT COALESCE(MAX(seq), 0) FROM audit_events) \
-         WHERE through_seq < (SELECT COALESCE(MAX(seq), 0) FROM audit_events)"
-            .to_string(),
-        "COMMIT".to_string(),
-    ];
-    begin(backend, conn).await?;
-    for sql in &statements {
-        if let Err(error) = conn.execute(sql, vec![]).await {
-            let _ = conn.execute("ROLLBACK", vec![]).await;
-            return Err(db_error(error));
+    drop(row);
+    if mark != 0 || mark_hash != GENESIS {
+        let at_mark = conn
+            .fetch_optional(
+                "SELECT seq, hash FROM audit_events WHERE seq = $1",
+                vec![Arg::Int(mark)],
+            )
+            .await
+            .map_err(db_error)?
+            .map(|row| Fields::keyed_by_int(&row, "audit event", "seq")?.hash("hash"))
+            .transpose()?;
+        if mark == 0 || at_mark != Some(mark_hash) {
+            tracing::warn!(
+                through_seq = mark,
+                "the audit lookups do not match the log; refilling them from the start"
+            );
+            for sql in [
+                "DELETE FROM audit_agent_events",
+                "DELETE FROM audit_task_events",
+            ] {
+                conn.execute(sql, vec![]).await.map_err(db_error)?;
+            }
+            mark = 0;
         }
     }
-    Ok(())
+    let limit = mark.saturating_add(LOOKUP_CHUNK);
+    let Some(row) = conn
+        .fetch_optional(
+            "SELECT seq, hash FROM audit_events WHERE seq > $1 AND seq <= $2 \
+             ORDER BY seq DESC LIMIT 1",
+            vec![Arg::Int(mark), Arg::Int(limit)],
+        )
+        .await
+        .map_err(db_error)?
+    else {
+        if mark == 0 {
+            // Emptied above (or already empty): record the empty mark.
+            conn.execute(
+                "UPDATE audit_lookup_mark SET through_seq = 0, through_hash = $1",
+                vec![Arg::Bytes(GENESIS.to_vec())],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        return Ok(false);
+    };
+    let (bound, bound_hash) = {
+        let fields = Fields::keyed_by_int(&row, "audit event", "seq")?;
+        (fields.int("seq")?, fields.hash("hash")?)
+    };
+    drop(row);
+    let (insert, skip) = B::INSERT_SKIPPING;
+    for (table, column) in [
+        ("audit_agent_events", "agent"),
+        ("audit_task_events", "task"),
+    ] {
+        let sql = format!(
+            "{insert} {table} ({column}, seq) SELECT {column}, seq FROM audit_events \
+             WHERE seq > $1 AND seq <= $2 AND {column} IS NOT NULL {skip}"
+        );
+        conn.execute(&sql, vec![Arg::Int(mark), Arg::Int(bound)])
+            .await
+            .map_err(db_error)?;
+    }
+    conn.execute(
+        "UPDATE audit_lookup_mark SET through_seq = $1, through_hash = $2",
+        vec![Arg::Int(bound), Arg::Bytes(bound_hash.to_vec())],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(bound == limit)
 }
 
 /// Starts the write transaction and reads the chain head inside it.
@@ -2390,9 +2532,12 @@ impl<B: Backend> Store for SqlStore<B> {
             let mut args = vec![Arg::Text(key.to_string()), Arg::Int(mark)];
             let conditions = event_conditions(filter, "e.", Some(column), &mut args);
             args.push(Arg::Int(limit));
+            // `e.{column} = $1` too: lookups that describe another log (until the filler
+            // notices and refills them) may then miss events, but never return a wrong one.
             let indexed = format!(
                 "SELECT {} FROM {table} l JOIN audit_events e ON e.seq = l.seq \
-                 WHERE l.{column} = $1 AND l.seq <= $2{conditions} ORDER BY l.seq {order} LIMIT ${}",
+                 WHERE l.{column} = $1 AND e.{column} = $1 AND l.seq <= $2{conditions} \
+                 ORDER BY l.seq {order} LIMIT ${}",
                 prefixed_event_columns(),
                 args.len()
             );

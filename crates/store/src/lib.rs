@@ -254,8 +254,9 @@ pub struct AuditFilter {
 /// What a store's writer has done since the store was opened: counters for `/metrics`.
 /// Every write of a store instance passes through its one writer (group commit), the call
 /// path's one serial stage, so these say how close a node is to its write ceiling: the rates
-/// of `gathering`, `committing` and `lookup_filling` add up to the share of time the writer
-/// is busy, and `operations / batches` is the batch size.
+/// of `gathering` and `committing` add up to the share of time the writer is busy, and
+/// `operations / batches` is the batch size. The audit lookups are filled beside the writer,
+/// by a task of their own that never holds the chain lock; it is counted here too.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriterStats {
     /// Transactions run for queued operations (lookup fills not included).
@@ -269,7 +270,7 @@ pub struct WriterStats {
     pub committing: Duration,
     /// Transactions that filled the per-agent and per-task audit lookups.
     pub lookup_fills: u64,
-    /// Time those took; each one holds the chain lock, so no call's decision commits meanwhile.
+    /// Time those took, beside the writer (they exclude each other, not the writer).
     pub lookup_filling: Duration,
 }
 
@@ -493,6 +494,12 @@ pub async fn open_with(url: &str, options: &OpenOptions) -> Result<Arc<dyn Store
 pub fn sqlite_path(url: &str) -> Option<&str> {
     url.strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
+}
+
+/// The file that holds the audit log's per-agent and per-task lookups for the SQLite file at
+/// `path`: derived data, recreated and refilled from the log whenever it is missing.
+pub fn sqlite_lookups_path(path: &str) -> String {
+    format!("{path}-lookups")
 }
 
 /// `url` with any password replaced, so that a URL can appear in an error or a log.

@@ -48,6 +48,12 @@ impl Backend for PostgresBackend {
         &self.pool
     }
 
+    async fn begin_fill(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        // The mark's row lock orders the replicas' fills; the chain lock is not taken.
+        conn.execute_raw("BEGIN; SELECT 1 FROM audit_lookup_mark FOR UPDATE")
+            .await
+    }
+
     async fn begin_write(&self, conn: &mut PgConnection) -> Result<Option<PgRow>, sqlx::Error> {
         // One round trip for both (a simple query may hold several statements). The lock is
         // released by COMMIT or ROLLBACK; the head is read by a later statement, whose
@@ -65,9 +71,9 @@ pub(crate) async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Sto
         StoreError::Unavailable(format!("cannot connect to `{}`: {error}", redact_url(url)))
     };
     let pool = PgPoolOptions::new()
-        // Two more than the readers need: one for the writer task, one that the revocation
-        // listener holds for as long as the store lives.
-        .max_connections(options.max_connections.max(1) + 2)
+        // Three more than the readers need: one for the writer task, one for the lookup
+        // filler, one that the revocation listener holds for as long as the store lives.
+        .max_connections(options.max_connections.max(1) + 3)
         .acquire_timeout(options.connect_timeout)
         .connect_with(connect)
         .await

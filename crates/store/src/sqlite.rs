@@ -1,11 +1,20 @@
 //! SQLite, the embedded default: one file, WAL, `synchronous=FULL` so that a committed write
 //! survives a power cut, and `BEGIN IMMEDIATE` so that two processes sharing the file (the
 //! server and the CLI) queue for the write lock instead of failing on a lock upgrade.
+//!
+//! The audit log's per-agent and per-task lookups live in a second file beside it,
+//! `<file>-lookups`, attached as `lookups` to every connection except the writer's. They are
+//! derived from the log, and SQLite locks a whole file for writing: in the log's file, every
+//! fill would hold the chain lock and stall the call path's commits. Apart, the fill locks
+//! only its own file, while it reads the log from a snapshot like any reader. A lost lookup
+//! file is recreated and refilled from the log; one that no longer matches the log (the log
+//! restored from a backup, say) is emptied and refilled (see `engine::fill_lookups`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::ConnectOptions as _;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
@@ -15,6 +24,19 @@ use crate::engine::{self, Backend, Conn, SqlStore};
 use crate::{OpenOptions, Result, SqliteSync, Store, StoreError, redact_url};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// The lookup file's tables, created when the file is (it has no migrations of its own: it
+/// can always be rebuilt from the log). Keep in step with ../migrations/postgres/0003 and 0004.
+const LOOKUP_SCHEMA: &str = "\
+    CREATE TABLE IF NOT EXISTS audit_agent_events (\
+        agent TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (agent, seq)) WITHOUT ROWID; \
+    CREATE TABLE IF NOT EXISTS audit_task_events (\
+        task TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (task, seq)) WITHOUT ROWID; \
+    CREATE TABLE IF NOT EXISTS audit_lookup_mark (\
+        id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1), \
+        through_seq INTEGER NOT NULL, through_hash BLOB NOT NULL); \
+    INSERT OR IGNORE INTO audit_lookup_mark (id, through_seq, through_hash) \
+        VALUES (1, 0, zeroblob(32));";
 
 /// How long a writer waits for another process's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,7 +54,11 @@ engine::impl_conn!(
 
 #[derive(Debug)]
 pub(crate) struct SqliteBackend {
+    /// Readers and the lookup fill: the log with the lookup file attached.
     pool: SqlitePool,
+    /// The writer's one connection, to the log alone: `BEGIN IMMEDIATE` locks every attached
+    /// file, so a writer with the lookups attached would wait for each fill.
+    write_pool: SqlitePool,
 }
 
 #[async_trait]
@@ -44,6 +70,10 @@ impl Backend for SqliteBackend {
 
     fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    fn write_pool(&self) -> &SqlitePool {
+        &self.write_pool
     }
 
     const INSERT_SKIPPING: (&'static str, &'static str) = ("INSERT OR IGNORE INTO", "");
@@ -58,6 +88,14 @@ impl Backend for SqliteBackend {
          octet_length(detail), detail), '' ORDER BY seq), max(seq) \
          FROM (SELECT * FROM audit_events WHERE seq >= $1 ORDER BY seq LIMIT 1000)",
     );
+
+    async fn begin_fill(&self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        // A deferred transaction whose first statement writes the lookup file takes that
+        // file's write lock (waiting out another process's fill) and no lock on the log,
+        // whose snapshot the fill's first read of it then takes.
+        conn.execute_raw("BEGIN; UPDATE lookups.audit_lookup_mark SET id = 1 WHERE id = 1")
+            .await
+    }
 
     async fn begin_write(
         &self,
@@ -82,14 +120,45 @@ pub(crate) async fn open(url: &str, path: &str, options: &OpenOptions) -> Result
     if path.is_empty() || path == ":memory:" || path.starts_with("file::memory:") || !query_ok {
         return Err(bad_url());
     }
-    let pool = connect(path, options).await?;
-    MIGRATOR.run(&pool).await.map_err(engine::migrate_error)?;
-    Ok(Arc::new(SqlStore::start(SqliteBackend { pool })))
+    // The writer's pool migrates: its connection has no lookup file attached, so the
+    // migrations see the log's file alone.
+    let write_pool = connect(path, options, 1, None).await?;
+    MIGRATOR
+        .run(&write_pool)
+        .await
+        .map_err(engine::migrate_error)?;
+    let lookups = crate::sqlite_lookups_path(path);
+    create_lookups(&lookups, options).await?;
+    // One more than the readers need, for the lookup filler.
+    let readers = options.max_connections.max(1) + 1;
+    let pool = connect(path, options, readers, Some(lookups)).await?;
+    Ok(Arc::new(SqlStore::start(SqliteBackend {
+        pool,
+        write_pool,
+    })))
 }
 
-/// The pool of connections to the file at `path`, each set up as remit needs it.
-async fn connect(path: &str, options: &OpenOptions) -> Result<sqlx::SqlitePool> {
-    let connect = SqliteConnectOptions::new()
+/// Creates the lookup file at `path` and its tables where missing.
+async fn create_lookups(path: &str, options: &OpenOptions) -> Result<()> {
+    let unusable = |error: sqlx::Error| {
+        StoreError::Unavailable(format!(
+            "cannot use the audit lookup file `{path}`: {error} (it holds only what can be \
+             rebuilt from the log: remove it and it is refilled)"
+        ))
+    };
+    let mut conn = options_for(path, options)
+        // Derived data: a power cut may lose the last fills, which are simply done again.
+        .synchronous(SqliteSynchronous::Normal)
+        .connect()
+        .await
+        .map_err(unusable)?;
+    conn.execute_raw(LOOKUP_SCHEMA).await.map_err(unusable)?;
+    sqlx::Connection::close(conn).await.map_err(unusable)
+}
+
+/// How remit connects to the SQLite file at `path`.
+fn options_for(path: &str, options: &OpenOptions) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -102,15 +171,38 @@ async fn connect(path: &str, options: &OpenOptions) -> Result<sqlx::SqlitePool> 
         // Rows cross from the connection's worker thread through a bounded channel; a deep one
         // lets the worker run ahead of a reader (the chain verifier streams the whole table)
         // instead of the two threads waking each other every few rows.
-        .row_buffer_size(ROW_BUFFER);
-    let pool = SqlitePoolOptions::new()
-        // One more than the readers need, for the writer task.
-        .max_connections(options.max_connections.max(1) + 1)
-        .acquire_timeout(options.connect_timeout)
-        .connect_with(connect)
+        .row_buffer_size(ROW_BUFFER)
+}
+
+/// A pool of up to `size` connections to the file at `path`, each set up as remit needs it,
+/// with the lookup file at `lookups` attached as `lookups` if given.
+async fn connect(
+    path: &str,
+    options: &OpenOptions,
+    size: u32,
+    lookups: Option<String>,
+) -> Result<sqlx::SqlitePool> {
+    let mut pool = SqlitePoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(options.connect_timeout);
+    if let Some(lookups) = lookups {
+        pool = pool.after_connect(move |conn, _| {
+            let lookups = lookups.clone();
+            Box::pin(async move {
+                sqlx::query("ATTACH DATABASE ? AS lookups")
+                    .bind(lookups)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("PRAGMA lookups.synchronous = NORMAL")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        });
+    }
+    pool.connect_with(options_for(path, options))
         .await
-        .map_err(|error| StoreError::Unavailable(format!("cannot open `{path}`: {error}")))?;
-    Ok(pool)
+        .map_err(|error| StoreError::Unavailable(format!("cannot open `{path}`: {error}")))
 }
 
 #[cfg(test)]
@@ -125,7 +217,9 @@ mod tests {
             sqlite_sync: sync,
             ..OpenOptions::default()
         };
-        let pool = connect(path.to_str().unwrap(), &options).await.unwrap();
+        let pool = connect(path.to_str().unwrap(), &options, 1, None)
+            .await
+            .unwrap();
         let (level,): (i64,) = sqlx::query_as("PRAGMA synchronous")
             .fetch_one(&pool)
             .await

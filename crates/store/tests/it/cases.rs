@@ -546,8 +546,8 @@ pub async fn writer_stats_count_every_operation(db: &TestDb) {
         "{batches} batches for 80 operations"
     );
     assert!(after.committing > before.committing);
-    // The writer fills the audit lookups after these commits: right after one of them if the
-    // last fill is old enough, else once it falls idle. That fill is counted, with its time.
+    // The lookup filler takes these events in within its interval. That fill is counted,
+    // with its time.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while store.writer_stats().lookup_fills == before.lookup_fills {
         assert!(
@@ -562,6 +562,194 @@ pub async fn writer_stats_count_every_operation(db: &TestDb) {
         "a fill is not an operation"
     );
     assert!(filled.lookup_filling > before.lookup_filling);
+}
+
+/// Whether the audit lookups reach the log's head within 10 s.
+async fn lookups_reach_the_head(db: &TestDb) -> bool {
+    for _ in 0..200 {
+        let mark = db
+            .raw
+            .number("SELECT through_seq FROM audit_lookup_mark")
+            .await;
+        let head = db
+            .raw
+            .number("SELECT COALESCE(MAX(seq), 0) FROM audit_events")
+            .await;
+        if mark == head {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The seqs of the events a query for `task` returns, all of them.
+async fn seqs_of_task(store: &dyn store::Store, task: &str) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .query_events(&AuditFilter {
+                task: Some(task.into()),
+                after_seq: after,
+                limit: 1_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let Some(last) = page.last() else {
+            return seqs;
+        };
+        after = Some(last.seq);
+        seqs.extend(page.iter().map(|e| e.seq));
+    }
+}
+
+pub async fn a_lookup_fill_never_holds_up_the_writer(db: &TestDb) {
+    // A fill that takes its time (held here by the test, with the lock every fill takes)
+    // must not delay a single commit of the chain: that is the call path's decision record.
+    let store = &db.store;
+    let held = db.raw.hold_lookups().await;
+    let appends = async {
+        for i in 0..20 {
+            let body = event(kinds::CALL_DECISION)
+                .agent("alpha")
+                .task(format!("task_{}", i % 2));
+            store.append_events(vec![body]).await.unwrap();
+        }
+    };
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(3), appends).await;
+    assert!(waited.is_ok(), "appends waited for the lookup fill's lock");
+    // Meanwhile the queries find the events in the log's tail.
+    assert_eq!(seqs_of_task(store.as_ref(), "task_1").await.len(), 10);
+    held.release().await;
+    assert!(
+        lookups_reach_the_head(db).await,
+        "the lookups never caught up"
+    );
+    assert_eq!(
+        db.raw
+            .number("SELECT COUNT(*) FROM audit_task_events WHERE task = 'task_1'")
+            .await,
+        10
+    );
+}
+
+pub async fn lookups_that_do_not_match_the_log_are_refilled(db: &TestDb) {
+    // More events than one fill takes in, so that the refill runs in several transactions.
+    let store = &db.store;
+    for round in 0..250u64 {
+        let bodies = (0..100u64)
+            .map(|i| {
+                event(kinds::CALL_DECISION)
+                    .agent("alpha")
+                    .task(format!("task_{}", (round * 100 + i) % 7))
+            })
+            .collect();
+        store.append_events(bodies).await.unwrap();
+    }
+    assert!(
+        lookups_reach_the_head(db).await,
+        "the lookups never caught up"
+    );
+    let expected = seqs_of_task(store.as_ref(), "task_3").await;
+    assert_eq!(expected.len(), (0..25_000).filter(|i| i % 7 == 3).count());
+
+    // The lookups now describe another log (as they would beside a log restored from an
+    // older backup): the mark's hash is not the hash of the event it stands at, and a row
+    // claims an event for a task that event does not name.
+    db.raw
+        .execute(
+            "UPDATE audit_lookup_mark SET through_hash = \
+             (SELECT hash FROM audit_events WHERE seq = 1)",
+        )
+        .await;
+    db.raw
+        .execute("INSERT INTO audit_task_events (task, seq) VALUES ('ghost', 2)")
+        .await;
+    assert!(
+        seqs_of_task(store.as_ref(), "ghost").await.is_empty(),
+        "a lookup row returned an event the log does not give that task"
+    );
+
+    // The next fill notices, empties the lookups and refills them from the start.
+    store
+        .append_events(vec![event(kinds::CALL_DECISION).task("task_3")])
+        .await
+        .unwrap();
+    let mut refilled = false;
+    for _ in 0..200 {
+        let ghosts = db
+            .raw
+            .number("SELECT COUNT(*) FROM audit_task_events WHERE task = 'ghost'")
+            .await;
+        if ghosts == 0 && lookups_reach_the_head(db).await {
+            refilled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(refilled, "the lookups were never refilled");
+    assert_eq!(
+        db.raw
+            .number("SELECT COUNT(*) FROM audit_task_events WHERE task = 'task_3'")
+            .await,
+        i64::try_from(expected.len()).unwrap() + 1
+    );
+    let mut after = seqs_of_task(store.as_ref(), "task_3").await;
+    assert_eq!(after.pop(), Some(25_001));
+    assert_eq!(after, expected);
+}
+
+/// SQLite only: the lookups there live in a file of their own.
+pub async fn a_lost_lookup_file_is_rebuilt(db: &TestDb) {
+    let store = &db.store;
+    let bodies = (0..300)
+        .map(|i| event(kinds::CALL_DECISION).task(format!("task_{}", i % 3)))
+        .collect();
+    store.append_events(bodies).await.unwrap();
+    assert!(
+        lookups_reach_the_head(db).await,
+        "the lookups never caught up"
+    );
+    let expected = seqs_of_task(store.as_ref(), "task_1").await;
+    assert_eq!(expected.len(), 100);
+
+    let lookups = store::sqlite_lookups_path(store::sqlite_path(&db.url).unwrap());
+    for suffix in ["", "-wal", "-shm"] {
+        match std::fs::remove_file(format!("{lookups}{suffix}")) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => panic!("{error}"),
+            _ => {}
+        }
+    }
+    let reopened = store::open(&db.url).await.unwrap();
+    assert!(std::path::Path::new(&lookups).exists(), "not recreated");
+    assert_eq!(seqs_of_task(reopened.as_ref(), "task_1").await, expected);
+    let file = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new().filename(&lookups),
+    )
+    .await
+    .unwrap();
+    let mut refilled = false;
+    for _ in 0..200 {
+        let mark: i64 = sqlx::query_scalar("SELECT through_seq FROM audit_lookup_mark")
+            .fetch_one(&file)
+            .await
+            .unwrap();
+        if mark == 300 {
+            refilled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(refilled, "the new lookup file was never filled");
+    let rows: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM audit_task_events WHERE task = 'task_1'")
+            .fetch_one(&file)
+            .await
+            .unwrap();
+    assert_eq!(rows, 100);
+    assert_eq!(seqs_of_task(reopened.as_ref(), "task_1").await, expected);
 }
 
 pub async fn a_failing_append_does_not_sink_its_batch(db: &TestDb) {

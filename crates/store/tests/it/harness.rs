@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use audit::{ChainBreak, ChainVerifier, Event, EventBody};
 use model::{AgentStatus, Owner, Scope, ScopeSet, SpiffeId, TaskId, TaskStatus, TrustDomain};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use store::{AgentRecord, Store, TaskRecord};
 
 /// The environment variable naming the PostgreSQL server the tests use.
@@ -39,6 +40,55 @@ impl Raw {
     }
 }
 
+/// A transaction holding the lock that every audit lookup fill takes.
+pub enum HeldLookups {
+    Sqlite(PoolConnection<sqlx::Sqlite>),
+    Postgres(PoolConnection<sqlx::Postgres>),
+}
+
+impl Raw {
+    /// Takes the lock that lookup fills take (SQLite: the lookup file's write lock;
+    /// PostgreSQL: the lookup mark's row lock) and holds it until released.
+    pub async fn hold_lookups(&self) -> HeldLookups {
+        match self {
+            Raw::Sqlite(pool) => {
+                let mut conn = pool.acquire().await.unwrap();
+                // Not BEGIN IMMEDIATE, which would lock the log's file too: a write to the
+                // lookup file before any read of the log locks that file alone.
+                sqlx::raw_sql("BEGIN; UPDATE lookups.audit_lookup_mark SET id = 1")
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
+                HeldLookups::Sqlite(conn)
+            }
+            Raw::Postgres(pool) => {
+                let mut conn = pool.acquire().await.unwrap();
+                sqlx::raw_sql("BEGIN; SELECT 1 FROM audit_lookup_mark FOR UPDATE")
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
+                HeldLookups::Postgres(conn)
+            }
+        }
+    }
+}
+
+impl HeldLookups {
+    pub async fn release(self) {
+        match self {
+            HeldLookups::Sqlite(mut conn) => sqlx::raw_sql("ROLLBACK")
+                .execute(&mut *conn)
+                .await
+                .map(drop),
+            HeldLookups::Postgres(mut conn) => sqlx::raw_sql("ROLLBACK")
+                .execute(&mut *conn)
+                .await
+                .map(drop),
+        }
+        .unwrap();
+    }
+}
+
 /// A store on a database of its own, plus what a test needs to reach around it.
 #[derive(Debug)]
 pub struct TestDb {
@@ -56,7 +106,20 @@ impl TestDb {
         let path = dir.path().join("remit.db");
         let url = format!("sqlite://{}", path.display());
         let store = store::open(&url).await.unwrap();
-        let raw = SqlitePool::connect_with(SqliteConnectOptions::new().filename(&path))
+        // With the lookup file attached, as the store's readers have it.
+        let lookups = store::sqlite_lookups_path(&path.display().to_string());
+        let raw = SqlitePoolOptions::new()
+            .after_connect(move |conn, _| {
+                let lookups = lookups.clone();
+                Box::pin(async move {
+                    sqlx::query("ATTACH DATABASE ? AS lookups")
+                        .bind(lookups)
+                        .execute(&mut *conn)
+                        .await
+                        .map(drop)
+                })
+            })
+            .connect_with(SqliteConnectOptions::new().filename(&path))
             .await
             .unwrap();
         TestDb {
@@ -104,10 +167,15 @@ impl TestDb {
         drop(store);
         drop(raw);
         if let Some((admin, schema)) = postgres_schema {
-            sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
-                .execute(&admin)
-                .await
-                .unwrap();
+            // The store's tasks end soon after it is dropped, not at once: a lookup fill may
+            // still hold locks, and the drop may meet it in a deadlock. Retry a few times.
+            let drop_schema = format!("DROP SCHEMA {schema} CASCADE");
+            let mut attempts = 0;
+            while let Err(error) = sqlx::raw_sql(&drop_schema).execute(&admin).await {
+                attempts += 1;
+                assert!(attempts < 5, "`{drop_schema}` failed: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
         }
     }
 

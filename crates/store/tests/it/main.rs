@@ -48,6 +48,8 @@ on_both_backends!(
     cases::revocation_feed,
     cases::group_commit_keeps_one_chain,
     cases::writer_stats_count_every_operation,
+    cases::a_lookup_fill_never_holds_up_the_writer,
+    cases::lookups_that_do_not_match_the_log_are_refilled,
     cases::a_failing_append_does_not_sink_its_batch,
     cases::the_writer_chains_onto_the_stored_head,
     cases::each_state_change_writes_one_event,
@@ -66,3 +68,13 @@ on_both_backends!(
     tamper::forged_event_replacing_one,
     tamper::swapped_events,
 );
+
+/// Cases that concern SQLite's files alone.
+mod sqlite_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_lookup_file_is_rebuilt() {
+        let db = crate::harness::TestDb::sqlite().await;
+        crate::cases::a_lost_lookup_file_is_rebuilt(&db).await;
+        db.finish().await;
+    }
+}
