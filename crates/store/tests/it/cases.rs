@@ -1037,9 +1037,9 @@ pub async fn query_filters(db: &TestDb) {
         .is_empty()
     );
 
-    // Once the writer has filled its agent and task lookups (within its lookup interval of
-    // falling idle), the same queries are answered through them; events appended after that
-    // are found in the log's tail, and one answer joins both parts in order.
+    // Once the filler has filled the agent and task lookups (within its interval), the same
+    // queries are answered through them; events appended after that are found in the log's
+    // tail, and one answer joins both parts in order.
     let head = i64::try_from(base + 30).unwrap();
     let mut filled = false;
     for _ in 0..100 {
@@ -1054,7 +1054,7 @@ pub async fn query_filters(db: &TestDb) {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(filled, "the writer never filled the audit lookups");
+    assert!(filled, "the filler never filled the audit lookups");
     assert!(
         db.raw
             .number("SELECT COUNT(*) FROM audit_task_events WHERE task = 'task_five'")
