@@ -10,7 +10,7 @@ use store::{
     RevocationKind, SigningKeyRecord, Store, StoreError,
 };
 
-use crate::harness::{TestDb, agent, all_events, event, task, task_id, verify};
+use crate::harness::{TestDb, agent, all_events, event, eventually, task, task_id, verify};
 
 pub async fn agents(db: &TestDb) {
     let store = &db.store;
@@ -564,23 +564,22 @@ pub async fn writer_stats_count_every_operation(db: &TestDb) {
     assert!(filled.lookup_filling > before.lookup_filling);
 }
 
+/// Whether the audit lookups are at the log's head.
+async fn lookups_at_the_head(db: &TestDb) -> bool {
+    let mark = db
+        .raw
+        .number("SELECT through_seq FROM audit_lookup_mark")
+        .await;
+    let head = db
+        .raw
+        .number("SELECT COALESCE(MAX(seq), 0) FROM audit_events")
+        .await;
+    mark == head
+}
+
 /// Whether the audit lookups reach the log's head within 10 s.
 async fn lookups_reach_the_head(db: &TestDb) -> bool {
-    for _ in 0..200 {
-        let mark = db
-            .raw
-            .number("SELECT through_seq FROM audit_lookup_mark")
-            .await;
-        let head = db
-            .raw
-            .number("SELECT COALESCE(MAX(seq), 0) FROM audit_events")
-            .await;
-        if mark == head {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    false
+    eventually(|| lookups_at_the_head(db)).await
 }
 
 /// The seqs of the events a query for `task` returns, all of them.
@@ -677,18 +676,14 @@ pub async fn lookups_that_do_not_match_the_log_are_refilled(db: &TestDb) {
         .append_events(vec![event(kinds::CALL_DECISION).task("task_3")])
         .await
         .unwrap();
-    let mut refilled = false;
-    for _ in 0..200 {
+    let refilled = eventually(|| async {
         let ghosts = db
             .raw
             .number("SELECT COUNT(*) FROM audit_task_events WHERE task = 'ghost'")
             .await;
-        if ghosts == 0 && lookups_reach_the_head(db).await {
-            refilled = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        ghosts == 0 && lookups_at_the_head(db).await
+    })
+    .await;
     assert!(refilled, "the lookups were never refilled");
     assert_eq!(
         db.raw
@@ -730,18 +725,14 @@ pub async fn a_lost_lookup_file_is_rebuilt(db: &TestDb) {
     )
     .await
     .unwrap();
-    let mut refilled = false;
-    for _ in 0..200 {
+    let refilled = eventually(|| async {
         let mark: i64 = sqlx::query_scalar("SELECT through_seq FROM audit_lookup_mark")
             .fetch_one(&file)
             .await
             .unwrap();
-        if mark == 300 {
-            refilled = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        mark == 300
+    })
+    .await;
     assert!(refilled, "the new lookup file was never filled");
     let rows: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM audit_task_events WHERE task = 'task_1'")
@@ -1041,19 +1032,13 @@ pub async fn query_filters(db: &TestDb) {
     // queries are answered through them; events appended after that are found in the log's
     // tail, and one answer joins both parts in order.
     let head = i64::try_from(base + 30).unwrap();
-    let mut filled = false;
-    for _ in 0..100 {
-        if db
-            .raw
+    let filled = eventually(|| async {
+        db.raw
             .number("SELECT through_seq FROM audit_lookup_mark")
             .await
             >= head
-        {
-            filled = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     assert!(filled, "the filler never filled the audit lookups");
     assert!(
         db.raw

@@ -324,3 +324,19 @@ pub fn task(n: u8, agent: &str) -> TaskRecord {
         jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".to_string(),
     }
 }
+
+/// Whether `check` holds within 10 s, asked every 50 ms: for what the store's background tasks
+/// (the lookup filler) do in their own time.
+pub async fn eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
