@@ -553,24 +553,32 @@ impl<B: Backend> Writer<B> {
     /// Runs one batch in one transaction. The outer error fails the whole batch; the inner
     /// results are per operation and final only once the commit succeeded.
     async fn commit(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => self.conn.insert(
-                self.backend
-                    .write_pool()
-                    .acquire()
-                    .await
-                    .map_err(db_error)?,
-            ),
-        };
+        let conn = kept_connection(&mut self.conn, self.backend.write_pool()).await?;
         let result = transaction(&*self.backend, &mut **conn, &mut self.known_head, ops).await;
         if result.is_err() {
-            // The connection may be mid-transaction or broken: never reuse it.
-            if let Some(mut conn) = self.conn.take() {
-                conn.close_on_drop();
-            }
+            discard_connection(&mut self.conn);
         }
         result
+    }
+}
+
+/// The connection a long-lived task keeps in `slot` (to keep its prepared statements warm),
+/// taken from `pool` first if there is none.
+async fn kept_connection<'a, DB: sqlx::Database>(
+    slot: &'a mut Option<PoolConnection<DB>>,
+    pool: &sqlx::Pool<DB>,
+) -> Result<&'a mut PoolConnection<DB>> {
+    Ok(match slot {
+        Some(conn) => conn,
+        None => slot.insert(pool.acquire().await.map_err(db_error)?),
+    })
+}
+
+/// Closes the connection kept in `slot` after a failure: it may be mid-transaction or broken,
+/// so it is never reused or returned to the pool.
+fn discard_connection<DB: sqlx::Database>(slot: &mut Option<PoolConnection<DB>>) {
+    if let Some(mut conn) = slot.take() {
+        conn.close_on_drop();
     }
 }
 
@@ -607,9 +615,7 @@ impl<B: Backend> Filler<B> {
                     }
                     Err(error) => {
                         tracing::warn!(%error, "cannot fill the audit lookups");
-                        if let Some(mut conn) = self.conn.take() {
-                            conn.close_on_drop();
-                        }
+                        discard_connection(&mut self.conn);
                         break;
                     }
                 }
@@ -623,12 +629,7 @@ impl<B: Backend> Filler<B> {
     /// One fill, unless `checked` and the lookups are already at the log's head: whether more
     /// events wait past the new mark.
     async fn fill(&mut self, checked: bool) -> Result<bool> {
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => self
-                .conn
-                .insert(self.backend.pool().acquire().await.map_err(db_error)?),
-        };
+        let conn = kept_connection(&mut self.conn, self.backend.pool()).await?;
         if checked {
             let row = conn
                 .fetch_optional(
@@ -761,7 +762,9 @@ async fn fill_in_transaction<B: Backend>(conn: &mut B::Conn) -> Result<bool> {
         (fields.int("through_seq")?, fields.hash("through_hash")?)
     };
     drop(row);
-    if mark != 0 || mark_hash != GENESIS {
+    let matches_the_log = if mark == 0 {
+        mark_hash == GENESIS
+    } else {
         let at_mark = conn
             .fetch_optional(
                 "SELECT seq, hash FROM audit_events WHERE seq = $1",
@@ -771,19 +774,20 @@ async fn fill_in_transaction<B: Backend>(conn: &mut B::Conn) -> Result<bool> {
             .map_err(db_error)?
             .map(|row| Fields::keyed_by_int(&row, "audit event", "seq")?.hash("hash"))
             .transpose()?;
-        if mark == 0 || at_mark != Some(mark_hash) {
-            tracing::warn!(
-                through_seq = mark,
-                "the audit lookups do not match the log; refilling them from the start"
-            );
-            for sql in [
-                "DELETE FROM audit_agent_events",
-                "DELETE FROM audit_task_events",
-            ] {
-                conn.execute(sql, vec![]).await.map_err(db_error)?;
-            }
-            mark = 0;
+        at_mark == Some(mark_hash)
+    };
+    if !matches_the_log {
+        tracing::warn!(
+            through_seq = mark,
+            "the audit lookups do not match the log; refilling them from the start"
+        );
+        for sql in [
+            "DELETE FROM audit_agent_events",
+            "DELETE FROM audit_task_events",
+        ] {
+            conn.execute(sql, vec![]).await.map_err(db_error)?;
         }
+        mark = 0;
     }
     let limit = mark.saturating_add(LOOKUP_CHUNK);
     let Some(row) = conn
