@@ -548,14 +548,10 @@ pub async fn writer_stats_count_every_operation(db: &TestDb) {
     assert!(after.committing > before.committing);
     // The lookup filler takes these events in within its interval. That fill is counted,
     // with its time.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while store.writer_stats().lookup_fills == before.lookup_fills {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no lookup fill was counted"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    assert!(
+        eventually(|| async { store.writer_stats().lookup_fills > before.lookup_fills }).await,
+        "no lookup fill was counted"
+    );
     let filled = store.writer_stats();
     assert_eq!(
         filled.operations, after.operations,
