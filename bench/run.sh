@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The gateway load harness: in one run on one machine, a small JSON HTTP tool call and an MCP
 # `tools/call`, each measured direct to a fast upstream, through nginx as a plain reverse proxy,
+# through a plain reverse proxy on hyper (`loadgen proxy`: the libraries remit forwards with,
+# checking and recording nothing, so what forwarding alone costs a Rust gateway here),
 # and through remit (bearer mode; a fresh ES256 proof per call; a fresh EdDSA proof per call),
 # at 64 keep-alive connections, then one table with the ratios to nginx and remit's RSS, and
 # for each remit run a line from remit's /metrics: the decision's and the upstream head's mean
@@ -32,12 +34,15 @@ CONNECTIONS=${CONNECTIONS:-64}
 LOADGEN_THREADS=${LOADGEN_THREADS:-2}
 UPSTREAM_THREADS=${UPSTREAM_THREADS:-1}
 NGINX_WORKERS=${NGINX_WORKERS:-auto}
+# The hyper proxy's worker threads: as many as remit's runtime has (one per core).
+PROXY_THREADS=${PROXY_THREADS:-$(nproc)}
 # One task per connection (budget 10,000 calls each), fresh tasks for every remit scenario.
 TASKS=${TASKS:-$CONNECTIONS}
 BASE_PORT=${BASE_PORT:-$((20000 + RANDOM % 20000))}
 UP_PORT=$BASE_PORT
 NGINX_PORT=$((BASE_PORT + 1))
 REMIT_PORT=$((BASE_PORT + 2))
+PROXY_PORT=$((BASE_PORT + 3))
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 LOADGEN=$TARGET/release/loadgen
 REMIT=$TARGET/release/remit
@@ -156,6 +161,13 @@ NGINX_PID=$!
 PIDS+=("$NGINX_PID")
 wait_port "$NGINX_PORT" nginx
 NGINX_WORKER_PIDS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
+
+# --- A plain reverse proxy on hyper, in front of the same upstream ----------------------------
+"$LOADGEN" proxy --listen "127.0.0.1:$PROXY_PORT" --upstream "http://127.0.0.1:$UP_PORT" \
+    --threads "$PROXY_THREADS" >"$WORK/proxy.log" 2>&1 &
+PROXY_PID=$!
+PIDS+=("$PROXY_PID")
+wait_port "$PROXY_PORT" "hyper proxy"
 
 # --- remit: the gateway in front of the same upstream -----------------------------------------
 # The upstream credential is injected as remit does in production (and scrubbed from answers).
@@ -319,16 +331,19 @@ for group in http mcp; do
     if [[ $group == http ]]; then
         direct="http://127.0.0.1:$UP_PORT$HTTP_PATH"
         proxied="http://127.0.0.1:$NGINX_PORT$HTTP_PATH"
+        plain="http://127.0.0.1:$PROXY_PORT$HTTP_PATH"
         through="$REMIT_BASE/http/fast$HTTP_PATH"
         extra=()
     else
         direct="http://127.0.0.1:$UP_PORT/mcp"
         proxied="http://127.0.0.1:$NGINX_PORT/mcp"
+        plain="http://127.0.0.1:$PROXY_PORT/mcp"
         through="$REMIT_BASE/mcp/fastmcp"
         extra=("${MCP_ARGS[@]}")
     fi
     load "$group" direct "$direct" "$UP_PID" "${extra[@]}"
     load "$group" nginx "$proxied" "$NGINX_WORKER_PIDS" "${extra[@]}"
+    load "$group" "hyper proxy" "$plain" "$PROXY_PID" "${extra[@]}"
     grant "$WORK/es256.jwk" "$WORK/tokens-bearer.txt"
     load "$group" "remit bearer" "$through" "$REMIT_PID" --mode bearer \
         --tokens "$WORK/tokens-bearer.txt" "${extra[@]}"

@@ -1,7 +1,8 @@
 //! `loadgen`: the load harness's tools (see `bench/run.sh`). A keep-alive HTTP/1.1 load
 //! generator that can sign a fresh DPoP proof for every request (stock generators cannot), a
-//! fast upstream answering small JSON and minimal MCP, and the helpers the harness needs to act
-//! as an agent: key generation, task grants, and the final table.
+//! fast upstream answering small JSON and minimal MCP, a plain hyper reverse proxy to measure
+//! forwarding alone, and the helpers the harness needs to act as an agent: key generation,
+//! task grants, and the final table.
 
 #![allow(
     clippy::expect_used,
@@ -10,6 +11,7 @@
 
 mod agent;
 mod load;
+mod proxy;
 mod report;
 mod upstream;
 
@@ -37,6 +39,18 @@ enum Command {
         listen: String,
         /// Worker threads of the upstream's runtime.
         #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// A plain reverse proxy on hyper, checking and recording nothing: what forwarding alone
+    /// costs a Rust gateway, measured beside nginx.
+    Proxy {
+        #[arg(long, default_value = "127.0.0.1:9101")]
+        listen: String,
+        /// The upstream every request goes to, `http://host:port`.
+        #[arg(long, default_value = "http://127.0.0.1:9100")]
+        upstream: String,
+        /// Worker threads of the proxy's runtime (remit's runtime has one per core).
+        #[arg(long, default_value_t = 2)]
         threads: usize,
     },
     /// Write a new agent key: the private JWK and the public JWK to register.
@@ -97,6 +111,11 @@ fn main() -> Result<()> {
         Command::Upstream { listen, threads } => {
             runtime(threads)?.block_on(upstream::serve(&listen))
         }
+        Command::Proxy {
+            listen,
+            upstream,
+            threads,
+        } => runtime(threads)?.block_on(proxy::run(&listen, &upstream)),
         Command::Keygen {
             private,
             public,

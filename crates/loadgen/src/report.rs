@@ -1,5 +1,6 @@
 //! The harness's table: every run of one section (`http`, `mcp`) against the `nginx` run of the
-//! same section, and the targets of DESIGN.md ("Performance budgets") met or missed.
+//! same section, and the targets of DESIGN.md ("Performance budgets") met or missed; each remit
+//! run also as a share of the plain hyper proxy's run (forwarding alone), where there is one.
 
 use std::path::Path;
 
@@ -40,6 +41,7 @@ pub fn print(results: &Path, rss_kib: Option<u64>, hwm_kib: Option<u64>) -> Resu
         let rows: Vec<&Outcome> = outcomes.iter().filter(|o| o.group == *group).collect();
         let direct = rows.iter().find(|o| o.label == "direct");
         let nginx = rows.iter().find(|o| o.label == "nginx");
+        let plain = rows.iter().find(|o| o.label == "hyper proxy");
         let added = |o: &Outcome| direct.map(|d| o.p99_us as f64 - d.p99_us as f64);
         let nginx_added = nginx.and_then(|n| added(n));
         for row in &rows {
@@ -78,6 +80,13 @@ pub fn print(results: &Path, rss_kib: Option<u64>, hwm_kib: Option<u64>) -> Resu
             let (Some(throughput), true) = (throughput, row.label.starts_with("remit")) else {
                 continue;
             };
+            if let Some(plain) = plain {
+                verdicts.push(format!(
+                    "{group} {}: {:.0}% of the hyper proxy's throughput (forwarding alone, no target: what the checks and the durable audit record leave of it)",
+                    row.label,
+                    row.rps / plain.rps * 100.0,
+                ));
+            }
             match row.mode.as_str() {
                 "bearer" => {
                     let rps_ok = throughput >= BEARER_THROUGHPUT;

@@ -30,6 +30,11 @@ pub async fn serve(listen: &str) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     eprintln!("upstream listening on {address}");
+    serve_on(listener).await
+}
+
+/// Answers every connection that reaches `listener`, until the task is dropped.
+pub async fn serve_on(listener: tokio::net::TcpListener) -> Result<()> {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
