@@ -112,7 +112,9 @@ async fn forward(
 }
 
 /// Removes the headers that describe one connection rather than the message (RFC 9110,
-/// section 7.6.1): the fixed set and whatever `Connection` names.
+/// section 7.6.1): the fixed set and whatever `Connection` names. Written here rather than
+/// taken from the gateway, whose list is the same: this proxy is the reference remit is
+/// measured against, so it shares none of remit's code.
 fn drop_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
