@@ -160,6 +160,18 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// Binds `listen` (the `--listen` argument of `what`), which must be a loopback address: the
+/// harness's servers have no authentication.
+pub async fn listen_on_loopback(listen: &str, what: &str) -> Result<tokio::net::TcpListener> {
+    let address: std::net::SocketAddr = listen.parse().context("`--listen`")?;
+    if !address.ip().is_loopback() {
+        anyhow::bail!("the {what} listens on loopback only");
+    }
+    tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))
+}
+
 /// `10s`, `500ms`, `2m` or a plain number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

@@ -22,24 +22,20 @@ use tokio::net::TcpListener;
 
 type Body = Either<Incoming, Full<Bytes>>;
 
-/// Where requests go: the upstream's scheme and authority.
+/// Where requests go: the upstream's authority (over plain `http`).
 #[derive(Debug)]
 struct Upstream {
-    scheme: Scheme,
     authority: Authority,
     client: Client<HttpConnector, Incoming>,
 }
 
 /// Listens on `listen` and forwards every request to `upstream` (`http://host:port`).
 pub async fn run(listen: &str, upstream: &str) -> Result<()> {
-    let address: std::net::SocketAddr = listen.parse().context("`--listen`")?;
-    if !address.ip().is_loopback() {
-        bail!("the proxy listens on loopback only");
-    }
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("cannot listen on {address}"))?;
-    eprintln!("proxy listening on {address}, forwarding to {upstream}");
+    let listener = crate::listen_on_loopback(listen, "proxy").await?;
+    eprintln!(
+        "proxy listening on {}, forwarding to {upstream}",
+        listener.local_addr()?
+    );
     serve(listener, upstream).await
 }
 
@@ -55,7 +51,6 @@ pub async fn serve(listener: TcpListener, upstream: &str) -> Result<()> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let upstream = Arc::new(Upstream {
-        scheme: scheme.clone(),
         authority: authority.clone(),
         client: Client::builder(TokioExecutor::new()).build(connector),
     });
@@ -86,7 +81,7 @@ async fn forward(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let target = Uri::builder()
-        .scheme(upstream.scheme.clone())
+        .scheme(Scheme::HTTP)
         .authority(upstream.authority.clone())
         .path_and_query(path)
         .build();
@@ -154,17 +149,21 @@ mod tests {
 
     use super::*;
 
-    /// The harness's upstream and a proxy in front of it, on ephemeral loopback ports: the
-    /// proxy's address.
+    /// A proxy in front of `upstream`, on an ephemeral loopback port: its address.
+    async fn proxy_to(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let proxy_at = proxy.local_addr().expect("address");
+        let target = format!("http://{upstream}");
+        tokio::spawn(async move { serve(proxy, &target).await });
+        proxy_at
+    }
+
+    /// The harness's upstream and a proxy in front of it: the proxy's address.
     async fn start() -> std::net::SocketAddr {
         let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let upstream_at = upstream.local_addr().expect("address");
         tokio::spawn(crate::upstream::serve_on(upstream));
-        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let proxy_at = proxy.local_addr().expect("address");
-        let target = format!("http://{upstream_at}");
-        tokio::spawn(async move { serve(proxy, &target).await });
-        proxy_at
+        proxy_to(upstream_at).await
     }
 
     #[test]
@@ -199,8 +198,6 @@ mod tests {
             Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         let request = Request::post(format!("http://{proxy}/mcp"))
             .header("content-type", "application/json")
-            .header("connection", "x-private")
-            .header("x-private", "one hop only")
             .body(Full::new(Bytes::from_static(
                 br#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#,
             )))
@@ -223,10 +220,7 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let nowhere = closed.local_addr().expect("address");
         drop(closed);
-        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let proxy_at = proxy.local_addr().expect("address");
-        let target = format!("http://{nowhere}");
-        tokio::spawn(async move { serve(proxy, &target).await });
+        let proxy_at = proxy_to(nowhere).await;
         let mut stream = tokio::net::TcpStream::connect(proxy_at)
             .await
             .expect("connect");

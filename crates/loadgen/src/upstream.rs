@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -22,14 +22,8 @@ const JSON_ANSWER: &[u8] =
 static SESSIONS: AtomicU64 = AtomicU64::new(0);
 
 pub async fn serve(listen: &str) -> Result<()> {
-    let address: std::net::SocketAddr = listen.parse().context("`--listen`")?;
-    if !address.ip().is_loopback() {
-        bail!("the upstream listens on loopback only");
-    }
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("cannot listen on {address}"))?;
-    eprintln!("upstream listening on {address}");
+    let listener = crate::listen_on_loopback(listen, "upstream").await?;
+    eprintln!("upstream listening on {}", listener.local_addr()?);
     serve_on(listener).await
 }
 
