@@ -95,6 +95,11 @@ pub struct CallVerdict {
     /// The step-up approval this call filed or waits on (`approval_required`,
     /// `approval_denied`), or the one it spent (an allowed call).
     pub approval: Option<String>,
+    /// For `revoked`: when the revocation that ended the credential was taken (Unix
+    /// seconds), so that containment can tell a retry racing it from the use of a long-dead
+    /// token. Never serialized.
+    #[serde(skip)]
+    pub ended_at: Option<i64>,
     /// What the call path keeps of the verified token (its scopes, for filtering what a
     /// caller is shown), whenever the token verified. Never serialized.
     #[serde(skip)]
@@ -169,6 +174,7 @@ pub(crate) struct Denial {
     pub(crate) report: Option<DecisionReport>,
     pub(crate) retry_after: Option<u64>,
     pub(crate) approval: Option<String>,
+    pub(crate) ended_at: Option<i64>,
 }
 
 impl Denial {
@@ -179,6 +185,7 @@ impl Denial {
             report: None,
             retry_after: None,
             approval: None,
+            ended_at: None,
         }
     }
 }
@@ -418,6 +425,7 @@ impl Authority {
                 decision_micros: 0,
                 retry_after: None,
                 approval,
+                ended_at: None,
                 claims: Some(claims),
             },
             Err((denial, claims)) => CallVerdict {
@@ -433,6 +441,7 @@ impl Authority {
                 decision_micros: 0,
                 retry_after: denial.retry_after,
                 approval: denial.approval,
+                ended_at: denial.ended_at,
                 claims,
             },
         };
@@ -556,7 +565,11 @@ impl Authority {
         };
         if let Some(revoked) = self.revocations.check(&query) {
             let message = format!("revoked: {} `{}`", revoked.kind.as_str(), revoked.target);
-            return Err(fail(Denial::new("revoked", message)));
+            let denial = Denial {
+                ended_at: Some(revoked.at),
+                ..Denial::new("revoked", message)
+            };
+            return Err(fail(denial));
         }
         if task.status != TaskStatus::Active {
             return Err(fail(Denial::new(

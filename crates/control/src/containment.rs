@@ -28,8 +28,11 @@ pub struct ContainmentRules {
     pub window_seconds: i64,
     /// A call to a tool remit does not front.
     pub unknown_tool: bool,
-    /// A call with the token of a completed or revoked task.
+    /// A call with the token of a completed or revoked task …
     pub dead_token: bool,
+    /// … more than this many seconds after it ended: a retry racing a revocation or a
+    /// completion is refused without counting as off-script.
+    pub dead_token_grace_seconds: i64,
     /// A call whose proof is signed by a key other than the token's.
     pub wrong_key: bool,
     /// Told (POST, JSON) of every quarantine; best effort, never delays the call path.
@@ -43,6 +46,7 @@ impl Default for ContainmentRules {
             window_seconds: 60,
             unknown_tool: true,
             dead_token: true,
+            dead_token_grace_seconds: 30,
             wrong_key: true,
             webhook: None,
         }
@@ -78,11 +82,21 @@ impl Containment {
     }
 }
 
-/// Which rule a verdict breaks, if any.
-fn rule_broken(rules: &ContainmentRules, code: &str, unknown_tool: bool) -> Option<&'static str> {
-    match code {
+/// Which rule a verdict breaks at `now` (Unix seconds), if any.
+fn rule_broken(
+    rules: &ContainmentRules,
+    verdict: &CallVerdict,
+    unknown_tool: bool,
+    now: i64,
+) -> Option<&'static str> {
+    // A token whose revocation is younger than the grace period is refused all the same,
+    // but its use is a race, not evidence: the agent may not have heard yet.
+    let within_grace = verdict
+        .ended_at
+        .is_some_and(|ended| now.saturating_sub(ended) < rules.dead_token_grace_seconds);
+    match verdict.code {
         _ if unknown_tool && rules.unknown_tool => Some("unknown_tool"),
-        "revoked" | "task_not_active" if rules.dead_token => Some("dead_token"),
+        "revoked" | "task_not_active" if rules.dead_token && !within_grace => Some("dead_token"),
         "proof_key_mismatch" if rules.wrong_key => Some("wrong_key"),
         _ => None,
     }
@@ -97,7 +111,8 @@ impl Authority {
             return;
         };
         let rules = &self.settings.containment;
-        let rule = match rule_broken(rules, verdict.code, unknown_tool) {
+        let now = self.clock.now_ms().div_euclid(1000);
+        let rule = match rule_broken(rules, verdict, unknown_tool, now) {
             Some(rule) => Some(rule),
             None if matches!(verdict.code, "out_of_scope" | "policy_denied")
                 && self
@@ -261,23 +276,66 @@ mod tests {
         assert!(!containment.count_denial(&off, "c", 0));
     }
 
+    fn verdict(code: &'static str, ended_at: Option<i64>) -> CallVerdict {
+        CallVerdict {
+            report: model::DecisionReport::deny(code),
+            code,
+            message: code.to_string(),
+            task: None,
+            agent: Some("spiffe://remit.local/agent/bot".to_string()),
+            mode: None,
+            audit_seq: None,
+            decision_micros: 0,
+            retry_after: None,
+            approval: None,
+            ended_at,
+            claims: None,
+        }
+    }
+
     #[test]
     fn rules_map_codes() {
         let rules = ContainmentRules::default();
-        assert_eq!(rule_broken(&rules, "revoked", false), Some("dead_token"));
+        let broken = |rules: &ContainmentRules, code, unknown| {
+            rule_broken(rules, &verdict(code, None), unknown, 1_000)
+        };
+        assert_eq!(broken(&rules, "revoked", false), Some("dead_token"));
+        assert_eq!(broken(&rules, "task_not_active", false), Some("dead_token"));
         assert_eq!(
-            rule_broken(&rules, "proof_key_mismatch", false),
+            broken(&rules, "proof_key_mismatch", false),
             Some("wrong_key")
         );
-        assert_eq!(
-            rule_broken(&rules, "tool_unknown", true),
-            Some("unknown_tool")
-        );
-        assert_eq!(rule_broken(&rules, "out_of_scope", false), None);
+        assert_eq!(broken(&rules, "tool_unknown", true), Some("unknown_tool"));
+        assert_eq!(broken(&rules, "out_of_scope", false), None);
+        assert_eq!(broken(&rules, "proof_bad_signature", false), None);
         let lenient = ContainmentRules {
             dead_token: false,
             ..rules
         };
-        assert_eq!(rule_broken(&lenient, "revoked", false), None);
+        assert_eq!(broken(&lenient, "revoked", false), None);
+    }
+
+    #[test]
+    fn a_dead_token_counts_only_after_the_grace_period() {
+        let rules = ContainmentRules::default();
+        let grace = rules.dead_token_grace_seconds;
+        let revoked_at = |at| verdict("revoked", Some(at));
+        assert_eq!(rule_broken(&rules, &revoked_at(1_000), false, 1_000), None);
+        assert_eq!(
+            rule_broken(&rules, &revoked_at(1_000), false, 1_000 + grace - 1),
+            None
+        );
+        assert_eq!(
+            rule_broken(&rules, &revoked_at(1_000), false, 1_000 + grace),
+            Some("dead_token")
+        );
+        let no_grace = ContainmentRules {
+            dead_token_grace_seconds: 0,
+            ..rules
+        };
+        assert_eq!(
+            rule_broken(&no_grace, &revoked_at(1_000), false, 1_000),
+            Some("dead_token")
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! the periodic catch-up.
 
 use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use parking_lot::RwLock;
@@ -16,8 +17,10 @@ use crate::error::Result;
 /// call is checked without turning its ids back into strings.
 #[derive(Debug, Default)]
 struct Sets {
-    tokens: HashSet<TokenJti>,
-    tasks: HashSet<TaskKey>,
+    /// Token `jti` → time of its first revocation (when it died).
+    tokens: HashMap<TokenJti, i64>,
+    /// Task → time of its first revocation (completion is one too).
+    tasks: HashMap<TaskKey, i64>,
     /// Task revocations whose target is not a task id remit issues: no task can match them,
     /// but they are kept (and counted) like the others.
     other_tasks: HashSet<String>,
@@ -32,6 +35,9 @@ struct Sets {
 pub struct Revoked {
     pub kind: RevocationKind,
     pub target: String,
+    /// When the revocation was taken (Unix seconds): for a token or task the first one, for
+    /// an agent or owner the latest.
+    pub at: i64,
 }
 
 /// What the call path asks about one call.
@@ -60,12 +66,13 @@ impl RevocationIndex {
         let target = revocation.target.clone();
         match revocation.kind {
             RevocationKind::Token => {
-                sets.tokens.insert(TokenJti::from(target.as_str()));
+                earliest(
+                    sets.tokens.entry(TokenJti::from(target.as_str())),
+                    revocation.created_at,
+                );
             }
             RevocationKind::Task => match TaskKey::parse(&target) {
-                Some(task) => {
-                    sets.tasks.insert(task);
-                }
+                Some(task) => earliest(sets.tasks.entry(task), revocation.created_at),
                 None => {
                     sets.other_tasks.insert(target);
                 }
@@ -84,34 +91,35 @@ impl RevocationIndex {
 
     pub fn check(&self, query: &RevocationQuery<'_>) -> Option<Revoked> {
         let sets = self.sets.read();
-        let revoked = |kind, target: &dyn std::fmt::Display| {
+        let revoked = |kind, target: &dyn std::fmt::Display, at: i64| {
             Some(Revoked {
                 kind,
                 target: target.to_string(),
+                at,
             })
         };
-        if sets.tokens.contains(query.token_jti) {
-            return revoked(RevocationKind::Token, query.token_jti);
+        if let Some(&at) = sets.tokens.get(query.token_jti) {
+            return revoked(RevocationKind::Token, query.token_jti, at);
         }
-        if let Some(task) = std::iter::once(&query.task)
+        if let Some((task, &at)) = std::iter::once(&query.task)
             .chain(query.ancestors)
-            .find(|task| sets.tasks.contains(task))
+            .find_map(|task| sets.tasks.get(task).map(|at| (task, at)))
         {
-            return revoked(RevocationKind::Task, task);
+            return revoked(RevocationKind::Task, task, at);
         }
-        if sets
+        if let Some(&at) = sets
             .agents
             .get(query.agent)
-            .is_some_and(|&at| query.issued_at <= at)
+            .filter(|&&at| query.issued_at <= at)
         {
-            return revoked(RevocationKind::Agent, &query.agent);
+            return revoked(RevocationKind::Agent, &query.agent, at);
         }
-        if sets
+        if let Some(&at) = sets
             .owners
             .get(query.owner)
-            .is_some_and(|&at| query.issued_at <= at)
+            .filter(|&&at| query.issued_at <= at)
         {
-            return revoked(RevocationKind::Owner, &query.owner);
+            return revoked(RevocationKind::Owner, &query.owner, at);
         }
         None
     }
@@ -138,6 +146,12 @@ impl RevocationIndex {
             + sets.agents.len()
             + sets.owners.len()
     }
+}
+
+/// Keeps the earliest time a target was revoked: the moment it died.
+fn earliest<K>(entry: Entry<'_, K, i64>, at: i64) {
+    let slot = entry.or_insert(at);
+    *slot = (*slot).min(at);
 }
 
 #[cfg(test)]

@@ -137,9 +137,9 @@ impl ProofVerifier {
         }
     }
 
-    /// Checks `proof` against what the request expects: framing and header, key, claims,
-    /// then the signature, and last the replay cache, so that only proofs that passed every
-    /// other check take a place in it.
+    /// Checks `proof` against what the request expects: framing and header, the signature
+    /// by the header's key, that key against the expected one, the claims, and last the
+    /// replay cache, so that only proofs that passed every other check take a place in it.
     pub fn verify(&self, proof: &str, check: &ProofCheck<'_>) -> Result<VerifiedProof, ProofError> {
         if proof.len() > MAX_COMPACT_LEN {
             return Err(ProofError::Oversized(proof.len()));
@@ -165,6 +165,14 @@ impl ProofVerifier {
                 key: key.algorithm(),
             });
         }
+        // The signature first: until the proof is shown to be signed by the key its `jwk`
+        // names, neither that key nor the claims are the sender's. A proof whose `jwk` is not
+        // the key that signed it is a bad proof, never evidence that another key holds the
+        // token (which would quarantine the token's agent).
+        let signature = compact.signature::<64>().map_err(malformed)?;
+        if !key.verifies(compact.signing_input.as_bytes(), &signature) {
+            return Err(ProofError::BadSignature);
+        }
         if let Some(expected) = check.expected_jkt
             && !bool::from(key.thumbprint().as_bytes().ct_eq(expected.as_bytes()))
         {
@@ -187,11 +195,6 @@ impl ProofVerifier {
         }
         self.check_iat(claims.iat, check.now)?;
         check_ath(claims.ath.as_deref(), check.access_token)?;
-
-        let signature = compact.signature::<64>().map_err(malformed)?;
-        if !key.verifies(compact.signing_input.as_bytes(), &signature) {
-            return Err(ProofError::BadSignature);
-        }
 
         // A jti need only be unique per key, so the key's thumbprint is part of the entry.
         // The proof is acceptable until `iat + max_age`, so it is remembered until then.

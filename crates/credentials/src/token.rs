@@ -150,8 +150,8 @@ impl TokenVerifier {
         Ok(())
     }
 
-    /// Checks `token` at time `now`: framing, algorithm, key, claims, then the signature, so
-    /// that a token refused for a cheap reason costs no signature check.
+    /// Checks `token` at time `now`: framing, algorithm and key from the header, then the
+    /// signature, and only then the claims, which are believed once they are authenticated.
     pub fn verify(&self, token: &str, now: i64) -> Result<TaskClaims, TokenError> {
         if token.len() > MAX_COMPACT_LEN {
             return Err(TokenError::Oversized(token.len()));
@@ -185,11 +185,14 @@ impl TokenVerifier {
             .get(&kid)
             .ok_or_else(|| TokenError::UnknownKid(jws::shown(&kid)))?;
 
-        let claims: TaskClaims = compact.payload().map_err(malformed)?;
-        self.check_claims(&claims, now)?;
-
+        // The signature before the claims: until it verifies, the payload is the sender's
+        // word, and a refusal must not repeat it (an expired or foreign-looking payload on a
+        // forged token is refused as a bad signature, not as what it claims to be).
         let signature = compact.signature::<64>().map_err(malformed)?;
         verify_es256(key, compact.signing_input.as_bytes(), &signature)?;
+
+        let claims: TaskClaims = compact.payload().map_err(malformed)?;
+        self.check_claims(&claims, now)?;
         Ok(claims)
     }
 
@@ -201,7 +204,7 @@ impl TokenVerifier {
         if claims.aud != shared.audience {
             return Err(TokenError::WrongAudience(jws::shown(&claims.aud)));
         }
-        // Saturating: the claims are not yet authenticated and may hold extreme values.
+        // Saturating, so that no claimed value can overflow.
         if now >= claims.exp.saturating_add(shared.max_skew_seconds) {
             return Err(TokenError::Expired { exp: claims.exp });
         }

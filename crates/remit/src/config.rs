@@ -52,6 +52,7 @@ pub struct RawContainment {
     pub window_seconds: Option<i64>,
     pub unknown_tool: Option<bool>,
     pub dead_token: Option<bool>,
+    pub dead_token_grace_seconds: Option<i64>,
     pub wrong_key: Option<bool>,
     pub webhook: Option<String>,
 }
@@ -291,6 +292,9 @@ impl RawConfig {
             window_seconds: c.window_seconds.unwrap_or(defaults.window_seconds),
             unknown_tool: c.unknown_tool.unwrap_or(defaults.unknown_tool),
             dead_token: c.dead_token.unwrap_or(defaults.dead_token),
+            dead_token_grace_seconds: c
+                .dead_token_grace_seconds
+                .unwrap_or(defaults.dead_token_grace_seconds),
             wrong_key: c.wrong_key.unwrap_or(defaults.wrong_key),
             webhook: c.webhook.clone(),
         };
@@ -298,6 +302,12 @@ impl RawConfig {
             bail!(
                 "`containment.window_seconds` must be between 1 and 86400, not {}",
                 containment.window_seconds
+            );
+        }
+        if !(0..=3_600).contains(&containment.dead_token_grace_seconds) {
+            bail!(
+                "`containment.dead_token_grace_seconds` must be between 0 and 3600, not {}",
+                containment.dead_token_grace_seconds
             );
         }
         if let Some(url) = &containment.webhook

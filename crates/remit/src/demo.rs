@@ -255,13 +255,25 @@ pub async fn run() -> Result<ExitCode> {
         &format!("POST /v1/revocations -> {status}"),
     );
 
-    // 6. The very next call is refused.
+    // 6. The very next call is refused; a call racing a revocation is not off-script, so
+    // the agent stays active (containment's grace period for dead tokens).
     let (status, body) = call(reqwest::Method::GET, "/http/github/repos/acme/api/issues").await?;
+    let agent: Value = http
+        .get(format!("{base}/v1/agents/triage-bot"))
+        .header("authorization", &admin)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let agent_status = agent["status"].as_str().unwrap_or("?").to_string();
     steps.report(
-        status == 401 && body["error"] == "revoked" && seen.lock().len() == before,
+        status == 401
+            && body["error"] == "revoked"
+            && seen.lock().len() == before
+            && agent_status == "active",
         "GET /http/github/repos/acme/api/issues again, right after the revocation",
         &format!(
-            "{status}: {} ({})",
+            "{status}: {} ({})\nagent `triage-bot` is still {agent_status}: a call racing a revocation is refused, not quarantined",
             body["message"].as_str().unwrap_or("?"),
             body["error"].as_str().unwrap_or("?")
         ),

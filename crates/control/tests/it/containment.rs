@@ -61,6 +61,10 @@ async fn quarantined_then_released(h: &Harness, agent: &Agent, old: &control::Gr
     let fresh = h.grant(agent).await;
     let verdict = h.call(agent, &fresh, "read_issue", ActionClass::Read).await;
     assert!(verdict.is_allow(), "{rule}: released: {verdict:?}");
+    // Past the grace period of the quarantine's revocation, using the old credentials
+    // again is off-script (the dead-token rule).
+    h.clock
+        .advance_seconds(ContainmentRules::default().dead_token_grace_seconds);
     assert_eq!(
         h.call(agent, old, "read_issue", ActionClass::Read)
             .await
@@ -68,7 +72,6 @@ async fn quarantined_then_released(h: &Harness, agent: &Agent, old: &control::Gr
         "revoked",
         "{rule}: old credentials stay dead"
     );
-    // And using them again is itself off-script (the dead-token rule): quarantined again.
     assert_eq!(
         status(h, &agent.name).await,
         AgentStatus::Quarantined,
@@ -143,6 +146,25 @@ async fn a_dead_token_quarantines() {
         AgentStatus::Active,
         "completing is not off-script"
     );
+    // A retry right after completing races the end of the task: refused, not off-script.
+    assert_eq!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .code,
+        "revoked"
+    );
+    assert_eq!(
+        status(&h, "zombie").await,
+        AgentStatus::Active,
+        "a retry within the grace period is not off-script"
+    );
+    h.clock
+        .advance_seconds(ContainmentRules::default().dead_token_grace_seconds - 1);
+    h.call(&agent, &grant, "read_issue", ActionClass::Read)
+        .await;
+    assert_eq!(status(&h, "zombie").await, AgentStatus::Active);
+    // Once the grace period is over, the token is long dead and its use is off-script.
+    h.clock.advance_seconds(1);
     assert_eq!(
         h.call(&agent, &grant, "read_issue", ActionClass::Read)
             .await
@@ -150,6 +172,58 @@ async fn a_dead_token_quarantines() {
         "revoked"
     );
     quarantined_then_released(&h, &agent, &grant, "dead_token").await;
+}
+
+#[tokio::test]
+async fn a_proof_whose_jwk_did_not_sign_it_is_bad_and_quarantines_nobody() {
+    let h = Harness::new().await;
+    let agent = h.agent("framed", "alice@example.org").await;
+    let other = h.agent("other", "mallory@example.org").await;
+    let grant = h.grant(&agent).await;
+    let url = format!("{BASE}/http/github/read_issue");
+    // Signed by the bound key, but naming another key in its header: whoever sent it has
+    // shown nothing about who holds the token, so the agent must not be quarantined.
+    let proof = agent
+        .key
+        .sign_proof(
+            "POST",
+            &url,
+            Some(grant.token.expose()),
+            h.now(),
+            &unique("p"),
+        )
+        .unwrap();
+    let (header, rest) = proof.split_once('.').unwrap();
+    let mut header: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header)
+            .unwrap(),
+    )
+    .unwrap();
+    header["jwk"] = other.key.public().to_jwk();
+    let header = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        header.to_string(),
+    );
+    let forged = format!("{header}.{rest}");
+    let verdict = h
+        .attempt(
+            grant.token.expose(),
+            Some(&forged),
+            &url,
+            "github",
+            "read_issue",
+            "acme/api",
+            ActionClass::Read,
+        )
+        .await;
+    assert_eq!(verdict.code, "proof_bad_signature");
+    assert_eq!(status(&h, "framed").await, AgentStatus::Active);
+    assert!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .is_allow(),
+        "the task lives on"
+    );
 }
 
 #[tokio::test]

@@ -391,6 +391,36 @@ const TABLE: &[(&str, AgentKind, Change, Result<(), &str>)] = &[
         Err("token_bad_signature"),
     ),
     (
+        "token payload tampered: shown as expired (the reason must not be the payload's)",
+        P256,
+        |_, c| {
+            let mut expired = c.token().claims.clone();
+            expired["exp"] = json!(NOW - 3600);
+            c.token().presented_claims = Some(expired);
+        },
+        Err("token_bad_signature"),
+    ),
+    (
+        "token payload tampered: shown from another issuer",
+        P256,
+        |_, c| {
+            let mut foreign = c.token().claims.clone();
+            foreign["iss"] = json!("https://evil.example.org");
+            c.token().presented_claims = Some(foreign);
+        },
+        Err("token_bad_signature"),
+    ),
+    (
+        "token payload tampered: not JSON at all",
+        P256,
+        |_, c| c.edit_token = Some(|t| {
+            let (header, rest) = t.split_once('.').unwrap();
+            let signature = rest.rsplit_once('.').unwrap().1;
+            format!("{header}.bm90IGpzb24.{signature}")
+        }),
+        Err("token_bad_signature"),
+    ),
+    (
         "token signed by an unpublished key under a published kid",
         P256,
         |_, c| {
@@ -475,6 +505,24 @@ const TABLE: &[(&str, AgentKind, Change, Result<(), &str>)] = &[
         "proof showing the bound key's jwk, signed by another key",
         P256,
         |_, c| c.proof.signer = Signer::Intruder,
+        Err("proof_bad_signature"),
+    ),
+    (
+        "proof naming another key in its jwk, signed by the bound key",
+        P256,
+        |w, c| {
+            c.proof.header["jwk"] = w.intruder.public().to_jwk();
+            c.proof.header["alg"] = json!("ES256");
+        },
+        Err("proof_bad_signature"),
+    ),
+    (
+        "proof naming another key in its jwk, signed by a third key",
+        P256,
+        |_, c| {
+            let stranger = AgentKeyPair::generate_p256().unwrap();
+            c.proof.header["jwk"] = stranger.public().to_jwk();
+        },
         Err("proof_bad_signature"),
     ),
     (

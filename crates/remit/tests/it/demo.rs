@@ -24,7 +24,9 @@ fn the_demo_behaves_and_says_so() {
         );
     }
     assert!(
-        run.stdout.contains("403 Forbidden") && run.stdout.contains("401 Unauthorized: revoked"),
+        run.stdout.contains("403 Forbidden")
+            && run.stdout.contains("401 Unauthorized: revoked")
+            && run.stdout.contains("agent `triage-bot` is still active"),
         "{}",
         run.stdout
     );
