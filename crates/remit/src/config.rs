@@ -187,6 +187,7 @@ impl RawConfig {
             .clone()
             .or(self.store)
             .unwrap_or_else(|| DEFAULT_STORE.to_string());
+        check_store_directory(&store)?;
         let mut settings = Settings::local(store);
         if let Some(domain) = overrides.trust_domain.clone().or(self.trust_domain) {
             settings.trust_domain = domain
@@ -398,6 +399,29 @@ fn check_public_url(url: &str, listen: SocketAddr) -> Result<String> {
         other => bail!("`public_url`: scheme `{other}` is not `https` or `http`"),
     }
     Ok(url.to_string())
+}
+
+/// A SQLite file can only be created in a directory that exists; SQLite itself would say only
+/// "unable to open database file", naming neither the setting nor the path.
+fn check_store_directory(store: &str) -> Result<()> {
+    let Some(path) = store::sqlite_path(store) else {
+        return Ok(());
+    };
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    let directory = match Path::new(path).parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => return Ok(()),
+    };
+    if !directory.is_dir() {
+        bail!(
+            "`store`: the directory `{}` of `{path}` does not exist; hint: create it, or point `store` at a file in an existing directory",
+            directory.display()
+        );
+    }
+    Ok(())
 }
 
 fn one_line(text: &str) -> String {
