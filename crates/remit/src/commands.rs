@@ -30,7 +30,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let raw = RawConfig::load(cli.global.config.as_deref())?;
             let (catalog, limits) = raw.gateway()?;
-            serve(raw.settle(&overrides)?, catalog, limits).await?;
+            let server = raw.server()?;
+            serve(raw.settle(&overrides)?, catalog, limits, server).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo::run().await,
@@ -99,12 +100,15 @@ async fn serve(
     settings: Settings,
     catalog: gateway::Catalog,
     limits: gateway::Limits,
+    server: crate::server::ServerLimits,
 ) -> Result<()> {
     let listen = settings.listen;
     let store_url = redact_url(&settings.store_url);
     let authority = Authority::open(settings, Arc::new(SystemClock))
         .await
         .map_err(|e| anyhow!("{e}"))?;
+    // After the configuration's own mistakes, which are reported first.
+    let server = server.fit_open_files()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on `{listen}`"))?;
@@ -124,9 +128,7 @@ async fn serve(
     let app = control::api::router(Arc::clone(&authority))
         .merge(gateway::router(gateway))
         .layer(tower_http::trace::TraceLayer::new_for_http());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    crate::server::serve(listener, app, server, shutdown_signal()).await;
     sync.abort();
     authority.flush_call_counts().await;
     authority.flush_deferred().await;
