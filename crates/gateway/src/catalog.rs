@@ -454,11 +454,11 @@ fn validate(raw: &RawTool, env: &dyn Fn(&str) -> Option<String>) -> Result<ToolS
                 ));
             }
             for route in &raw.routes {
+                let named = format!("route `{} {}`", route.method, route.path);
                 let method = route_method(&route.method)
-                    .map_err(|reason| fail(format!("route `{}`: {reason}", route.path)))?;
+                    .map_err(|reason| fail(format!("{named}: {reason}")))?;
                 let pattern = parse_pattern(&route.path)
                     .map_err(|reason| fail(format!("route `{}`: {reason}", route.path)))?;
-                let named = format!("route `{} {}`", route.method, route.path);
                 if let Some(template) = &route.resource {
                     check_resource(template, &pattern)
                         .map_err(|reason| fail(format!("{named}: {reason}")))?;

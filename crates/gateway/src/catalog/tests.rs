@@ -239,7 +239,7 @@ fn routes_that_would_misclassify_are_refused() {
     );
     check(
         r#"{ method = "FETCH", path = "/a", action = "a", class = "read" }"#,
-        "tool `t`: route `/a`: unknown method `FETCH`; hint: use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, or `*` for any",
+        "tool `t`: route `FETCH /a`: unknown method `FETCH`; hint: use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, or `*` for any",
     );
 
     // What is still accepted: a parameter in any position, `{*rest}` named as `{rest}` or

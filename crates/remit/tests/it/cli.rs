@@ -692,7 +692,7 @@ fn tool_declarations_that_would_misroute_stop_start_up() {
                 r#"{ method = "GRAB", path = "/issues/{id}", action = "read_issue", class = "read" }"#
             )
         ),
-        "error: `tools`: tool `tracker`: route `/issues/{id}`: unknown method `GRAB`\n\
+        "error: `tools`: tool `tracker`: route `GRAB /issues/{id}`: unknown method `GRAB`\n\
          hint: use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, or `*` for any\n"
     );
     let stderr = refused_start(d, &tool("https://bot:hunter2@tracker.example.org", get));
