@@ -17,6 +17,13 @@ pub const EXAMPLE_POLICIES: &[(&str, &str)] = &[
     ("tasks.cedar", include_str!("../../../policies/tasks.cedar")),
 ];
 
+/// A policy test file for the example policies (`policies/tests/`), by name: what
+/// `remit policy init` writes under `DIR/tests/` to start from.
+pub const EXAMPLE_TESTS: (&str, &str) = (
+    "examples.toml",
+    include_str!("../../../policies/tests/examples.toml"),
+);
+
 /// The example policies, validated against the example schema.
 pub fn engine() -> Result<PolicyEngine> {
     PolicyEngine::from_sources(EXAMPLE_SCHEMA.1, EXAMPLE_POLICIES)

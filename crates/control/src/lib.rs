@@ -24,7 +24,7 @@ pub use authority::{Authority, Grant, TaskRequest, VerifyReport, load_policies};
 pub use check::{CallAttempt, CallLimiter, CallVerdict, ProofMode, VerifiedToken};
 pub use checkpoint::Checkpoint;
 pub use error::{Error, ErrorKind, Result};
-pub use examples::{EXAMPLE_POLICIES, EXAMPLE_SCHEMA, engine as example_policies};
+pub use examples::{EXAMPLE_POLICIES, EXAMPLE_SCHEMA, EXAMPLE_TESTS, engine as example_policies};
 pub use keyring::KeyRing;
 pub use operators::Operator;
 pub use settings::Settings;

@@ -392,6 +392,15 @@ fn validate(raw: &RawTool, env: &dyn Fn(&str) -> Option<String>) -> Result<ToolS
     if upstream.query().is_some() {
         return Err(fail("`upstream` must not carry a query string".into()));
     }
+    // Not echoed: a user name alone is often the token itself (`https://ghp_…@host`).
+    if let Some((_, host)) = upstream
+        .authority()
+        .and_then(|a| a.as_str().rsplit_once('@'))
+    {
+        return Err(fail(format!(
+            "`upstream` carries credentials (`[redacted]@{host}`); hint: remove them from the URL and give them as `auth = {{ bearer = \"env:VAR\" }}` or `{{ header = …, value = \"file:PATH\" }}`"
+        )));
+    }
     let auth = resolve_auth(raw.auth.as_ref(), env).map_err(fail)?;
     let labels = |labels: &[String]| -> Result<Vec<String>, CatalogError> {
         for label in labels {
@@ -445,16 +454,28 @@ fn validate(raw: &RawTool, env: &dyn Fn(&str) -> Option<String>) -> Result<ToolS
                 ));
             }
             for route in &raw.routes {
-                let method = match route.method.as_str() {
-                    "*" => None,
-                    text => Some(
-                        Method::from_bytes(text.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                            fail(format!("route `{}`: invalid method `{text}`", route.path))
-                        })?,
-                    ),
-                };
+                let named = format!("route `{} {}`", route.method, route.path);
+                let method = route_method(&route.method)
+                    .map_err(|reason| fail(format!("{named}: {reason}")))?;
                 let pattern = parse_pattern(&route.path)
                     .map_err(|reason| fail(format!("route `{}`: {reason}", route.path)))?;
+                if let Some(template) = &route.resource {
+                    check_resource(template, &pattern)
+                        .map_err(|reason| fail(format!("{named}: {reason}")))?;
+                }
+                // The first matching route classifies a request, so a later route with the same
+                // method (or after a `*` one) and the same path would silently never apply.
+                if let Some(earlier) = routes.iter().zip(&raw.routes).find_map(
+                    |(earlier, written): (&HttpRoute, &RawRoute)| {
+                        let shadows = earlier.method.is_none() || earlier.method == method;
+                        (shadows && same_shape(&earlier.pattern, &pattern)).then_some(written)
+                    },
+                ) {
+                    return Err(fail(format!(
+                        "{named} is declared twice: `{} {}` before it already takes every such request; hint: remove one of them",
+                        earlier.method, earlier.path
+                    )));
+                }
                 if route.action.is_empty() || route.action.len() > 256 {
                     return Err(fail(format!(
                         "route `{}`: `action` must be 1 to 256 characters",
@@ -482,6 +503,82 @@ fn validate(raw: &RawTool, env: &dyn Fn(&str) -> Option<String>) -> Result<ToolS
         mcp_tools,
         routes,
     })
+}
+
+/// The methods a route may name: those of RFC 9110 and PATCH that a tool's API can serve;
+/// anything else is a typo that would leave the route unreachable.
+const ROUTE_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
+/// A route's method (`*`: any), case-insensitively.
+fn route_method(text: &str) -> Result<Option<Method>, String> {
+    if text == "*" {
+        return Ok(None);
+    }
+    let upper = text.to_ascii_uppercase();
+    ROUTE_METHODS
+        .iter()
+        .find(|method| method.as_str() == upper)
+        .map(|method| Some(method.clone()))
+        .ok_or_else(|| {
+            format!(
+                "unknown method `{text}`; hint: use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, or `*` for any"
+            )
+        })
+}
+
+/// Every `{name}` (or `{*name}`) of a `resource` template must be a parameter of the route's
+/// path: [`fill`] leaves any other placeholder as written, which would make every call's
+/// resource the same literal text and so quietly defeat resource scoping.
+fn check_resource(template: &str, pattern: &[Segment]) -> Result<(), String> {
+    let parameters: Vec<&str> = pattern
+        .iter()
+        .filter_map(|segment| match segment {
+            Segment::Param(name) | Segment::Rest(name) => Some(name.as_str()),
+            Segment::Literal(_) => None,
+        })
+        .collect();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            return Err(format!(
+                "`resource` `{template}` has a `{{` without its `}}`; hint: write parameters as `{{name}}`"
+            ));
+        };
+        let name = &after[..close];
+        let bare = name.strip_prefix('*').unwrap_or(name);
+        if !parameters.contains(&bare) {
+            let hint = if parameters.is_empty() {
+                "the path has no parameters: name them in the path as `{name}`, or give a fixed resource".to_string()
+            } else {
+                let listed: Vec<String> = parameters.iter().map(|p| format!("`{{{p}}}`")).collect();
+                format!("the path's parameters are {}", listed.join(", "))
+            };
+            return Err(format!(
+                "`resource` names `{{{name}}}`, which is not a parameter of the path; hint: {hint}"
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
+}
+
+/// Do two patterns match the same requests (whatever their parameters are called)?
+fn same_shape(a: &[Segment], b: &[Segment]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|pair| match pair {
+            (Segment::Literal(x), Segment::Literal(y)) => x == y,
+            (Segment::Param(_), Segment::Param(_)) | (Segment::Rest(_), Segment::Rest(_)) => true,
+            _ => false,
+        })
 }
 
 fn parse_pattern(path: &str) -> Result<Vec<Segment>, String> {

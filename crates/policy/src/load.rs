@@ -131,7 +131,7 @@ pub(crate) fn load_dir(dir: &Path) -> Result<PolicyEngine, PolicyError> {
         [] => {
             return Err(PolicyError::Schema {
                 reason: format!(
-                    "no `*.cedarschema` file in `{}`; hint: policies are validated against a schema, put exactly one next to them",
+                    "no `*.cedarschema` file in `{0}`, so its policies cannot be validated; hint: `remit policy init {0}` writes the example schema and policies to start from",
                     dir.display()
                 ),
             });

@@ -218,4 +218,7 @@ pub enum PolicyCommand {
     Validate { dir: PathBuf },
     /// Run the test files (`DIR/tests/*.toml`) of a policy directory.
     Test { dir: PathBuf },
+    /// Write the example schema, policies and a test file into DIR, to start from (never
+    /// overwrites a file).
+    Init { dir: PathBuf },
 }

@@ -1,6 +1,7 @@
 //! One function per subcommand. Admin commands open the store directly and act as the local
 //! operator: whoever can open the store already holds everything it protects.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -29,7 +30,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let raw = RawConfig::load(cli.global.config.as_deref())?;
             let (catalog, limits) = raw.gateway()?;
-            serve(raw.settle(&overrides)?, catalog, limits).await?;
+            let server = raw.server()?;
+            serve(raw.settle(&overrides)?, catalog, limits, server).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo::run().await,
@@ -98,12 +100,15 @@ async fn serve(
     settings: Settings,
     catalog: gateway::Catalog,
     limits: gateway::Limits,
+    server: crate::server::ServerLimits,
 ) -> Result<()> {
     let listen = settings.listen;
     let store_url = redact_url(&settings.store_url);
     let authority = Authority::open(settings, Arc::new(SystemClock))
         .await
         .map_err(|e| anyhow!("{e}"))?;
+    // After the configuration's own mistakes, which are reported first.
+    let server = server.fit_open_files()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on `{listen}`"))?;
@@ -123,9 +128,7 @@ async fn serve(
     let app = control::api::router(Arc::clone(&authority))
         .merge(gateway::router(gateway))
         .layer(tower_http::trace::TraceLayer::new_for_http());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    crate::server::serve(listener, app, server, shutdown_signal()).await;
     sync.abort();
     authority.flush_call_counts().await;
     authority.flush_deferred().await;
@@ -381,6 +384,16 @@ fn approval_line(approval: &control::approvals::ApprovalView) -> String {
 
 fn policy(command: PolicyCommand) -> Result<ExitCode> {
     match command {
+        PolicyCommand::Init { dir } => {
+            for path in policy_init(&dir)? {
+                println!("wrote {}", path.display());
+            }
+            println!(
+                "next: edit them, check them with `remit policy test {0}`, and serve them with `policies = \"{0}\"` in remit.toml",
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         PolicyCommand::Validate { dir } => {
             let engine = policy::PolicyEngine::load_dir(&dir).map_err(|e| anyhow!("{e}"))?;
             println!(
@@ -393,6 +406,13 @@ fn policy(command: PolicyCommand) -> Result<ExitCode> {
         PolicyCommand::Test { dir } => {
             let engine = policy::PolicyEngine::load_dir(&dir).map_err(|e| anyhow!("{e}"))?;
             let tests = dir.join("tests");
+            if !tests.is_dir() {
+                return Err(anyhow!(
+                    "no tests: `{}` is not a directory; hint: write `[[case]]` entries in `{}`, or start from the example that `remit policy init NEW_DIR` writes",
+                    tests.display(),
+                    tests.join("NAME.toml").display()
+                ));
+            }
             let report = policy::run_policy_tests(&engine, &tests).map_err(|e| anyhow!("{e}"))?;
             for failure in &report.failures {
                 println!(
@@ -412,6 +432,39 @@ fn policy(command: PolicyCommand) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// `remit policy init DIR`: the embedded example schema, policies and policy tests, written
+/// into `DIR` (created if missing). Every target is checked before anything is written, and
+/// each file is created only if absent, so an existing file is never overwritten.
+fn policy_init(dir: &Path) -> Result<Vec<PathBuf>> {
+    use control::{EXAMPLE_POLICIES, EXAMPLE_SCHEMA, EXAMPLE_TESTS};
+    let tests = dir.join("tests");
+    let mut files: Vec<(PathBuf, &str)> = vec![(dir.join(EXAMPLE_SCHEMA.0), EXAMPLE_SCHEMA.1)];
+    files.extend(
+        EXAMPLE_POLICIES
+            .iter()
+            .map(|(name, text)| (dir.join(name), *text)),
+    );
+    files.push((tests.join(EXAMPLE_TESTS.0), EXAMPLE_TESTS.1));
+    if let Some((path, _)) = files.iter().find(|(path, _)| path.exists()) {
+        return Err(anyhow!(
+            "`{}` already exists, and `remit policy init` never overwrites a file; hint: choose a new directory, or move the existing files away",
+            path.display()
+        ));
+    }
+    std::fs::create_dir_all(&tests)
+        .with_context(|| format!("cannot create the directory `{}`", tests.display()))?;
+    for (path, text) in &files {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .with_context(|| format!("cannot create `{}`", path.display()))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())
+            .with_context(|| format!("cannot write `{}`", path.display()))?;
+    }
+    Ok(files.into_iter().map(|(path, _)| path).collect())
 }
 
 /// A checkpoint file's text, read with a bound: a checkpoint is well under 1 KiB.

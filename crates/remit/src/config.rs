@@ -39,6 +39,8 @@ pub struct RawConfig {
     pub containment: RawContainment,
     #[serde(default)]
     pub approvals: RawApprovals,
+    #[serde(default)]
+    pub server: RawServer,
     /// The tools the gateway fronts (`[[tools]]`).
     #[serde(default)]
     pub tools: Vec<gateway::RawTool>,
@@ -64,6 +66,16 @@ pub struct RawApprovals {
     pub ttl_seconds: Option<i64>,
     pub owner_may_approve: Option<bool>,
     pub hold_seconds: Option<u64>,
+}
+
+/// `[server]`: what a client may hold open before it has authenticated (see `server.rs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub header_read_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_header_bytes: Option<usize>,
 }
 
 /// `[gateway]`: rate limits per agent and per task (calls per second, and bursts).
@@ -181,6 +193,49 @@ impl RawConfig {
         Ok((catalog, limits))
     }
 
+    /// The listener's limits, validated (the open file limit is checked when serving).
+    pub fn server(&self) -> Result<crate::server::ServerLimits> {
+        let defaults = crate::server::ServerLimits::default();
+        let s = &self.server;
+        let millis = |name: &str, value: Option<u64>, default: Duration, max: u64| {
+            let Some(ms) = value else {
+                return Ok(default);
+            };
+            if !(100..=max).contains(&ms) {
+                bail!("`server.{name}` must be between 100 and {max}, not {ms}");
+            }
+            Ok(Duration::from_millis(ms))
+        };
+        let max_connections = s.max_connections.unwrap_or(defaults.max_connections);
+        if !(1..=1_000_000).contains(&max_connections) {
+            bail!("`server.max_connections` must be between 1 and 1000000, not {max_connections}");
+        }
+        // hyper's read buffer cannot be smaller than 8 KiB.
+        let max_header_bytes = s.max_header_bytes.unwrap_or(defaults.max_header_bytes);
+        if !(8192..=1024 * 1024).contains(&max_header_bytes) {
+            bail!(
+                "`server.max_header_bytes` must be between 8192 and 1048576, not {max_header_bytes}"
+            );
+        }
+        Ok(crate::server::ServerLimits {
+            header_read_timeout: millis(
+                "header_read_timeout_ms",
+                s.header_read_timeout_ms,
+                defaults.header_read_timeout,
+                600_000,
+            )?,
+            idle_timeout: millis(
+                "idle_timeout_ms",
+                s.idle_timeout_ms,
+                defaults.idle_timeout,
+                3_600_000,
+            )?,
+            max_connections,
+            max_connections_configured: s.max_connections.is_some(),
+            max_header_bytes,
+        })
+    }
+
     /// Applies the flags and validates everything.
     pub fn settle(self, overrides: &Overrides) -> Result<Settings> {
         let store = overrides
@@ -188,6 +243,7 @@ impl RawConfig {
             .clone()
             .or(self.store)
             .unwrap_or_else(|| DEFAULT_STORE.to_string());
+        check_store_directory(&store)?;
         let mut settings = Settings::local(store);
         if let Some(domain) = overrides.trust_domain.clone().or(self.trust_domain) {
             settings.trust_domain = domain
@@ -410,6 +466,29 @@ fn check_public_url(url: &str, listen: SocketAddr) -> Result<String> {
     Ok(url.to_string())
 }
 
+/// A SQLite file can only be created in a directory that exists; SQLite itself would say only
+/// "unable to open database file", naming neither the setting nor the path.
+fn check_store_directory(store: &str) -> Result<()> {
+    let Some(path) = store::sqlite_path(store) else {
+        return Ok(());
+    };
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    let directory = match Path::new(path).parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => return Ok(()),
+    };
+    if !directory.is_dir() {
+        bail!(
+            "`store`: the directory `{}` of `{path}` does not exist; hint: create it, or point `store` at a file in an existing directory",
+            directory.display()
+        );
+    }
+    Ok(())
+}
+
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -459,6 +538,43 @@ mod tests {
         assert!(error("[approvals]\nttl_seconds = 0").contains("`approvals.ttl_seconds`"));
         assert!(error("[approvals]\nhold_seconds = 301").contains("`approvals.hold_seconds`"));
         assert!(toml::from_str::<RawConfig>("[approvals]\nhold = 1").is_err());
+    }
+
+    #[test]
+    fn server_limits_have_defaults_and_bounds() {
+        let server = |text: &str| toml::from_str::<RawConfig>(text).unwrap().server();
+        assert_eq!(
+            server("").unwrap(),
+            crate::server::ServerLimits {
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                max_connections: 10_000,
+                max_connections_configured: false,
+                max_header_bytes: 16_384,
+            }
+        );
+        let set = server(
+            "[server]\nheader_read_timeout_ms = 250\nidle_timeout_ms = 1000\nmax_connections = 50\nmax_header_bytes = 8192",
+        )
+        .unwrap();
+        assert_eq!(set.header_read_timeout, Duration::from_millis(250));
+        assert_eq!(set.idle_timeout, Duration::from_secs(1));
+        assert_eq!(
+            (set.max_connections, set.max_connections_configured),
+            (50, true)
+        );
+        assert_eq!(set.max_header_bytes, 8192);
+        let error = |text: &str| server(text).unwrap_err().to_string();
+        assert_eq!(
+            error("[server]\nheader_read_timeout_ms = 0"),
+            "`server.header_read_timeout_ms` must be between 100 and 600000, not 0"
+        );
+        assert!(error("[server]\nidle_timeout_ms = 99").starts_with("`server.idle_timeout_ms`"));
+        assert!(error("[server]\nmax_connections = 0").starts_with("`server.max_connections`"));
+        assert!(
+            error("[server]\nmax_header_bytes = 4096").starts_with("`server.max_header_bytes`")
+        );
+        assert!(toml::from_str::<RawConfig>("[server]\ntimeout = 1").is_err());
     }
 
     #[test]

@@ -116,7 +116,12 @@ pub async fn run() -> Result<ExitCode> {
         gateway::Gateway::new(Arc::clone(&authority), catalog, gateway::Limits::default())
             .map_err(|e| anyhow!("{e}"))?;
     let app = control::api::router(Arc::clone(&authority)).merge(gateway::router(gateway));
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(crate::server::serve(
+        listener,
+        app,
+        crate::server::ServerLimits::default(),
+        std::future::pending(),
+    ));
     let http = reqwest::Client::new();
     let mut steps = Steps {
         failed: 0,
@@ -317,7 +322,7 @@ pub async fn run() -> Result<ExitCode> {
     finish(steps, server)
 }
 
-fn finish(steps: Steps, server: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<ExitCode> {
+fn finish(steps: Steps, server: tokio::task::JoinHandle<()>) -> Result<ExitCode> {
     server.abort();
     println!();
     if steps.failed > 0 {

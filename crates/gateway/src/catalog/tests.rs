@@ -203,3 +203,83 @@ fn resource_templates_fill_in_one_pass() {
     assert_eq!(fill("é{repo}é", &params), "éapié");
     assert_eq!(fill("", &params), "");
 }
+
+/// Declarations that would start and then misclassify calls are refused, each with one line
+/// naming the tool and the route, and a hint.
+#[test]
+fn routes_that_would_misclassify_are_refused() {
+    let check = |routes: &str, expected: &str| {
+        let text = format!(
+            "[[tools]]\nname = \"t\"\nkind = \"http\"\nupstream = \"http://x\"\nroutes = [\n{routes}\n]\n"
+        );
+        let error = catalog(&text).unwrap_err().to_string();
+        assert_eq!(error, expected);
+    };
+    check(
+        r#"{ method = "GET", path = "/repos/{owner}/{repo}", action = "a", class = "read", resource = "{owner}/{nope}" }"#,
+        "tool `t`: route `GET /repos/{owner}/{repo}`: `resource` names `{nope}`, which is not a parameter of the path; hint: the path's parameters are `{owner}`, `{repo}`",
+    );
+    check(
+        r#"{ method = "GET", path = "/health", action = "a", class = "read", resource = "{nope}" }"#,
+        "tool `t`: route `GET /health`: `resource` names `{nope}`, which is not a parameter of the path; hint: the path has no parameters: name them in the path as `{name}`, or give a fixed resource",
+    );
+    check(
+        r#"{ method = "GET", path = "/a/{x}", action = "a", class = "read", resource = "{x" }"#,
+        "tool `t`: route `GET /a/{x}`: `resource` `{x` has a `{` without its `}`; hint: write parameters as `{name}`",
+    );
+    check(
+        r#"{ method = "GET", path = "/a/{x}", action = "a", class = "read" },
+           { method = "get", path = "/a/{y}", action = "b", class = "write" }"#,
+        "tool `t`: route `get /a/{y}` is declared twice: `GET /a/{x}` before it already takes every such request; hint: remove one of them",
+    );
+    check(
+        r#"{ method = "*", path = "/a/{*rest}", action = "a", class = "read" },
+           { method = "DELETE", path = "/a/{*rest}", action = "b", class = "admin" }"#,
+        "tool `t`: route `DELETE /a/{*rest}` is declared twice: `* /a/{*rest}` before it already takes every such request; hint: remove one of them",
+    );
+    check(
+        r#"{ method = "FETCH", path = "/a", action = "a", class = "read" }"#,
+        "tool `t`: route `FETCH /a`: unknown method `FETCH`; hint: use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, or `*` for any",
+    );
+
+    // What is still accepted: a parameter in any position, `{*rest}` named as `{rest}` or
+    // `{*rest}`, one path under several methods, a `*` route after specific ones.
+    let fine = catalog(
+        r#"
+[[tools]]
+name = "t"
+kind = "http"
+upstream = "http://x"
+routes = [
+  { method = "get", path = "/a/{x}/b/{*rest}", action = "a", class = "read", resource = "x={x}; {*rest}" },
+  { method = "POST", path = "/a/{x}/b/{*rest}", action = "b", class = "write", resource = "{rest}" },
+  { method = "*", path = "/a/{x}/b/{*rest}", action = "c", class = "admin" },
+]
+"#,
+    )
+    .unwrap();
+    let t = fine.get("t").unwrap();
+    assert_eq!(
+        t.classify_http(&Method::GET, "/a/1/b/c/d").resource,
+        "x=1; c/d"
+    );
+    assert_eq!(t.classify_http(&Method::PUT, "/a/1/b/c").action, "c");
+}
+
+#[test]
+fn credentials_in_an_upstream_url_are_refused_without_echoing_them() {
+    let text = "[[tools]]\nname = \"t\"\nkind = \"mcp\"\nupstream = \"https://bot:hunter2@mcp.example.org/mcp\"\n";
+    let error = catalog(text).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "tool `t`: `upstream` carries credentials (`[redacted]@mcp.example.org`); hint: remove them from the URL and give them as `auth = { bearer = \"env:VAR\" }` or `{ header = …, value = \"file:PATH\" }`"
+    );
+    assert!(!error.contains("hunter2") && !error.contains("bot"));
+    let user_only = "[[tools]]\nname = \"t\"\nkind = \"http\"\nupstream = \"http://ghp_token@x\"\n";
+    let error = catalog(user_only).unwrap_err().to_string();
+    assert!(
+        error.contains("`upstream` carries credentials (`[redacted]@x`)")
+            && !error.contains("ghp_"),
+        "{error}"
+    );
+}

@@ -611,3 +611,200 @@ routes = [{{ method = "GET", path = "/issues/{{id}}", action = "read_issue", cla
         run.stderr
     );
 }
+
+/// `remit serve` with `remit.toml` holding `body`: refused with exit code 1, its stderr. A
+/// server that starts instead is killed, and the test fails rather than waits.
+fn refused_start(d: &Path, body: &str) -> String {
+    use std::io::Read;
+    std::fs::write(d.join("remit.toml"), body).unwrap();
+    let mut child = support::remit()
+        .current_dir(d)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("remit serve started with:\n{body}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{body}\n{stderr}");
+    stderr
+}
+
+/// Declarations that would start and then quietly break scoping or routing stop start-up,
+/// each with one error line naming the tool and the route, and a hint.
+#[test]
+fn tool_declarations_that_would_misroute_stop_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tool = |upstream: &str, routes: &str| {
+        format!(
+            "[[tools]]\nname = \"tracker\"\nkind = \"http\"\nupstream = \"{upstream}\"\nroutes = [\n{routes}\n]\n"
+        )
+    };
+    let get = r#"{ method = "GET", path = "/issues/{id}", action = "read_issue", class = "read", resource = "{id}" }"#;
+    assert_eq!(
+        refused_start(
+            d,
+            &tool(
+                "http://127.0.0.1:9",
+                r#"{ method = "GET", path = "/issues/{id}", action = "read_issue", class = "read", resource = "{nope}" }"#
+            )
+        ),
+        "error: `tools`: tool `tracker`: route `GET /issues/{id}`: `resource` names `{nope}`, which is not a parameter of the path\n\
+         hint: the path's parameters are `{id}`\n"
+    );
+    assert_eq!(
+        refused_start(
+            d,
+            &tool(
+                "http://127.0.0.1:9",
+                &format!(
+                    "{get},\n{}",
+                    r#"{ method = "GET", path = "/issues/{number}", action = "read_other", class = "read" }"#
+                )
+            )
+        ),
+        "error: `tools`: tool `tracker`: route `GET /issues/{number}` is declared twice: `GET /issues/{id}` before it already takes every such request\n\
+         hint: remove one of them\n"
+    );
+    assert_eq!(
+        refused_start(
+            d,
+            &tool(
+                "http://127.0.0.1:9",
+                r#"{ method = "GRAB", path = "/issues/{id}", action = "read_issue", class = "read" }"#
+            )
+        ),
+        "error: `tools`: tool `tracker`: route `GRAB /issues/{id}`: unknown method `GRAB`\n\
+         hint: use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, or `*` for any\n"
+    );
+    let stderr = refused_start(d, &tool("https://bot:hunter2@tracker.example.org", get));
+    assert_eq!(
+        stderr,
+        "error: `tools`: tool `tracker`: `upstream` carries credentials (`[redacted]@tracker.example.org`)\n\
+         hint: remove them from the URL and give them as `auth = { bearer = \"env:VAR\" }` or `{ header = …, value = \"file:PATH\" }`\n"
+    );
+    assert!(!stderr.contains("hunter2"));
+}
+
+#[test]
+fn a_store_in_a_missing_directory_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let expected = "error: `store`: the directory `/no/such/dir` of `/no/such/dir/remit.db` does not exist\n\
+                    hint: create it, or point `store` at a file in an existing directory\n";
+    assert_eq!(
+        refused_start(d, "store = \"sqlite:///no/such/dir/remit.db\"\n"),
+        expected
+    );
+    // Admin commands settle the same configuration.
+    let run = run(
+        d,
+        &["--store", "sqlite:///no/such/dir/remit.db", "agent", "list"],
+    );
+    assert_eq!((run.status, run.stderr.as_str()), (1, expected));
+    // A file in the working directory, or one in a directory that exists, is fine.
+    std::fs::write(d.join("remit.toml"), "").unwrap();
+    ok(d, &["--store", "sqlite://here.db", "agent", "list"]);
+    std::fs::create_dir(d.join("data")).unwrap();
+    ok(d, &["--store", "sqlite://data/remit.db", "agent", "list"]);
+}
+
+/// A policy directory from scratch: what is missing is named with a hint, and
+/// `remit policy init` writes a directory that validates and passes its tests.
+#[test]
+fn a_policy_directory_from_scratch() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("empty")).unwrap();
+    let no_schema = "error: no `*.cedarschema` file in `empty`, so its policies cannot be validated\n\
+                     hint: `remit policy init empty` writes the example schema and policies to start from\n";
+    assert_eq!(refused_start(d, "policies = \"empty\"\n"), no_schema);
+    std::fs::remove_file(d.join("remit.toml")).unwrap();
+    let run_in = |args: &[&str]| {
+        let run = run(d, args);
+        (run.status, run.stdout, run.stderr)
+    };
+    assert_eq!(
+        run_in(&["policy", "test", "empty"]),
+        (1, String::new(), no_schema.to_string())
+    );
+
+    // A directory with policies and a schema but no tests.
+    let repo_policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    for name in ["remit.cedarschema", "calls.cedar", "tasks.cedar"] {
+        std::fs::copy(repo_policies.join(name), d.join("empty").join(name)).unwrap();
+    }
+    let (status, _, stderr) = run_in(&["policy", "test", "empty"]);
+    assert_eq!(
+        (status, stderr.as_str()),
+        (
+            1,
+            "error: no tests: `empty/tests` is not a directory\n\
+             hint: write `[[case]]` entries in `empty/tests/NAME.toml`, or start from the example that `remit policy init NEW_DIR` writes\n"
+        )
+    );
+
+    // `init` creates the directory (and its parents) and writes the examples.
+    let out = ok(d, &["policy", "init", "new/policies"]);
+    assert_eq!(
+        out,
+        "wrote new/policies/remit.cedarschema\n\
+         wrote new/policies/calls.cedar\n\
+         wrote new/policies/tasks.cedar\n\
+         wrote new/policies/tests/examples.toml\n\
+         next: edit them, check them with `remit policy test new/policies`, and serve them with `policies = \"new/policies\"` in remit.toml\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("new/policies/calls.cedar")).unwrap(),
+        std::fs::read_to_string(repo_policies.join("calls.cedar")).unwrap()
+    );
+    let out = ok(d, &["policy", "validate", "new/policies"]);
+    assert!(out.contains("policies valid against the schema"), "{out}");
+    let out = ok(d, &["policy", "test", "new/policies"]);
+    assert!(out.trim_end().ends_with(" passed, 0 failed"), "{out}");
+    assert!(!out.contains("FAIL"), "{out}");
+
+    // It never overwrites: a second run, or a directory that holds one of its files, is
+    // refused before anything is written.
+    std::fs::write(d.join("new/policies/calls.cedar"), "// mine\n").unwrap();
+    let (status, _, stderr) = run_in(&["policy", "init", "new/policies"]);
+    assert_eq!(
+        (status, stderr.as_str()),
+        (
+            1,
+            "error: `new/policies/remit.cedarschema` already exists, and `remit policy init` never overwrites a file\n\
+             hint: choose a new directory, or move the existing files away\n"
+        )
+    );
+    std::fs::create_dir(d.join("partial")).unwrap();
+    std::fs::write(d.join("partial/tasks.cedar"), "// mine\n").unwrap();
+    let (status, _, stderr) = run_in(&["policy", "init", "partial"]);
+    assert_eq!(status, 1);
+    assert!(
+        stderr.starts_with("error: `partial/tasks.cedar` already exists"),
+        "{stderr}"
+    );
+    assert!(!d.join("partial/remit.cedarschema").exists());
+    assert_eq!(
+        std::fs::read_to_string(d.join("new/policies/calls.cedar")).unwrap(),
+        "// mine\n"
+    );
+}

@@ -94,6 +94,11 @@ impl Server {
         panic!("remit serve did not start:\n{}", self.log_text());
     }
 
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap()
+    }
+
     pub fn log_text(&self) -> String {
         let mut text = String::new();
         if let Ok(mut file) = std::fs::File::open(&self.log) {
