@@ -57,7 +57,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
         let answer = Refusal::new(StatusCode::BAD_REQUEST, "path_invalid", &reason, metadata)
             .into_response();
         return gateway
-            .refuse_early(&early, "path_invalid", &reason, answer)
+            .refuse_early(&early, &early.action(), "path_invalid", &reason, answer)
             .await;
     }
     let presented = match caller::presented(&parts.headers, metadata) {
@@ -73,7 +73,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
             let answer =
                 Refusal::new(refused.status(), refused.code(), &message, metadata).into_response();
             return gateway
-                .refuse_early(&early, refused.code(), &message, answer)
+                .refuse_early(&early, &early.action(), refused.code(), &message, answer)
                 .await;
         }
     };

@@ -214,12 +214,13 @@ impl Gateway {
     /// A request to a declared tool that the gateway refuses before it names an action (a
     /// path it will not forward, a method the route does not take, a body over the limit or
     /// not JSON-RPC). With credentials, the caller is authenticated and the refusal recorded
-    /// as a `call.decision` with `code`, the action named after the request's method and
-    /// path (see [`Early::path`]); the caller then gets `answer`, unless its credentials themselves fail. Without
-    /// credentials it gets `answer` and nothing is attributed to anyone.
+    /// as a `call.decision` of `action` (mostly [`Early::action`]) with `code`; the caller
+    /// then gets `answer`, unless its credentials themselves fail. Without credentials it
+    /// gets `answer` and nothing is attributed to anyone.
     pub(crate) async fn refuse_early(
         &self,
         early: &Early<'_>,
+        action: &str,
         code: &'static str,
         message: &str,
         answer: axum::response::Response,
@@ -229,13 +230,8 @@ impl Gateway {
             return answer;
         };
         let started = Instant::now();
-        let action = if early.path.is_empty() {
-            early.method.to_string()
-        } else {
-            format!("{} {}", early.method, early.path)
-        };
         let attempt = CallAttempt {
-            action: &action,
+            action,
             resource: early.path.trim_start_matches('/'),
             class: model::ActionClass::Admin,
             sensitivity: &early.tool.sensitivity,
@@ -270,9 +266,20 @@ pub(crate) struct Early<'a> {
     /// The public URL, for the proof's `htu`.
     pub(crate) url: &'a str,
     /// The path after the tool's name, as sent (`/files/../admin`; empty for MCP), which
-    /// names the action (`GET /files/../admin`, as unmatched HTTP routes are named) and the
-    /// resource.
+    /// names the resource and, through [`Early::action`], the action.
     pub(crate) path: &'a str,
+}
+
+impl Early<'_> {
+    /// The request's method and path, as unmatched HTTP routes are named: `GET /files/x`,
+    /// or the method alone for MCP.
+    pub(crate) fn action(&self) -> String {
+        if self.path.is_empty() {
+            self.method.to_string()
+        } else {
+            format!("{} {}", self.method, self.path)
+        }
+    }
 }
 
 /// The gateway's routes: `/mcp/{tool}`, `/http/{tool}/{*path}`, the RFC 9728 metadata and

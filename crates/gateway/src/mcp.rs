@@ -122,7 +122,13 @@ pub(crate) async fn handle(
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
         return gateway
-            .refuse_early(&early, "method_not_allowed", message, answer)
+            .refuse_early(
+                &early,
+                &early.action(),
+                "method_not_allowed",
+                message,
+                answer,
+            )
             .await;
     }
     let presented = match caller::presented(&parts.headers, metadata) {
@@ -216,6 +222,29 @@ impl Call<'_> {
                 }
             }
         }
+        if needs
+            .iter()
+            .all(|need| matches!(need, Need::Refused { .. }))
+        {
+            // Nothing in the request may pass: recorded as the refusal it is, not as a
+            // session message.
+            let reason = needs
+                .iter()
+                .find_map(|need| match need {
+                    Need::Refused { message, .. } => Some(message.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let action = summary(&messages);
+            let answer = sort(batch, messages, needs, None).map_or_else(
+                |answer| answer,
+                |(_, errors)| json_response(StatusCode::OK, shape(batch, errors)),
+            );
+            return self
+                .gateway
+                .refuse_early(self.early, &action, "invalid_request", &reason, answer)
+                .await;
+        }
         let decided = needs
             .iter()
             .position(|need| matches!(need, Need::Decision { .. }));
@@ -291,7 +320,7 @@ impl Call<'_> {
     /// A request refused before any of its messages is decided, authenticated and recorded.
     async fn refuse(&self, code: &'static str, message: &str, answer: Response) -> Response {
         self.gateway
-            .refuse_early(self.early, code, message, answer)
+            .refuse_early(self.early, &self.early.action(), code, message, answer)
             .await
     }
 
@@ -394,52 +423,10 @@ impl Call<'_> {
         action: &str,
         original: &Bytes,
     ) -> Response {
-        let mut errors = Vec::new();
-        let mut passing = Vec::new();
-        // Refusals of messages without an `id` (shaped as notifications), which JSON-RPC
-        // would leave unanswered: with id `null`, sent only when nothing else in the request
-        // is answered, so that the client learns of the refusal all the same.
-        let mut unanswered: Vec<(i64, Value)> = Vec::new();
-        for (message, need) in messages.into_iter().zip(needs) {
-            match need {
-                Need::Refused {
-                    code,
-                    message: text,
-                } => {
-                    let data = denial_data
-                        .clone()
-                        .filter(|_| code == CALL_DENIED || code == CALL_LIMITED);
-                    match message.get("id") {
-                        Some(id) => errors.push(rpc_error(id.clone(), code, &text, data)),
-                        None if message.get("method").is_none() => {
-                            errors.push(rpc_error(Value::Null, code, &text, data));
-                        }
-                        None => unanswered.push((code, rpc_error(Value::Null, code, &text, data))),
-                    }
-                }
-                Need::Session | Need::Decision { .. } => passing.push(message),
-            }
-        }
-        let answered = !errors.is_empty()
-            || passing
-                .iter()
-                .any(|m| m.get("method").is_some() && m.get("id").is_some());
-        if !answered && let Some((code, _)) = unanswered.first() {
-            // MCP: input that is not a request and is not accepted gets an HTTP error status,
-            // its body a JSON-RPC error without an id.
-            let status = match *code {
-                CALL_DENIED => StatusCode::FORBIDDEN,
-                CALL_LIMITED => StatusCode::TOO_MANY_REQUESTS,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            errors.extend(unanswered.into_iter().map(|(_, error)| error));
-            if passing.is_empty() {
-                return json_response(status, shape(batch, errors));
-            }
-        }
-        if passing.is_empty() {
-            return json_response(StatusCode::OK, shape(batch, errors));
-        }
+        let (passing, errors) = match sort(batch, messages, needs, denial_data) {
+            Ok(sorted) => sorted,
+            Err(answer) => return answer,
+        };
         let body = if batch {
             Bytes::from(Value::Array(passing).to_string())
         } else {
@@ -916,6 +903,67 @@ impl Outcome {
         }
         self.authority.record_later(event);
     }
+}
+
+/// Splits a request's messages into those that pass and remit's JSON-RPC errors for those
+/// refused; when none passes, `Err` holds the whole answer.
+#[expect(
+    clippy::result_large_err,
+    reason = "the answer is built once per request, and `Err` ends it"
+)]
+fn sort(
+    batch: bool,
+    messages: Vec<Value>,
+    needs: Vec<Need>,
+    denial_data: Option<Value>,
+) -> Result<(Vec<Value>, Vec<Value>), Response> {
+    let mut errors = Vec::new();
+    let mut passing = Vec::new();
+    // Refusals of messages without an `id` (shaped as notifications), which JSON-RPC
+    // would leave unanswered: with id `null`, sent only when nothing else in the request
+    // is answered, so that the client learns of the refusal all the same.
+    let mut unanswered: Vec<(i64, Value)> = Vec::new();
+    for (message, need) in messages.into_iter().zip(needs) {
+        match need {
+            Need::Refused {
+                code,
+                message: text,
+            } => {
+                let data = denial_data
+                    .clone()
+                    .filter(|_| code == CALL_DENIED || code == CALL_LIMITED);
+                match message.get("id") {
+                    Some(id) => errors.push(rpc_error(id.clone(), code, &text, data)),
+                    None if message.get("method").is_none() => {
+                        errors.push(rpc_error(Value::Null, code, &text, data));
+                    }
+                    None => unanswered.push((code, rpc_error(Value::Null, code, &text, data))),
+                }
+            }
+            Need::Session | Need::Decision { .. } => passing.push(message),
+        }
+    }
+    let answered = !errors.is_empty()
+        || passing
+            .iter()
+            .any(|m| m.get("method").is_some() && m.get("id").is_some());
+    if !answered && let Some((code, _)) = unanswered.first() {
+        // MCP: input that is not a request and is not accepted gets an HTTP error status,
+        // its body a JSON-RPC error without an id.
+        let status = match *code {
+            CALL_DENIED => StatusCode::FORBIDDEN,
+            CALL_LIMITED => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        errors.extend(unanswered.into_iter().map(|(_, error)| error));
+        if passing.is_empty() {
+            return Err(json_response(status, shape(batch, errors)));
+        }
+    }
+    if passing.is_empty() {
+        return Err(json_response(StatusCode::OK, shape(batch, errors)));
+    }
+    Ok((passing, errors))
 }
 
 /// A short name for a request that calls no tool, for the audit record.

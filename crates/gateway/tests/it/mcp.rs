@@ -688,6 +688,14 @@ async fn a_batch_of_two_calls_is_refused_without_reaching_the_server() {
             .iter()
             .any(|s| s.body.contains("tools/call"))
     );
+    // Nothing in it passed: recorded as a refusal, not as an allowed session message.
+    let decided = decided(&session).await;
+    let (action, code, detail) = decided.last().unwrap();
+    assert_eq!(
+        (action.as_str(), code.as_str()),
+        ("batch:tools/call", "invalid_request")
+    );
+    assert!(detail.get("check").is_none(), "{detail}");
 }
 
 /// The `call.decision` events of the session's task, each as (action, code, detail).
