@@ -40,8 +40,9 @@ pub struct RawTool {
     pub max_body_bytes: Option<usize>,
 }
 
-/// The bounds of every `max_body_bytes`, the top-level one and each tool's: a body without
-/// a declared length is held in memory up to the limit before it is forwarded.
+/// The bounds of a tool's `max_body_bytes`, the same as the top-level setting's (checked in
+/// the binary's configuration): a body without a declared length is held in memory up to the
+/// limit before it is forwarded.
 pub const BODY_LIMIT_BOUNDS: std::ops::RangeInclusive<usize> = 1024..=16 * 1024 * 1024;
 
 #[derive(Clone, Debug, Deserialize)]
