@@ -146,16 +146,43 @@ impl Authority {
     /// authenticated (so the attempt is attributed), the call is refused as `tool_unknown`,
     /// recorded, and counted against the agent by the `unknown_tool` rule.
     pub async fn refuse_unknown_tool(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
+        let message = format!("no tool named `{}`", attempt.tool);
+        self.refuse_authenticated(attempt, "tool_unknown", &message, true)
+            .await
+    }
+
+    /// The call path for a request the gateway refuses before it names an action (a path it
+    /// will not forward, a method the route does not take, a body over the limit, a body that
+    /// is not JSON-RPC): the caller is authenticated, so that the refusal is attributed to its
+    /// agent, and the refusal is recorded with `code` and `message`. Credentials that fail
+    /// are refused and recorded for that reason instead, and attributed to nobody unless the
+    /// token verified.
+    pub async fn refuse_request(
+        &self,
+        attempt: &CallAttempt<'_>,
+        code: &'static str,
+        message: &str,
+    ) -> CallVerdict {
+        self.refuse_authenticated(attempt, code, message, false)
+            .await
+    }
+
+    async fn refuse_authenticated(
+        &self,
+        attempt: &CallAttempt<'_>,
+        code: &'static str,
+        message: &str,
+        unknown_tool: bool,
+    ) -> CallVerdict {
         let mut verdict = self.decide_timed(attempt, Check::Session).await;
         if verdict.is_allow() {
-            verdict.report =
-                model::DecisionReport::deny(format!("no tool named `{}`", attempt.tool));
-            verdict.code = "tool_unknown";
-            verdict.message = format!("no tool named `{}`", attempt.tool);
+            verdict.report = model::DecisionReport::deny(message.to_string());
+            verdict.code = code;
+            verdict.message = message.to_string();
         }
-        let authenticated = verdict.code == "tool_unknown";
+        let authenticated = verdict.code == code;
         let verdict = self.record(attempt, verdict, Check::Call).await;
-        self.contain(&verdict, authenticated).await;
+        self.contain(&verdict, unknown_tool && authenticated).await;
         verdict
     }
 

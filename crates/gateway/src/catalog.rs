@@ -34,7 +34,16 @@ pub struct RawTool {
     /// HTTP: routes in order; the first match classifies the request.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// Largest request body an agent may send to this tool, in bytes; overrides the
+    /// top-level `max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
 }
+
+/// The bounds of a tool's `max_body_bytes`, the same as the top-level setting's (checked in
+/// the binary's configuration): a body without a declared length is held in memory up to the
+/// limit before it is forwarded.
+pub const BODY_LIMIT_BOUNDS: std::ops::RangeInclusive<usize> = 1024..=16 * 1024 * 1024;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
@@ -169,6 +178,8 @@ pub struct ToolSpec {
     pub sensitivity: Vec<String>,
     pub mcp_tools: HashMap<String, McpEntry>,
     pub routes: Vec<HttpRoute>,
+    /// The tool's own body limit, if it declares one; else the node's `max_body_bytes`.
+    pub max_body_bytes: Option<usize>,
 }
 
 /// One request, classified.
@@ -402,6 +413,15 @@ fn validate(raw: &RawTool, env: &dyn Fn(&str) -> Option<String>) -> Result<ToolS
         )));
     }
     let auth = resolve_auth(raw.auth.as_ref(), env).map_err(fail)?;
+    if let Some(bytes) = raw.max_body_bytes
+        && !BODY_LIMIT_BOUNDS.contains(&bytes)
+    {
+        return Err(fail(format!(
+            "`max_body_bytes` must be between {} and {}, not {bytes}",
+            BODY_LIMIT_BOUNDS.start(),
+            BODY_LIMIT_BOUNDS.end()
+        )));
+    }
     let labels = |labels: &[String]| -> Result<Vec<String>, CatalogError> {
         for label in labels {
             if label.is_empty()
@@ -502,6 +522,7 @@ fn validate(raw: &RawTool, env: &dyn Fn(&str) -> Option<String>) -> Result<ToolS
         sensitivity: labels(&raw.sensitivity)?,
         mcp_tools,
         routes,
+        max_body_bytes: raw.max_body_bytes,
     })
 }
 

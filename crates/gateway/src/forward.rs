@@ -307,6 +307,76 @@ impl Scrubber {
     }
 }
 
+/// Why a request body was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyRefused {
+    /// Over the limit: declared so, or counted so as it streamed.
+    TooLarge,
+    /// The body broke off or was not valid framing.
+    Unreadable,
+}
+
+impl BodyRefused {
+    pub(crate) fn status(self) -> http::StatusCode {
+        match self {
+            BodyRefused::TooLarge => http::StatusCode::PAYLOAD_TOO_LARGE,
+            BodyRefused::Unreadable => http::StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            BodyRefused::TooLarge => "body_too_large",
+            BodyRefused::Unreadable => "body_invalid",
+        }
+    }
+
+    pub(crate) fn message(self, limit: usize, tool: &str) -> String {
+        match self {
+            BodyRefused::TooLarge => {
+                format!("the request body is larger than {limit} bytes, the limit of tool `{tool}`")
+            }
+            BodyRefused::Unreadable => "the request body could not be read".to_string(),
+        }
+    }
+}
+
+/// Whether the body declares a length (`Content-Length`, known to the server before a byte
+/// is read) over `limit`.
+pub(crate) fn declared_over(body: &Body, limit: usize) -> bool {
+    HttpBody::size_hint(body)
+        .exact()
+        .is_some_and(|length| length > u64::try_from(limit).unwrap_or(u64::MAX))
+}
+
+/// Reads a whole request body, counting bytes as they arrive and stopping at the first one
+/// over `limit`: a chunked body is refused as soon as it outgrows the limit, without being
+/// held beyond it.
+pub(crate) async fn read_limited(body: Body, limit: usize) -> Result<Bytes, BodyRefused> {
+    if declared_over(&body, limit) {
+        return Err(BodyRefused::TooLarge);
+    }
+    match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)).await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(BodyRefused::TooLarge),
+        Err(_) => Err(BodyRefused::Unreadable),
+    }
+}
+
+/// An HTTP tool's request body, held to `limit` bytes before the upstream is contacted. A
+/// declared length over the limit is refused before a byte is read; a declared length within
+/// it streams through, still counted (a body longer than it declared fails the upstream
+/// request rather than pass); a body without a declared length (chunked) is read whole, up to
+/// the limit, so that an oversize one never reaches the upstream, and forwarded with its
+/// length.
+pub(crate) async fn bounded_body(body: Body, limit: usize) -> Result<Body, BodyRefused> {
+    match HttpBody::size_hint(&body).exact() {
+        Some(_) if declared_over(&body, limit) => Err(BodyRefused::TooLarge),
+        Some(_) => Ok(Body::new(http_body_util::Limited::new(body, limit))),
+        None => read_limited(body, limit).await.map(Body::from),
+    }
+}
+
 /// How a response body ended, for the outcome record.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BodyEnd {

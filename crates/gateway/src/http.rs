@@ -15,8 +15,8 @@ use control::clock::{Clock, SystemClock};
 
 use crate::catalog::{Classified, ToolKind, ToolSpec};
 use crate::error::Refusal;
-use crate::forward::{BodyEnd, HEAD_TIMEOUT, Relayed};
-use crate::{Gateway, caller};
+use crate::forward::{BodyEnd, HEAD_TIMEOUT, Relayed, bounded_body};
+use crate::{Early, Gateway, caller};
 
 /// Where the route's path starts, after `/http/`.
 const PREFIX: &str = "/http/";
@@ -44,16 +44,40 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
                 .await;
         }
     };
+    let url = gateway.public_url(parts.uri.path());
+    let relative = format!("/{path}");
+    let early = Early {
+        tool: &tool,
+        headers: &parts.headers,
+        method: &parts.method,
+        url: &url,
+        path: &relative,
+    };
     if let Err(reason) = check_path(path) {
-        return Refusal::new(StatusCode::BAD_REQUEST, "path_invalid", reason, metadata)
+        let answer = Refusal::new(StatusCode::BAD_REQUEST, "path_invalid", &reason, metadata)
             .into_response();
+        return gateway
+            .refuse_early(&early, &early.action(), "path_invalid", &reason, answer)
+            .await;
     }
     let presented = match caller::presented(&parts.headers, metadata) {
         Ok(presented) => presented,
         Err(refusal) => return refusal.into_response(),
     };
-    let classified = tool.classify_http(&parts.method, &format!("/{path}"));
-    let url = gateway.public_url(parts.uri.path());
+    // Held to the limit before anything is decided or forwarded (see `bounded_body`).
+    let limit = gateway.body_limit(&tool);
+    let body = match bounded_body(body, limit).await {
+        Ok(body) => body,
+        Err(refused) => {
+            let message = refused.message(limit, &tool.name);
+            let answer =
+                Refusal::new(refused.status(), refused.code(), &message, metadata).into_response();
+            return gateway
+                .refuse_early(&early, &early.action(), refused.code(), &message, answer)
+                .await;
+        }
+    };
+    let classified = tool.classify_http(&parts.method, &relative);
     let verdict = gateway
         .decide(&tool, &presented, &parts.method, &url, &classified, "{}")
         .await;

@@ -169,6 +169,12 @@ impl Gateway {
         }
     }
 
+    /// The largest request body `tool` takes: its own `max_body_bytes`, else the node's.
+    pub fn body_limit(&self, tool: &ToolSpec) -> usize {
+        tool.max_body_bytes
+            .unwrap_or(self.authority.settings().max_body_bytes)
+    }
+
     /// A request for a tool remit does not front. With credentials, the caller is
     /// authenticated and the attempt recorded and counted by the containment rules (probing
     /// for tools is off-script); either way the answer is 404 `tool_unknown`, unless the
@@ -202,6 +208,76 @@ impl Gateway {
             not_found().into_response()
         } else {
             Refusal::from_verdict(&verdict, metadata).into_response()
+        }
+    }
+
+    /// A request to a declared tool that the gateway refuses before it names an action (a
+    /// path it will not forward, a method the route does not take, a body over the limit or
+    /// not JSON-RPC). With credentials, the caller is authenticated and the refusal recorded
+    /// as a `call.decision` of `action` (mostly [`Early::action`]) with `code`; the caller
+    /// then gets `answer`, unless its credentials themselves fail. Without credentials it
+    /// gets `answer` and nothing is attributed to anyone.
+    pub(crate) async fn refuse_early(
+        &self,
+        early: &Early<'_>,
+        action: &str,
+        code: &'static str,
+        message: &str,
+        answer: axum::response::Response,
+    ) -> axum::response::Response {
+        let metadata = self.resource_metadata_url();
+        let Ok(presented) = caller::presented(early.headers, metadata) else {
+            return answer;
+        };
+        let started = Instant::now();
+        let attempt = CallAttempt {
+            action,
+            resource: early.path.trim_start_matches('/'),
+            class: model::ActionClass::Admin,
+            sensitivity: &early.tool.sensitivity,
+            ..self.attempt(
+                &presented,
+                early.tool.bearer_tokens,
+                early.method,
+                early.url,
+                &early.tool.name,
+            )
+        };
+        let verdict = self.authority.refuse_request(&attempt, code, message).await;
+        self.metrics.decision(
+            verdict.report.decision.as_str(),
+            &early.tool.name,
+            verdict.code,
+            started.elapsed(),
+        );
+        if verdict.code == code {
+            answer
+        } else {
+            Refusal::from_verdict(&verdict, metadata).into_response()
+        }
+    }
+}
+
+/// A request to a declared tool, as far as the gateway read it before refusing it.
+pub(crate) struct Early<'a> {
+    pub(crate) tool: &'a ToolSpec,
+    pub(crate) headers: &'a axum::http::HeaderMap,
+    pub(crate) method: &'a Method,
+    /// The public URL, for the proof's `htu`.
+    pub(crate) url: &'a str,
+    /// The path after the tool's name, as sent (`/files/../admin`; empty for MCP), which
+    /// names the resource and, through [`Early::action`], the action.
+    pub(crate) path: &'a str,
+}
+
+impl Early<'_> {
+    /// The request's method and path, as unmatched HTTP routes are named: `GET /files/x`,
+    /// or the method alone for MCP.
+    pub(crate) fn action(&self) -> String {
+        if self.path.is_empty() {
+            self.method.to_string()
+        } else {
+            format!("{} {}", self.method, self.path)
         }
     }
 }

@@ -22,13 +22,12 @@ use http_body_util::{BodyExt, Limited};
 use model::ActionClass;
 use serde_json::{Value, json};
 
-use crate::Gateway;
 use crate::caller::{self, Presented};
 use crate::catalog::{Classified, ToolKind, ToolSpec};
 use crate::error::Refusal;
+use crate::forward::read_limited;
+use crate::{Early, Gateway};
 
-/// Largest request body accepted from an agent.
-const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Largest JSON answer (or SSE event) read from an upstream before it is filtered.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// How long an upstream may take to send its response head.
@@ -70,6 +69,10 @@ const DISCOVERY: [&str; 6] = [
     "prompts/list",
 ];
 
+/// The prefix of the methods that are notifications by the MCP specification: they act on
+/// nothing and pass once the caller is authenticated, with or without an `id`.
+const NOTIFICATIONS: &str = "notifications/";
+
 /// Verdict codes that refuse one message but leave its caller authenticated (token, proof,
 /// revocation and task state all passed): the other messages of the request may proceed.
 const ITEM_CODES: [&str; 5] = [
@@ -98,11 +101,40 @@ pub(crate) async fn handle(
             .unknown_tool(&tool, &parts.headers, &parts.method, &url)
             .await;
     };
+    let url = gateway.public_url(parts.uri.path());
+    let early = Early {
+        tool: &tool,
+        headers: &parts.headers,
+        method: &parts.method,
+        url: &url,
+        path: "",
+    };
+    if !matches!(parts.method, Method::POST | Method::GET | Method::DELETE) {
+        let message = "MCP takes POST, GET and DELETE";
+        let mut answer = Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            message,
+            metadata,
+        )
+        .into_response();
+        answer
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+        return gateway
+            .refuse_early(
+                &early,
+                &early.action(),
+                "method_not_allowed",
+                message,
+                answer,
+            )
+            .await;
+    }
     let presented = match caller::presented(&parts.headers, metadata) {
         Ok(presented) => presented,
         Err(refusal) => return refusal.into_response(),
     };
-    let url = gateway.public_url(parts.uri.path());
     let call = Call {
         gateway: &gateway,
         tool: &tool,
@@ -110,25 +142,13 @@ pub(crate) async fn handle(
         method: &parts.method,
         url: &url,
         headers: &parts.headers,
+        early: &early,
     };
     match parts.method {
         Method::POST => call.post(body).await,
         // GET opens the server's SSE stream (or resumes one); DELETE ends the session.
         Method::GET => call.session_message("stream/open").await,
-        Method::DELETE => call.session_message("session/end").await,
-        _ => {
-            let mut response = Refusal::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "MCP takes POST, GET and DELETE",
-                metadata,
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
-            response
-        }
+        _ => call.session_message("session/end").await,
     }
 }
 
@@ -140,6 +160,8 @@ struct Call<'a> {
     method: &'a Method,
     url: &'a str,
     headers: &'a HeaderMap,
+    /// The request as far as it was read, for refusals before any message is decided.
+    early: &'a Early<'a>,
 }
 
 /// What one JSON-RPC message needs before it may pass.
@@ -157,22 +179,25 @@ enum Need {
 
 impl Call<'_> {
     async fn post(&self, body: Body) -> Response {
-        let bytes = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => {
-                let message = format!(
-                    "the request body is larger than {} MiB",
-                    MAX_REQUEST_BYTES / (1024 * 1024)
-                );
-                return rpc_refusal(StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, &message);
+        let limit = self.gateway.body_limit(self.tool);
+        let bytes = match read_limited(body, limit).await {
+            Ok(bytes) => bytes,
+            Err(refused) => {
+                let message = refused.message(limit, &self.tool.name);
+                let answer = rpc_refusal(refused.status(), INVALID_REQUEST, &message);
+                return self.refuse(refused.code(), &message, answer).await;
             }
         };
         let Ok(parsed) = serde_json::from_slice::<Value>(&bytes) else {
-            return rpc_refusal(StatusCode::BAD_REQUEST, PARSE_ERROR, "the body is not JSON");
+            let message = "the body is not JSON";
+            let answer = rpc_refusal(StatusCode::BAD_REQUEST, PARSE_ERROR, message);
+            return self.refuse("parse_error", message, answer).await;
         };
         let (batch, messages) = match parsed {
             Value::Array(messages) if messages.is_empty() => {
-                return rpc_refusal(StatusCode::BAD_REQUEST, INVALID_REQUEST, "an empty batch");
+                let message = "an empty batch";
+                let answer = rpc_refusal(StatusCode::BAD_REQUEST, INVALID_REQUEST, message);
+                return self.refuse("invalid_request", message, answer).await;
             }
             Value::Array(messages) => (true, messages),
             message => (false, vec![message]),
@@ -196,6 +221,29 @@ impl Call<'_> {
                     };
                 }
             }
+        }
+        if needs
+            .iter()
+            .all(|need| matches!(need, Need::Refused { .. }))
+        {
+            // Nothing in the request may pass: recorded as the refusal it is, not as a
+            // session message.
+            let reason = needs
+                .iter()
+                .find_map(|need| match need {
+                    Need::Refused { message, .. } => Some(message.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let action = summary(&messages);
+            let answer = sort(batch, messages, needs, None).map_or_else(
+                |answer| answer,
+                |(_, errors)| json_response(StatusCode::OK, shape(batch, errors)),
+            );
+            return self
+                .gateway
+                .refuse_early(self.early, &action, "invalid_request", &reason, answer)
+                .await;
         }
         let decided = needs
             .iter()
@@ -269,6 +317,13 @@ impl Call<'_> {
             .await
     }
 
+    /// A request refused before any of its messages is decided, authenticated and recorded.
+    async fn refuse(&self, code: &'static str, message: &str, answer: Response) -> Response {
+        self.gateway
+            .refuse_early(self.early, &self.early.action(), code, message, answer)
+            .await
+    }
+
     /// Classifies one JSON-RPC message.
     fn need(&self, message: &Value) -> Need {
         let Some(object) = message.as_object() else {
@@ -278,19 +333,21 @@ impl Call<'_> {
             };
         };
         let method = object.get("method").and_then(Value::as_str);
-        let is_request = object.contains_key("id");
         let params = object.get("params");
         let name = || params.and_then(|p| p.get("name")).and_then(Value::as_str);
+        // The method decides, never the presence of an `id`: a `tools/call` shaped as a
+        // notification is still a tool call, and an upstream may well execute it.
         match method {
-            // Responses from the client (to sampling, elicitation, roots) and notifications act
-            // on no tool.
+            // Responses from the client (to sampling, elicitation, roots) act on no tool.
             None if object.contains_key("result") || object.contains_key("error") => Need::Session,
             None => Need::Refused {
                 code: INVALID_REQUEST,
                 message: "a JSON-RPC message needs a `method`".into(),
             },
-            Some(_) if !is_request => Need::Session,
-            Some(method) if DISCOVERY.contains(&method) => Need::Session,
+            // Notifications by the specification's own name, and methods that act on nothing.
+            Some(method) if method.starts_with(NOTIFICATIONS) || DISCOVERY.contains(&method) => {
+                Need::Session
+            }
             Some("tools/call") => {
                 let Some(name) = name() else {
                     return Need::Refused {
@@ -366,29 +423,10 @@ impl Call<'_> {
         action: &str,
         original: &Bytes,
     ) -> Response {
-        let mut errors = Vec::new();
-        let mut passing = Vec::new();
-        for (message, need) in messages.into_iter().zip(needs) {
-            match need {
-                Need::Refused {
-                    code,
-                    message: text,
-                } => {
-                    let id = message.get("id").cloned().unwrap_or(Value::Null);
-                    let data = denial_data
-                        .clone()
-                        .filter(|_| code == CALL_DENIED || code == CALL_LIMITED);
-                    // A refused notification gets no answer, as JSON-RPC wants.
-                    if message.get("method").is_none() || message.get("id").is_some() {
-                        errors.push(rpc_error(id, code, &text, data));
-                    }
-                }
-                Need::Session | Need::Decision { .. } => passing.push(message),
-            }
-        }
-        if passing.is_empty() {
-            return json_response(StatusCode::OK, shape(batch, errors));
-        }
+        let (passing, errors) = match sort(batch, messages, needs, denial_data) {
+            Ok(sorted) => sorted,
+            Err(answer) => return answer,
+        };
         let body = if batch {
             Bytes::from(Value::Array(passing).to_string())
         } else {
@@ -865,6 +903,67 @@ impl Outcome {
         }
         self.authority.record_later(event);
     }
+}
+
+/// Splits a request's messages into those that pass and remit's JSON-RPC errors for those
+/// refused; when none passes, `Err` holds the whole answer.
+#[expect(
+    clippy::result_large_err,
+    reason = "the answer is built once per request, and `Err` ends it"
+)]
+fn sort(
+    batch: bool,
+    messages: Vec<Value>,
+    needs: Vec<Need>,
+    denial_data: Option<Value>,
+) -> Result<(Vec<Value>, Vec<Value>), Response> {
+    let mut errors = Vec::new();
+    let mut passing = Vec::new();
+    // Refusals of messages without an `id` (shaped as notifications), which JSON-RPC
+    // would leave unanswered: with id `null`, sent only when nothing else in the request
+    // is answered, so that the client learns of the refusal all the same.
+    let mut unanswered: Vec<(i64, Value)> = Vec::new();
+    for (message, need) in messages.into_iter().zip(needs) {
+        match need {
+            Need::Refused {
+                code,
+                message: text,
+            } => {
+                let data = denial_data
+                    .clone()
+                    .filter(|_| code == CALL_DENIED || code == CALL_LIMITED);
+                match message.get("id") {
+                    Some(id) => errors.push(rpc_error(id.clone(), code, &text, data)),
+                    None if message.get("method").is_none() => {
+                        errors.push(rpc_error(Value::Null, code, &text, data));
+                    }
+                    None => unanswered.push((code, rpc_error(Value::Null, code, &text, data))),
+                }
+            }
+            Need::Session | Need::Decision { .. } => passing.push(message),
+        }
+    }
+    let answered = !errors.is_empty()
+        || passing
+            .iter()
+            .any(|m| m.get("method").is_some() && m.get("id").is_some());
+    if !answered && let Some((code, _)) = unanswered.first() {
+        // MCP: input that is not a request and is not accepted gets an HTTP error status,
+        // its body a JSON-RPC error without an id.
+        let status = match *code {
+            CALL_DENIED => StatusCode::FORBIDDEN,
+            CALL_LIMITED => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        errors.extend(unanswered.into_iter().map(|(_, error)| error));
+        if passing.is_empty() {
+            return Err(json_response(status, shape(batch, errors)));
+        }
+    }
+    if passing.is_empty() {
+        return Err(json_response(StatusCode::OK, shape(batch, errors)));
+    }
+    Ok((passing, errors))
 }
 
 /// A short name for a request that calls no tool, for the audit record.

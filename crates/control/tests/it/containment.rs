@@ -309,6 +309,77 @@ async fn probing_for_unknown_tools_quarantines() {
     assert_eq!(status(&h, "explorer").await, AgentStatus::Active);
 }
 
+/// A request the gateway refuses before it names an action is recorded for the agent whose
+/// token verified, with the gateway's code, and breaks no containment rule by itself; a
+/// forged token is refused for what it is and names nobody.
+#[tokio::test]
+async fn early_refusals_are_recorded_for_their_agent_and_quarantine_nobody() {
+    let h = Harness::new().await;
+    let agent = h.agent("strayer", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    let url = format!("{BASE}/http/github/files/%2e%2e/admin");
+    let proof = agent
+        .key
+        .sign_proof(
+            "GET",
+            &url,
+            Some(grant.token.expose()),
+            h.now(),
+            &unique("p"),
+        )
+        .unwrap();
+    let attempt = control::CallAttempt {
+        token: grant.token.expose(),
+        proof: Some(&proof),
+        bearer_allowed: false,
+        method: "GET",
+        url: &url,
+        tool: "github",
+        action: "GET /files/%2e%2e/admin",
+        resource: "files/%2e%2e/admin",
+        class: ActionClass::Admin,
+        sensitivity: &[],
+        arguments: "{}",
+        limiter: None,
+    };
+    let verdict = h
+        .authority
+        .refuse_request(&attempt, "path_invalid", "dot segments are not allowed")
+        .await;
+    assert_eq!(verdict.code, "path_invalid");
+    assert_eq!(verdict.message, "dot segments are not allowed");
+    assert_eq!(verdict.agent.as_deref(), Some(grant.spiffe_id.as_str()));
+    assert!(verdict.audit_seq.is_some());
+    assert_eq!(status(&h, "strayer").await, AgentStatus::Active);
+
+    let filter = store::AuditFilter {
+        task: Some(grant.task_id.to_string()),
+        limit: 1000,
+        ..Default::default()
+    };
+    let events = h.authority.audit_events(&h.admin, &filter).await.unwrap();
+    let decision = events
+        .iter()
+        .find(|e| e.body.kind == audit::kinds::CALL_DECISION)
+        .expect("a recorded decision");
+    assert_eq!(decision.body.decision.as_deref(), Some("deny"));
+    let detail = decision.body.detail.to_value();
+    assert_eq!(detail["code"], "path_invalid");
+    assert_eq!(detail["action"], "GET /files/%2e%2e/admin");
+    assert!(detail.get("check").is_none(), "{detail}");
+
+    let forged = control::CallAttempt {
+        token: "e30.e30.c2ln",
+        ..attempt
+    };
+    let verdict = h
+        .authority
+        .refuse_request(&forged, "path_invalid", "dot segments are not allowed")
+        .await;
+    assert!(verdict.code.starts_with("token_"), "{}", verdict.code);
+    assert_eq!(verdict.agent, None);
+}
+
 #[tokio::test]
 async fn rules_can_be_turned_off_and_a_webhook_is_told() {
     let received: Arc<Mutex<Vec<Value>>> = Arc::default();

@@ -179,6 +179,14 @@ fn bad_declarations_name_the_tool_and_the_problem() {
         "kind = \"mcp\"\nupstream = \"http://x\"\nroutes = [{ method = \"GET\", path = \"/x\", action = \"a\", class = \"read\" }]",
         "`routes` are for `http`",
     );
+    check(
+        "kind = \"http\"\nupstream = \"http://x\"\nmax_body_bytes = 100",
+        "`max_body_bytes` must be between 1024 and 16777216, not 100",
+    );
+    check(
+        "kind = \"mcp\"\nupstream = \"http://x\"\nmax_body_bytes = 16777217",
+        "`max_body_bytes` must be between 1024 and 16777216",
+    );
     let twice = "[[tools]]\nname = \"t\"\nkind = \"mcp\"\nupstream = \"http://x\"\n[[tools]]\nname = \"t\"\nkind = \"mcp\"\nupstream = \"http://x\"\n";
     assert!(
         catalog(twice)

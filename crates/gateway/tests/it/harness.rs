@@ -179,3 +179,52 @@ impl Drop for Remit {
         self.server.abort();
     }
 }
+
+/// Sends `chunks` as a body without a declared length (HTTP/1.1 chunked transfer encoding,
+/// which reqwest cannot send without its streaming feature) and returns the answer's status,
+/// headers and body.
+pub async fn send_chunked(
+    method: &str,
+    url: &str,
+    headers: &[(&str, String)],
+    chunks: Vec<bytes::Bytes>,
+) -> (u16, http::HeaderMap, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let frames = futures::stream::iter(
+        chunks
+            .into_iter()
+            .map(|chunk| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk))),
+    );
+    let mut request = http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let request = request
+        .body(http_body_util::StreamBody::new(frames))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let response = client.request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+/// The `call.decision` events of `task`, oldest first.
+pub async fn decisions(remit: &Remit, task: &str) -> Vec<audit::Event> {
+    let filter = store::AuditFilter {
+        task: Some(task.to_string()),
+        limit: 1000,
+        ..Default::default()
+    };
+    remit
+        .authority
+        .store()
+        .query_events(&filter)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|event| event.body.kind == audit::kinds::CALL_DECISION)
+        .collect()
+}

@@ -202,6 +202,22 @@ routes = [
 ]
 
 [[tools]]
+name = "gh-uploads"
+kind = "http"
+upstream = "{upstream}"
+auth = {{ bearer = "env:UPSTREAM_TOKEN" }}
+max_body_bytes = 4194304
+routes = [{{ method = "POST", path = "/repos/{{owner}}/{{repo}}/issues", action = "create_issue", class = "write", resource = "{{owner}}/{{repo}}" }}]
+
+[[tools]]
+name = "gh-small"
+kind = "http"
+upstream = "{upstream}"
+auth = {{ bearer = "env:UPSTREAM_TOKEN" }}
+max_body_bytes = 2048
+routes = [{{ method = "POST", path = "/repos/{{owner}}/{{repo}}/issues", action = "create_issue", class = "write", resource = "{{owner}}/{{repo}}" }}]
+
+[[tools]]
 name = "gh-bearer"
 kind = "http"
 upstream = "{upstream}"
@@ -231,6 +247,8 @@ fn scopes() -> Value {
     json!([
         { "tool": "gh", "actions": ["list_issues", "create_issue", "echo_headers", "redirect", "download"],
           "resources": ["octo/*", "echo-headers", "redirect", "large"] },
+        { "tool": "gh-uploads", "actions": ["create_issue"] },
+        { "tool": "gh-small", "actions": ["create_issue"] },
         { "tool": "gh-bearer", "actions": ["list_issues", "read_secret"] },
         { "tool": "down", "actions": ["ping"] },
     ])
@@ -580,6 +598,204 @@ async fn dot_segments_are_refused_before_anything_is_decided() {
     assert_eq!(s.upstream.count(), 0);
 }
 
+#[tokio::test]
+async fn refusals_before_routing_are_recorded_for_the_agent() {
+    let s = Setup::start().await;
+    let path = "/http/gh/files/%2e%2E/admin";
+    let proof = s.remit.proof(
+        &s.agent,
+        "GET",
+        &format!("{}{path}", s.remit.base),
+        &s.grant,
+    );
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: DPoP {}\r\nDPoP: {proof}\r\nConnection: close\r\n\r\n",
+        s.grant.token.expose()
+    );
+    let (status, body) = raw(&s.remit.base, &request).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("\"error\":\"path_invalid\""), "{body}");
+    // A route the tool's catalog does not know is decided (and refused) as an `admin` action.
+    check(
+        "unknown route",
+        s.call(Method::GET, "/http/gh/nowhere"),
+        403,
+        "out_of_scope",
+    )
+    .await;
+
+    let decisions = s
+        .events(s.grant.task_id.as_str(), audit::kinds::CALL_DECISION, 2)
+        .await;
+    let seen: Vec<(String, String, Option<String>)> = decisions
+        .iter()
+        .map(|event| {
+            let detail = event.body.detail.to_value();
+            (
+                detail["action"].as_str().unwrap().to_string(),
+                detail["code"].as_str().unwrap().to_string(),
+                event.body.decision.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                "GET /files/%2e%2E/admin".to_string(),
+                "path_invalid".to_string(),
+                Some("deny".to_string())
+            ),
+            (
+                "GET /nowhere".to_string(),
+                "out_of_scope".to_string(),
+                Some("deny".to_string())
+            ),
+        ]
+    );
+    for event in &decisions {
+        assert_eq!(
+            event.body.agent.as_deref(),
+            Some(s.grant.spiffe_id.as_str())
+        );
+        assert_eq!(event.body.detail.to_value()["tool"], "gh");
+        assert_eq!(event.body.detail.to_value()["class"], "admin");
+    }
+    assert_eq!(
+        decisions[0].body.detail.to_value()["resource"],
+        "files/%2e%2E/admin"
+    );
+
+    // Without credentials the refusal stays what it was, and nothing is recorded.
+    let anonymous = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let (status, body) = raw(&s.remit.base, &anonymous).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("\"error\":\"path_invalid\""), "{body}");
+    // Forged credentials are refused for what they are, and attributed to nobody.
+    let forged = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: DPoP forged\r\nDPoP: forged\r\nConnection: close\r\n\r\n"
+    );
+    let (status, body) = raw(&s.remit.base, &forged).await;
+    assert_eq!(status, 401, "{body}");
+    let everything = s
+        .remit
+        .authority
+        .store()
+        .query_events(&AuditFilter {
+            limit: 1000,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    let decided: Vec<&audit::Event> = everything
+        .iter()
+        .filter(|e| e.body.kind == audit::kinds::CALL_DECISION)
+        .collect();
+    assert_eq!(decided.len(), 3, "{decided:?}");
+    assert_eq!(decided[2].body.agent, None);
+    assert_eq!(decided[2].body.actor, "unauthenticated");
+    assert_eq!(s.upstream.count(), 0);
+}
+
+/// Posts `body` in chunks of 8 KiB, without a `Content-Length`.
+async fn post_chunked(s: &Setup, path: &str, body: &[u8]) -> (u16, Value) {
+    let url = format!("{}{path}", s.remit.base);
+    let proof = s.remit.proof(&s.agent, "POST", &url, &s.grant);
+    let headers = [
+        ("authorization", format!("DPoP {}", s.grant.token.expose())),
+        ("dpop", proof),
+        ("content-type", "application/octet-stream".to_string()),
+    ];
+    let chunks = body.chunks(8 * 1024).map(Bytes::copy_from_slice).collect();
+    let (status, headers, body) =
+        crate::harness::send_chunked("POST", &url, &headers, chunks).await;
+    if status == 413 {
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+    }
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_and_never_reaches_the_upstream() {
+    let s = Setup::start().await;
+    let path = "/http/gh/repos/octo/hello/issues";
+    // Over the node's `max_body_bytes` (64 KiB by default), with a declared length ...
+    let body = check(
+        "declared",
+        s.call(Method::POST, path).body(vec![b'x'; 100 * 1024]),
+        413,
+        "body_too_large",
+    )
+    .await;
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("65536 bytes") && message.contains("`gh`"),
+        "{message}"
+    );
+    // ... and chunked, without one: counted as it streams, refused before anything is sent.
+    let (status, body) = post_chunked(&s, path, &vec![b'y'; 100 * 1024]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("body_too_large")),
+        "{body}"
+    );
+    assert_eq!(s.upstream.count(), 0, "the upstream saw an oversize body");
+
+    // A chunked body within the limit is forwarded whole, with its length.
+    let small: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    let (status, body) = post_chunked(&s, path, &small).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["received"], small.len());
+    let seen = s.upstream.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].body == small, "the body changed on the way");
+    assert_eq!(seen[0].headers[header::CONTENT_LENGTH], "30000");
+    assert!(!seen[0].headers.contains_key(header::TRANSFER_ENCODING));
+
+    let decisions = s
+        .events(s.grant.task_id.as_str(), audit::kinds::CALL_DECISION, 3)
+        .await;
+    let codes: Vec<Value> = decisions
+        .iter()
+        .map(|e| e.body.detail.to_value()["code"].clone())
+        .collect();
+    assert_eq!(codes, ["body_too_large", "body_too_large", "allowed"]);
+    assert!(
+        decisions
+            .iter()
+            .all(|e| e.body.agent.as_deref() == Some(s.grant.spiffe_id.as_str()))
+    );
+}
+
+#[tokio::test]
+async fn a_tools_own_body_limit_overrides_the_nodes() {
+    let s = Setup::start().await;
+    let path = "/http/gh-small/repos/octo/hello/issues";
+    // Far below the node's 64 KiB, above the tool's 2 KiB: declared and chunked.
+    check(
+        "declared",
+        s.call(Method::POST, path).body(vec![b'x'; 3000]),
+        413,
+        "body_too_large",
+    )
+    .await;
+    let (status, body) = post_chunked(&s, path, &[b'y'; 3000]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("body_too_large")),
+        "{body}"
+    );
+    assert_eq!(s.upstream.count(), 0);
+    let response = s
+        .call(Method::POST, path)
+        .body(vec![b'z'; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(s.upstream.count(), 1);
+}
+
 /// One raw HTTP/1.1 exchange: the status and the body text.
 async fn raw(base: &str, request: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(base.trim_start_matches("http://"))
@@ -680,9 +896,10 @@ async fn a_large_streamed_body_is_scrubbed_across_chunk_boundaries() {
 #[tokio::test]
 async fn a_posted_body_of_several_megabytes_arrives_intact() {
     let s = Setup::start().await;
+    // Within the tool's own `max_body_bytes` (4 MiB), far over the node's 64 KiB.
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let response = s
-        .call(Method::POST, "/http/gh/repos/octo/hello/issues")
+        .call(Method::POST, "/http/gh-uploads/repos/octo/hello/issues")
         .body(payload.clone())
         .send()
         .await

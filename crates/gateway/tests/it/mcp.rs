@@ -688,18 +688,238 @@ async fn a_batch_of_two_calls_is_refused_without_reaching_the_server() {
             .iter()
             .any(|s| s.body.contains("tools/call"))
     );
+    // Nothing in it passed: recorded as a refusal, not as an allowed session message.
+    let decided = decided(&session).await;
+    let (action, code, detail) = decided.last().unwrap();
+    assert_eq!(
+        (action.as_str(), code.as_str()),
+        ("batch:tools/call", "invalid_request")
+    );
+    assert!(detail.get("check").is_none(), "{detail}");
+}
+
+/// The `call.decision` events of the session's task, each as (action, code, detail).
+async fn decided(session: &Session<'_>) -> Vec<(String, String, Value)> {
+    crate::harness::decisions(session.remit, session.grant.task_id.as_str())
+        .await
+        .into_iter()
+        .map(|event| {
+            assert_eq!(
+                event.body.agent.as_deref(),
+                Some(session.grant.spiffe_id.as_str()),
+                "{event:?}"
+            );
+            let detail = event.body.detail.to_value();
+            let field = |name: &str| detail[name].as_str().unwrap_or_default().to_string();
+            (field("action"), field("code"), detail)
+        })
+        .collect()
 }
 
 #[tokio::test]
-async fn an_oversized_body_is_refused_with_413() {
+async fn a_tool_call_without_an_id_is_decided_as_the_call_it_is() {
     let (upstream, remit) = setup(false).await;
     let agent = remit.agent(&crate::harness::unique("reader")).await;
     let mut session = Session::open(&remit, &agent, &["read_file"]).await;
-    let big = "x".repeat(5 * 1024 * 1024);
-    let answer = session.post(&json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": { "name": "read_file", "arguments": { "path": big } } })).await;
-    assert_eq!(answer.status, 413);
-    assert_eq!(answer.messages[0]["error"]["code"], -32600);
+    // `notifications/initialized` (no id) still passes on the caller's authentication alone.
+    session.initialize().await;
+    assert!(upstream.saw("notifications/initialized"));
+
+    // Out of scope, shaped as a notification: refused, answered at the HTTP level with an
+    // id-less JSON-RPC error, and never forwarded.
+    let denied = session
+        .post(&json!({ "jsonrpc": "2.0", "method": "tools/call", "params": { "name": "write_file", "arguments": { "path": "x" } } }))
+        .await;
+    assert_eq!(denied.status, 403, "{:?}", denied.messages);
+    let error = &denied.messages[0];
+    assert_eq!(error["id"], Value::Null, "{error}");
+    assert_eq!(error["error"]["code"], -32003, "{error}");
+    assert_eq!(error["error"]["data"]["error"], "out_of_scope", "{error}");
+    assert!(!upstream.saw("write_file"));
+
+    // In scope, shaped as a notification: decided as the call, then forwarded.
+    let allowed = session
+        .post(&json!({ "jsonrpc": "2.0", "method": "tools/call", "params": { "name": "read_file", "arguments": { "path": "quiet.txt" } } }))
+        .await;
+    assert!(
+        !matches!(allowed.status, 401 | 403 | 429),
+        "{}: {:?}",
+        allowed.status,
+        allowed.messages
+    );
+    assert!(upstream.saw("quiet.txt"), "the allowed call was forwarded");
+
+    let decided = decided(&session).await;
+    let find = |action: &str| {
+        decided
+            .iter()
+            .find(|(a, _, _)| a == action)
+            .unwrap_or_else(|| panic!("no decision on `{action}` in {decided:?}"))
+    };
+    let (_, code, detail) = find("write_file");
+    assert_eq!(code, "out_of_scope");
+    assert_eq!(detail["class"], "write", "{detail}");
+    assert!(
+        detail.get("check").is_none(),
+        "a call, not a session check: {detail}"
+    );
+    let (_, code, detail) = find("read_file");
+    assert_eq!(code, "allowed");
+    assert_eq!(detail["resource"], "quiet.txt", "{detail}");
+    assert!(
+        detail.get("check").is_none(),
+        "a call, not a session check: {detail}"
+    );
+    let (_, code, detail) = find("notifications/initialized");
+    assert_eq!(code, "allowed");
+    assert_eq!(detail["check"], "session", "{detail}");
+}
+
+#[tokio::test]
+async fn refusals_before_any_message_is_decided_are_recorded_for_the_agent() {
+    let (upstream, remit) = setup(false).await;
+    let agent = remit.agent(&crate::harness::unique("reader")).await;
+    let mut session = Session::open(&remit, &agent, &["read_file"]).await;
+
+    let put = session.request(reqwest::Method::PUT).send().await.unwrap();
+    assert_eq!(put.status(), 405);
+    assert_eq!(put.headers()["allow"], "GET, POST, DELETE");
+    assert_eq!(
+        put.json::<Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
+
+    let garbled = session
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbled.status(), 400);
+    assert_eq!(
+        garbled.json::<Value>().await.unwrap()["error"]["code"],
+        -32700
+    );
+
+    let empty = session.post(&json!([])).await;
+    assert_eq!(empty.status, 400);
+    assert_eq!(empty.messages[0]["error"]["code"], -32600);
+
+    let decided = decided(&session).await;
+    let codes: Vec<(&str, &str)> = decided
+        .iter()
+        .map(|(action, code, _)| (action.as_str(), code.as_str()))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            ("PUT", "method_not_allowed"),
+            ("POST", "parse_error"),
+            ("POST", "invalid_request")
+        ]
+    );
+    for (_, _, detail) in &decided {
+        assert_eq!(detail["tool"], "vault", "{detail}");
+        assert_eq!(detail["class"], "admin", "{detail}");
+    }
     assert!(upstream.seen().is_empty());
+
+    // Forged credentials are refused for what they are, and attributed to nobody.
+    let forged = reqwest::Client::new()
+        .put(&session.url)
+        .header("authorization", "DPoP not-a-token")
+        .header("dpop", "not-a-proof")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    let everything = remit
+        .authority
+        .store()
+        .query_events(&store::AuditFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let unattributed: Vec<_> = everything
+        .iter()
+        .filter(|e| e.body.kind == audit::kinds::CALL_DECISION && e.body.agent.is_none())
+        .collect();
+    assert_eq!(unattributed.len(), 1, "{unattributed:?}");
+    assert_eq!(unattributed[0].body.actor, "unauthenticated");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_before_the_server_sees_anything() {
+    let (upstream, remit) = setup(false).await;
+    let agent = remit.agent(&crate::harness::unique("reader")).await;
+    let mut session = Session::open(&remit, &agent, &["read_file"]).await;
+    // Over the node's `max_body_bytes` (64 KiB by default), with a declared length.
+    let big = "x".repeat(100 * 1024);
+    let call = |path: &str| json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": { "name": "read_file", "arguments": { "path": path } } });
+    let answer = session.post(&call(&big)).await;
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.messages[0]["id"], Value::Null);
+    assert_eq!(answer.messages[0]["error"]["code"], -32600);
+    let message = answer.messages[0]["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("65536 bytes") && message.contains("`vault`"),
+        "{message}"
+    );
+
+    // The same body in chunks, without a length: counted as it streams.
+    let text = call(&big).to_string();
+    let chunks = text
+        .as_bytes()
+        .chunks(8 * 1024)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let proof = remit.proof(&agent, "POST", &session.url, &session.grant);
+    let headers = [
+        (
+            "authorization",
+            format!("DPoP {}", session.grant.token.expose()),
+        ),
+        ("dpop", proof),
+        ("content-type", "application/json".to_string()),
+        ("accept", "application/json, text/event-stream".to_string()),
+    ];
+    let (status, _, body) =
+        crate::harness::send_chunked("POST", &session.url, &headers, chunks).await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], -32600, "{body}");
+    assert!(upstream.seen().is_empty());
+
+    let codes: Vec<String> = decided(&session)
+        .await
+        .into_iter()
+        .map(|(_, code, _)| code)
+        .collect();
+    assert_eq!(codes, ["body_too_large", "body_too_large"]);
+}
+
+#[tokio::test]
+async fn a_tools_own_body_limit_overrides_the_nodes() {
+    let upstream = Upstream::start(false).await;
+    let toml = format!("{}max_body_bytes = 2048\n", tools_toml(&upstream));
+    let remit = Remit::start(&toml, &[("VAULT_TOKEN", SECRET)]).await;
+    let agent = remit.agent(&crate::harness::unique("reader")).await;
+    let mut session = Session::open(&remit, &agent, &["read_file"]).await;
+    session.initialize().await;
+    let called = session
+        .call("read_file", json!({ "path": "a".repeat(1000) }))
+        .await;
+    assert!(called.get("result").is_some(), "{called}");
+    // Far below the node's 64 KiB, above the tool's 2 KiB.
+    let path = "b".repeat(3000);
+    let answer = session
+        .post(&json!({ "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": { "name": "read_file", "arguments": { "path": path } } }))
+        .await;
+    assert_eq!(answer.status, 413, "{:?}", answer.messages);
+    assert!(!upstream.saw(&path));
 }
 
 #[tokio::test]
