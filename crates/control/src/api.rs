@@ -133,20 +133,27 @@ struct RoleForbidden(ErrorBody);
 
 /// 413 on every route that reads a body.
 #[derive(ToResponse)]
-#[response(description = "`body_too_large`: the body is larger than `max_body_bytes` (64 KiB by default)")]
+#[response(
+    description = "`body_too_large`: the body is larger than `max_body_bytes` (64 KiB by default)"
+)]
 #[expect(dead_code, reason = "a response of the document only")]
 struct BodyTooLarge(ErrorBody);
 
 /// 503 on every route that reads or writes the store.
 #[derive(ToResponse)]
-#[response(description = "`store_unavailable`: the store cannot be reached, so remit refuses (fails closed)")]
+#[response(
+    description = "`store_unavailable`: the store cannot be reached, so remit refuses (fails closed)"
+)]
 #[expect(dead_code, reason = "a response of the document only")]
 struct StoreUnavailable(ErrorBody);
 
 /// The names `store::ApprovalStatus::parse` accepts, for the document.
 #[derive(ToSchema)]
 #[schema(as = ApprovalStatus, rename_all = "snake_case")]
-#[expect(dead_code, reason = "a schema only: `store::ApprovalStatus` is what the handlers use")]
+#[expect(
+    dead_code,
+    reason = "a schema only: `store::ApprovalStatus` is what the handlers use"
+)]
 pub(crate) enum ApprovalStatusName {
     Pending,
     Approved,
@@ -158,7 +165,10 @@ pub(crate) enum ApprovalStatusName {
 /// The names `store::RevocationKind::parse` accepts, for the document.
 #[derive(ToSchema)]
 #[schema(as = RevocationKind, rename_all = "snake_case")]
-#[expect(dead_code, reason = "a schema only: `store::RevocationKind` is what the handlers use")]
+#[expect(
+    dead_code,
+    reason = "a schema only: `store::RevocationKind` is what the handlers use"
+)]
 enum RevocationKindName {
     Token,
     Task,
@@ -400,11 +410,21 @@ impl From<AgentRecord> for AgentView {
 #[serde(deny_unknown_fields)]
 pub struct RegisterAgent {
     /// 1 to 64 lowercase letters, digits, `.`, `-` and `_`, starting with a letter or digit.
-    #[schema(example = "triage-bot", pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$", min_length = 1, max_length = 64)]
+    #[schema(
+        example = "triage-bot",
+        pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub name: String,
     /// The accountable owner, required: an identity such as an email address, at most 256
     /// bytes, without spaces or control characters.
-    #[schema(example = "alice@example.org", pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", min_length = 1, max_length = 256)]
+    #[schema(
+        example = "alice@example.org",
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$",
+        min_length = 1,
+        max_length = 256
+    )]
     pub owner: String,
     /// Public JWKs (P-256 `EC` or Ed25519 `OKP`), 1 to 8.
     #[schema(min_items = 1, max_items = 8, example = json!([{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]))]

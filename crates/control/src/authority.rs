@@ -85,7 +85,11 @@ pub struct TaskRequest {
     pub budget: Option<u32>,
     /// The user the agent acts for, if any: an identity such as an email address.
     #[serde(default)]
-    #[schema(pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$", min_length = 1, max_length = 256)]
+    #[schema(
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$",
+        min_length = 1,
+        max_length = 256
+    )]
     pub on_behalf_of: Option<String>,
     /// Limit every scope to `read` actions: a discovery task. Widening it later takes a new
     /// task request, which policy evaluates again.

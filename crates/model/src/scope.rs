@@ -38,7 +38,10 @@ pub enum ScopeError {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Scope {
     /// 1 to 64 lowercase letters, digits, `.`, `-` and `_`.
-    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9._-]{1,64}$", min_length = 1, max_length = 64))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[a-z0-9._-]{1,64}$", min_length = 1, max_length = 64)
+    )]
     pub tool: String,
     /// Action names, or `*` for every action of the tool: 1 to 64 of them, each 1 to 256
     /// printable characters.

@@ -467,7 +467,10 @@ async fn a_bad_reason_disables_or_releases_nothing() {
         }
     }
     let (status, _, agent) = send(&h, get("/v1/agents/triage-bot", Some(&admin))).await;
-    assert_eq!((status, &agent["status"]), (StatusCode::OK, &json!("active")));
+    assert_eq!(
+        (status, &agent["status"]),
+        (StatusCode::OK, &json!("active"))
+    );
     let (_, _, page) = send(&h, get("/v1/audit", Some(&admin))).await;
     let kinds: Vec<&str> = page["events"]
         .as_array()
@@ -476,7 +479,9 @@ async fn a_bad_reason_disables_or_releases_nothing() {
         .filter_map(|event| event["kind"].as_str())
         .collect();
     assert!(
-        !kinds.iter().any(|kind| ["agent.disabled", "agent.released", "revocation"].contains(kind)),
+        !kinds
+            .iter()
+            .any(|kind| ["agent.disabled", "agent.released", "revocation"].contains(kind)),
         "nothing was written: {kinds:?}"
     );
 }
