@@ -661,7 +661,7 @@ async fn complete_task(
 #[utoipa::path(post, path = "/v1/token", request_body(content = TokenExchange, content_type = "application/x-www-form-urlencoded"),
     security(("dpop" = [])), responses(
     (status = 200, body = Exchanged),
-    (status = 400, description = "`invalid_request`, `invalid_grant`, `invalid_scope`, `unsupported_grant_type`, or a malformed value", body = ErrorBody),
+    (status = 400, description = "`invalid_request`, `invalid_grant`, `invalid_scope`, `unsupported_grant_type`, `invalid_name` (the agent) or `invalid_text` (the intent)", body = ErrorBody),
     (status = 401, description = "the receiving agent is unknown, or its proof is missing or fails", body = ErrorBody),
     (status = 403, description = "refused by policy, or an agent that is not active", body = ErrorBody), (status = 413, response = BodyTooLarge), (status = 503, response = StoreUnavailable)))]
 async fn token_exchange(

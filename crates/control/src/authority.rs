@@ -30,7 +30,7 @@ use crate::revocation::RevocationIndex;
 use crate::settings::Settings;
 
 const MAX_KEYS_PER_AGENT: usize = 8;
-const MAX_INTENT_LEN: usize = 1024;
+pub(crate) const MAX_INTENT_LEN: usize = 1024;
 const MAX_REASON_LEN: usize = 1024;
 /// An agent's disable or release reason: short enough that `agent disabled: <reason>` is
 /// still a valid revocation reason.
