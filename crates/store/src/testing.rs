@@ -22,9 +22,10 @@ pub fn postgres_url() -> Option<String> {
     required_under_ci(POSTGRES_URL_VAR, "a PostgreSQL test")
 }
 
-/// The test virtual environment's Python; `None` when unset, except under `CI=true`.
-pub fn python() -> Option<String> {
-    required_under_ci(PYTHON_VAR, "a test that runs Python")
+/// The test virtual environment's Python for the test named `what`; `None` when unset,
+/// except under `CI=true`.
+pub fn python(what: &str) -> Option<String> {
+    required_under_ci(PYTHON_VAR, what)
 }
 
 /// A test's environment variable: `None` (with a note naming `what` is skipped) when unset,
@@ -41,7 +42,7 @@ pub fn required_under_ci(var: &str, what: &str) -> Option<String> {
             panic!("{var} must be set under CI")
         }
         _ => {
-            eprintln!("note: skipping {what}: set {var} to run it");
+            eprintln!("note: skipped {what}: set {var} to run it");
             None
         }
     }

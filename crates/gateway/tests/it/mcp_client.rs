@@ -12,7 +12,7 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/dpop_cli
 
 #[tokio::test]
 async fn the_official_python_sdk_lists_calls_and_is_refused_through_remit() {
-    let Some(python) = store::testing::python() else {
+    let Some(python) = store::testing::python("the Python MCP client test") else {
         return;
     };
     let (upstream, remit) = setup(false).await;
