@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use store::{AgentRecord, AuditFilter, RevocationKind, TaskRecord};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{OpenApi, ToResponse, ToSchema};
 
 use crate::approvals::ApprovalView;
 use crate::authority::{Authority, Grant, TaskRequest, VerifyReport};
@@ -71,7 +71,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         complete_task, task_timeline, token_exchange, list_approvals, show_approval, approve, deny, revoke, rotate_keys, audit_events, audit_verify,
         audit_checkpoint
     ),
-    components(schemas(ErrorBody, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, TimelineEntry, ApprovalView, DecideApproval, Revoke, RevocationView, Rotated, AuditPage, VerifyReport, Checkpoint)),
+    components(responses(OperatorUnauthorized, RoleForbidden, BodyTooLarge, StoreUnavailable), schemas(ErrorBody, ApprovalStatusName, AgentView, RegisterAgent, DisableAgent, TaskRequest, Grant, TaskView, TokenExchange, Exchanged, TimelineEntry, ApprovalView, DecideApproval, Revoke, RevocationView, Rotated, AuditPage, VerifyReport, Checkpoint)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
@@ -110,6 +110,70 @@ pub struct ErrorBody {
     pub error: String,
     /// One line for a human.
     pub message: String,
+}
+
+/// 401 on every operator route.
+#[derive(ToResponse)]
+#[response(
+    description = "`operator_token_missing`: no `Authorization: Bearer <operator token>`; `operator_token_invalid`: a token remit does not know, or a disabled operator's",
+    headers(("WWW-Authenticate" = String, description = "the error code as `Bearer error=\"…\"`")),
+    example = json!({"error": "operator_token_missing", "message": "the admin API needs `Authorization: Bearer <operator token>`; hint: create one with `remit operator create --role admin`"})
+)]
+#[expect(dead_code, reason = "a response of the document only")]
+struct OperatorUnauthorized(ErrorBody);
+
+/// 403 where a role is needed.
+#[derive(ToResponse)]
+#[response(
+    description = "`operator_role`: the operator's role may not do this",
+    example = json!({"error": "operator_role", "message": "operator role `auditor` may not do this; it needs `admin` or `approver`"})
+)]
+#[expect(dead_code, reason = "a response of the document only")]
+struct RoleForbidden(ErrorBody);
+
+/// 413 on every route that reads a body.
+#[derive(ToResponse)]
+#[response(
+    description = "`body_too_large`: the body is larger than `max_body_bytes` (64 KiB by default)"
+)]
+#[expect(dead_code, reason = "a response of the document only")]
+struct BodyTooLarge(ErrorBody);
+
+/// 503 on every route that reads or writes the store.
+#[derive(ToResponse)]
+#[response(
+    description = "`store_unavailable`: the store cannot be reached, so remit refuses (fails closed)"
+)]
+#[expect(dead_code, reason = "a response of the document only")]
+struct StoreUnavailable(ErrorBody);
+
+/// The names `store::ApprovalStatus::parse` accepts, for the document.
+#[derive(ToSchema)]
+#[schema(as = ApprovalStatus, rename_all = "snake_case")]
+#[expect(
+    dead_code,
+    reason = "a schema only: `store::ApprovalStatus` is what the handlers use"
+)]
+pub(crate) enum ApprovalStatusName {
+    Pending,
+    Approved,
+    Denied,
+    Consumed,
+    Expired,
+}
+
+/// The names `store::RevocationKind::parse` accepts, for the document.
+#[derive(ToSchema)]
+#[schema(as = RevocationKind, rename_all = "snake_case")]
+#[expect(
+    dead_code,
+    reason = "a schema only: `store::RevocationKind` is what the handlers use"
+)]
+enum RevocationKindName {
+    Token,
+    Task,
+    Agent,
+    Owner,
 }
 
 impl IntoResponse for Error {
@@ -154,32 +218,64 @@ impl IntoResponse for Error {
     }
 }
 
-/// A JSON body decoded with remit's own errors (axum's rejections are plain text).
+/// The request body, read with remit's own errors (axum's rejections are plain text).
+struct RawBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = Error;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Error> {
+        Bytes::from_request(request, state)
+            .await
+            .map(RawBody)
+            .map_err(|rejection| body_rejection(rejection.status()))
+    }
+}
+
+/// The error for a body that could not be read: too large (413), or cut off (400).
+fn body_rejection(status: StatusCode) -> Error {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        Error::new(
+            ErrorKind::PayloadTooLarge,
+            "body_too_large",
+            "the request body is larger than remit accepts",
+        )
+    } else {
+        Error::bad_request("invalid_body", "the request body could not be read")
+    }
+}
+
+/// A JSON body decoded with remit's own errors.
 struct JsonBody<T>(T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = Error;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Error> {
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    Error::new(
-                        ErrorKind::PayloadTooLarge,
-                        "body_too_large",
-                        "the request body is larger than remit accepts",
-                    )
-                } else {
-                    Error::bad_request("invalid_body", "the request body could not be read")
-                }
-            })?;
+        let RawBody(bytes) = RawBody::from_request(request, state).await?;
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             Error::bad_request(
                 "invalid_json",
                 format!("the request body is not valid JSON for this call: {e}"),
             )
         })
+    }
+}
+
+/// One path parameter as text, with remit's own error when it is not valid percent-encoded
+/// UTF-8 (axum's rejection is plain text).
+struct PathText(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathText {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(text)| PathText(text))
+            .map_err(|e| {
+                Error::bad_request("invalid_path", format!("invalid path: {}", e.body_text()))
+            })
     }
 }
 
@@ -222,6 +318,21 @@ fn dpop_header(headers: &HeaderMap) -> Result<Option<&str>, Error> {
         .to_str()
         .map(Some)
         .map_err(|_| Error::bad_request("proof_malformed", "the `DPoP` header is not valid text"))
+}
+
+/// A query's `limit`: absent or 0 means 100. One above the store's cap is refused, so that
+/// a client never takes a short page for the end of the list.
+fn page_limit(limit: Option<u32>) -> Result<u32, Error> {
+    match limit {
+        Some(limit) if limit > store::QUERY_LIMIT_MAX => Err(Error::bad_request(
+            "invalid_query",
+            format!(
+                "`limit` must be at most {}, not {limit}",
+                store::QUERY_LIMIT_MAX
+            ),
+        )),
+        limit => Ok(limit.unwrap_or(100)),
+    }
 }
 
 fn query<T: DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, Error> {
@@ -275,7 +386,7 @@ pub struct AgentView {
     pub name: String,
     pub spiffe_id: String,
     pub owner: String,
-    #[schema(value_type = String, example = "active")]
+    #[schema(value_type = AgentStatus, example = "active")]
     pub status: AgentStatus,
     /// Registered public JWKs.
     pub keys: Vec<Value>,
@@ -298,19 +409,34 @@ impl From<AgentRecord> for AgentView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterAgent {
-    #[schema(example = "triage-bot")]
+    /// 1 to 64 lowercase letters, digits, `.`, `-` and `_`, starting with a letter or digit.
+    #[schema(
+        example = "triage-bot",
+        pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub name: String,
-    /// The accountable owner, required.
-    #[schema(example = "alice@example.org")]
+    /// The accountable owner, required: an identity such as an email address, at most 256
+    /// bytes, without spaces or control characters.
+    #[schema(
+        example = "alice@example.org",
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$",
+        min_length = 1,
+        max_length = 256
+    )]
     pub owner: String,
     /// Public JWKs (P-256 `EC` or Ed25519 `OKP`), 1 to 8.
+    #[schema(min_items = 1, max_items = 8, example = json!([{"kty": "EC", "crv": "P-256", "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU", "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]))]
     pub keys: Vec<Value>,
 }
 
 /// Register an agent; answers with its SPIFFE ID.
 #[utoipa::path(post, path = "/v1/agents", request_body = RegisterAgent, security(("operator" = [])), responses(
-    (status = 201, body = AgentView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-    (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    (status = 201, body = AgentView),
+    (status = 400, description = "`invalid_json`, `invalid_name` (name or owner) or `invalid_key`", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden),
+    (status = 409, description = "`conflict`: an agent of that name exists", body = ErrorBody), (status = 413, response = BodyTooLarge), (status = 503, response = StoreUnavailable)))]
 async fn register_agent(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
@@ -323,7 +449,7 @@ async fn register_agent(
 }
 
 /// List agents.
-#[utoipa::path(get, path = "/v1/agents", security(("operator" = [])), responses((status = 200, body = [AgentView])))]
+#[utoipa::path(get, path = "/v1/agents", security(("operator" = [])), responses((status = 200, body = [AgentView]), (status = 401, response = OperatorUnauthorized), (status = 503, response = StoreUnavailable)))]
 async fn list_agents(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
@@ -335,12 +461,13 @@ async fn list_agents(
 }
 
 /// Show one agent.
-#[utoipa::path(get, path = "/v1/agents/{name}", security(("operator" = [])), params(("name" = String, Path)),
-    responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/agents/{name}", security(("operator" = [])), params(("name" = String, Path, description = "an agent name: 1 to 64 lowercase letters, digits, `.`, `-` and `_`, starting with a letter or digit", pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$", min_length = 1, max_length = 64)),
+    responses((status = 200, body = AgentView), (status = 400, description = "`invalid_name` or `invalid_path`", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 404, description = "`agent_not_found`", body = ErrorBody), (status = 503, response = StoreUnavailable)))]
 async fn show_agent(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
-    Path(name): Path<String>,
+    PathText(name): PathText,
 ) -> Result<axum::Json<AgentView>, Error> {
     Ok(axum::Json(
         authority.get_agent(&operator, &name).await?.into(),
@@ -364,18 +491,22 @@ fn optional_reason(body: &Bytes, default: &str) -> Result<String, Error> {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DisableAgent {
+    /// Why, for the audit log: 1 to 1000 bytes of printable text.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 1000)]
     pub reason: Option<String>,
 }
 
 /// Disable an agent: no new tasks, and its current credentials die on their next use.
-#[utoipa::path(post, path = "/v1/agents/{name}/disable", security(("operator" = [])), params(("name" = String, Path)),
-    request_body = DisableAgent, responses((status = 200, body = AgentView), (status = 404, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/agents/{name}/disable", security(("operator" = [])), params(("name" = String, Path, description = "an agent name: 1 to 64 lowercase letters, digits, `.`, `-` and `_`, starting with a letter or digit", pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$", min_length = 1, max_length = 64)),
+    request_body(content = Option<DisableAgent>, description = "optional: without a body the reason is `disabled by an operator`"),
+    responses((status = 200, body = AgentView), (status = 400, description = "`invalid_json`, `invalid_name`, `invalid_path` or `invalid_text` (the reason)", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 404, description = "`agent_not_found`", body = ErrorBody), (status = 413, response = BodyTooLarge), (status = 503, response = StoreUnavailable)))]
 async fn disable_agent(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
-    Path(name): Path<String>,
-    body: Bytes,
+    PathText(name): PathText,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<AgentView>, Error> {
     let reason = optional_reason(&body, "disabled by an operator")?;
     Ok(axum::Json(
@@ -388,13 +519,16 @@ async fn disable_agent(
 
 /// Release a quarantined agent: it may ask for tasks again. Credentials revoked by the
 /// quarantine stay revoked.
-#[utoipa::path(post, path = "/v1/agents/{name}/release", security(("operator" = [])), params(("name" = String, Path)),
-    request_body = DisableAgent, responses((status = 200, body = AgentView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/agents/{name}/release", security(("operator" = [])), params(("name" = String, Path, description = "an agent name: 1 to 64 lowercase letters, digits, `.`, `-` and `_`, starting with a letter or digit", pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$", min_length = 1, max_length = 64)),
+    request_body(content = Option<DisableAgent>, description = "optional: without a body the reason is `released by an operator`"),
+    responses((status = 200, body = AgentView), (status = 400, description = "`invalid_json`, `invalid_name`, `invalid_path` or `invalid_text` (the reason)", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 404, description = "`agent_not_found`", body = ErrorBody),
+    (status = 409, description = "`agent_not_quarantined`", body = ErrorBody), (status = 413, response = BodyTooLarge), (status = 503, response = StoreUnavailable)))]
 async fn release_agent(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
-    Path(name): Path<String>,
-    body: Bytes,
+    PathText(name): PathText,
+    RawBody(body): RawBody,
 ) -> Result<axum::Json<AgentView>, Error> {
     let reason = optional_reason(&body, "released by an operator")?;
     Ok(axum::Json(
@@ -407,8 +541,11 @@ async fn release_agent(
 
 /// Request a task: the agent proves its key with a DPoP proof (`htm` POST, `htu` this URL).
 #[utoipa::path(post, path = "/v1/tasks", request_body = TaskRequest, security(("dpop" = [])), responses(
-    (status = 201, body = Grant), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-    (status = 403, description = "refused by policy; `policies` and `reasons` name why", body = ErrorBody)))]
+    (status = 201, body = Grant),
+    (status = 400, description = "`invalid_json`, `invalid_name`, `invalid_text` (the intent), `invalid_scope`, `invalid_ttl`, `invalid_budget`, `invalid_obo` or `proof_malformed`", body = ErrorBody),
+    (status = 401, description = "`agent_unknown`, `proof_missing` or the proof's own code (`proof_invalid`, `proof_expired`, `proof_replayed`, `proof_key_unknown`, …)", body = ErrorBody),
+    (status = 403, description = "`task_refused` by policy (`policies` and `reasons` name why), or `agent_not_active`", body = ErrorBody),
+    (status = 413, response = BodyTooLarge), (status = 503, response = StoreUnavailable)))]
 async fn request_task(
     State(authority): State<AppState>,
     headers: HeaderMap,
@@ -441,7 +578,7 @@ pub struct TaskView {
     pub on_behalf_of: Option<String>,
     pub parent: Option<String>,
     pub depth: u32,
-    #[schema(value_type = String, example = "active")]
+    #[schema(value_type = TaskStatus, example = "active")]
     pub status: TaskStatus,
     pub created_at: i64,
     pub expires_at: i64,
@@ -470,35 +607,41 @@ impl From<TaskRecord> for TaskView {
 }
 
 /// Show a task.
-#[utoipa::path(get, path = "/v1/tasks/{id}", security(("operator" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = TaskView), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/tasks/{id}", security(("operator" = [])), params(("id" = String, Path, description = "a task id: `task_` and 26 lowercase base-32 characters", pattern = r"^task_[a-z2-7]{26}$", min_length = 31, max_length = 31)),
+    responses((status = 200, body = TaskView), (status = 400, description = "`invalid_name` (not a task id) or `invalid_path`", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 404, description = "`task_not_found`", body = ErrorBody), (status = 503, response = StoreUnavailable)))]
 async fn show_task(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<axum::Json<TaskView>, Error> {
     Ok(axum::Json(authority.get_task(&operator, &id).await?.into()))
 }
 
 /// What a task did, in order: its grant, each call with its decision and reasons, approvals,
 /// delegations (and what each delegated task did) and revocations.
-#[utoipa::path(get, path = "/v1/tasks/{id}/timeline", security(("operator" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = [TimelineEntry]), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/tasks/{id}/timeline", security(("operator" = [])), params(("id" = String, Path, description = "a task id: `task_` and 26 lowercase base-32 characters", pattern = r"^task_[a-z2-7]{26}$", min_length = 31, max_length = 31)),
+    responses((status = 200, body = [TimelineEntry]), (status = 400, description = "`invalid_name` (not a task id) or `invalid_path`", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 404, description = "`task_not_found`", body = ErrorBody), (status = 503, response = StoreUnavailable)))]
 async fn task_timeline(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<axum::Json<Vec<TimelineEntry>>, Error> {
     Ok(axum::Json(authority.timeline(&operator, &id).await?))
 }
 
 /// End a task; its tokens stop working. Needs `Authorization: DPoP <task token>` and a proof.
-#[utoipa::path(post, path = "/v1/tasks/{id}/complete", security(("dpop" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = TaskView), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/v1/tasks/{id}/complete", security(("dpop" = [])), params(("id" = String, Path, description = "a task id: `task_` and 26 lowercase base-32 characters", pattern = r"^task_[a-z2-7]{26}$", min_length = 31, max_length = 31)),
+    responses((status = 200, body = TaskView), (status = 400, description = "`invalid_name` (not a task id), `invalid_path` or `proof_malformed`", body = ErrorBody),
+    (status = 401, description = "`token_missing`, `proof_missing`, or the token's or proof's own code", body = ErrorBody),
+    (status = 403, description = "`task_mismatch`: the token is for another task", body = ErrorBody),
+    (status = 404, description = "no such route (an empty id)", body = ErrorBody),
+    (status = 409, description = "`task_not_active`: completed, revoked or expired already", body = ErrorBody), (status = 503, response = StoreUnavailable)))]
 async fn complete_task(
     State(authority): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<axum::Json<TaskView>, Error> {
     let token = bearer(&headers, "DPoP").ok_or_else(|| {
         Error::unauthorized(
@@ -517,8 +660,10 @@ async fn complete_task(
 /// only narrows: scopes inside the parent's, no later expiry, no larger budget, bounded depth.
 #[utoipa::path(post, path = "/v1/token", request_body(content = TokenExchange, content_type = "application/x-www-form-urlencoded"),
     security(("dpop" = [])), responses(
-    (status = 200, body = Exchanged), (status = 400, description = "invalid_request, invalid_grant, invalid_scope or unsupported_grant_type", body = ErrorBody),
-    (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    (status = 200, body = Exchanged),
+    (status = 400, description = "`invalid_request`, `invalid_grant`, `invalid_scope`, `unsupported_grant_type`, `invalid_name` (the agent) or `invalid_text` (the intent)", body = ErrorBody),
+    (status = 401, description = "the receiving agent is unknown, or its proof is missing or fails", body = ErrorBody),
+    (status = 403, description = "refused by policy, or an agent that is not active", body = ErrorBody), (status = 413, response = BodyTooLarge), (status = 503, response = StoreUnavailable)))]
 async fn token_exchange(
     State(authority): State<AppState>,
     request: Request,
@@ -534,6 +679,9 @@ async fn token_exchange(
     let axum::Form(form) = axum::Form::<TokenExchange>::from_request(request, &())
         .await
         .map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                return body_rejection(e.status());
+            }
             Error::bad_request(
                 "invalid_request",
                 format!("the token request is not a valid form: {}", e.body_text()),
@@ -557,8 +705,10 @@ struct ApprovalQuery {
 /// Step-up approvals, newest first; `status` (`pending`, `approved`, `denied`, `consumed`,
 /// `expired`) keeps those that have it now. Needs the `approver` or `admin` role.
 #[utoipa::path(get, path = "/v1/approvals", security(("operator" = [])), params(
-    ("status" = Option<String>, Query, description = "e.g. `pending`"), ("limit" = Option<u32>, Query)),
-    responses((status = 200, body = [ApprovalView]), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    ("status" = Option<ApprovalStatusName>, Query, description = "only approvals that have this status now"),
+    ("limit" = Option<u32>, Query, description = "at most this many (0 or absent: 100)", minimum = 0, maximum = 1000)),
+    responses((status = 200, body = [ApprovalView]), (status = 400, description = "`invalid_query`", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 503, response = StoreUnavailable)))]
 async fn list_approvals(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
@@ -578,18 +728,19 @@ async fn list_approvals(
     };
     Ok(axum::Json(
         authority
-            .list_approvals(&operator, status, q.limit.unwrap_or(100))
+            .list_approvals(&operator, status, page_limit(q.limit)?)
             .await?,
     ))
 }
 
 /// Show one approval.
-#[utoipa::path(get, path = "/v1/approvals/{id}", security(("operator" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = ApprovalView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/approvals/{id}", security(("operator" = [])), params(("id" = String, Path, description = "an approval id: `apr_` and 32 hex digits", pattern = r"^apr_[0-9a-f]{32}$", min_length = 36, max_length = 36)),
+    responses((status = 200, body = ApprovalView), (status = 400, description = "`invalid_path`", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 404, description = "`approval_not_found`", body = ErrorBody), (status = 503, response = StoreUnavailable)))]
 async fn show_approval(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
-    Path(id): Path<String>,
+    PathText(id): PathText,
 ) -> Result<axum::Json<ApprovalView>, Error> {
     Ok(axum::Json(authority.get_approval(&operator, &id).await?))
 }
@@ -597,21 +748,23 @@ async fn show_approval(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecideApproval {
-    /// Why, for the audit log: 1 to 1024 bytes.
-    #[schema(example = "change ticket OPS-1234")]
+    /// Why, for the audit log: 1 to 1024 bytes of printable text.
+    #[schema(example = "change ticket OPS-1234", min_length = 1, max_length = 1024)]
     pub reason: String,
 }
 
 /// Approve a pending approval: the exact call it names may pass once before it expires.
 /// Needs the `approver` or `admin` role; the agent's owner may not approve unless configured.
 #[utoipa::path(post, path = "/v1/approvals/{id}/approve", request_body = DecideApproval, security(("operator" = [])),
-    params(("id" = String, Path)), responses((status = 200, body = ApprovalView), (status = 400, body = ErrorBody),
-    (status = 403, description = "the operator's role, or the operator owns the agent", body = ErrorBody),
-    (status = 404, body = ErrorBody), (status = 409, description = "not pending, or expired", body = ErrorBody)))]
+    params(("id" = String, Path, description = "an approval id: `apr_` and 32 hex digits", pattern = r"^apr_[0-9a-f]{32}$", min_length = 36, max_length = 36)), responses((status = 200, body = ApprovalView),
+    (status = 400, description = "`invalid_json`, `invalid_path` or `invalid_text` (the reason)", body = ErrorBody), (status = 401, response = OperatorUnauthorized),
+    (status = 403, description = "`operator_role`, or `approval_owner`: the operator owns the agent", body = ErrorBody),
+    (status = 404, description = "`approval_not_found`", body = ErrorBody),
+    (status = 409, description = "`approval_not_pending` or `approval_expired`", body = ErrorBody), (status = 413, response = BodyTooLarge), (status = 503, response = StoreUnavailable)))]
 async fn approve(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
-    Path(id): Path<String>,
+    PathText(id): PathText,
     JsonBody(body): JsonBody<DecideApproval>,
 ) -> Result<axum::Json<ApprovalView>, Error> {
     Ok(axum::Json(
@@ -623,12 +776,14 @@ async fn approve(
 
 /// Deny a pending approval: the call it names does not pass on it.
 #[utoipa::path(post, path = "/v1/approvals/{id}/deny", request_body = DecideApproval, security(("operator" = [])),
-    params(("id" = String, Path)), responses((status = 200, body = ApprovalView), (status = 400, body = ErrorBody),
-    (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    params(("id" = String, Path, description = "an approval id: `apr_` and 32 hex digits", pattern = r"^apr_[0-9a-f]{32}$", min_length = 36, max_length = 36)), responses((status = 200, body = ApprovalView),
+    (status = 400, description = "`invalid_json`, `invalid_path` or `invalid_text` (the reason)", body = ErrorBody), (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden),
+    (status = 404, description = "`approval_not_found`", body = ErrorBody),
+    (status = 409, description = "`approval_not_pending` or `approval_expired`", body = ErrorBody), (status = 413, response = BodyTooLarge), (status = 503, response = StoreUnavailable)))]
 async fn deny(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
-    Path(id): Path<String>,
+    PathText(id): PathText,
     JsonBody(body): JsonBody<DecideApproval>,
 ) -> Result<axum::Json<ApprovalView>, Error> {
     Ok(axum::Json(
@@ -642,10 +797,14 @@ async fn deny(
 #[serde(deny_unknown_fields)]
 pub struct Revoke {
     /// `token` (by `jti`), `task`, `agent` or `owner`.
-    #[schema(example = "task")]
+    #[schema(value_type = RevocationKindName, example = "task")]
     pub kind: String,
+    /// A token's `jti` (at most 128 bytes), a task id, an agent name or an owner.
+    #[schema(min_length = 1, max_length = 256)]
     pub target: String,
+    /// Why, for the audit log: 1 to 1024 bytes of printable text.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 1024)]
     pub reason: Option<String>,
 }
 
@@ -661,7 +820,9 @@ pub struct RevocationView {
 /// Revoke a token, a task (with every task delegated from it), an agent or an owner. The
 /// next call on this node is denied.
 #[utoipa::path(post, path = "/v1/revocations", request_body = Revoke, security(("operator" = [])),
-    responses((status = 201, body = RevocationView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 201, body = RevocationView),
+    (status = 400, description = "`invalid_json`, `invalid_kind`, `invalid_text` (reason or token id) or `invalid_name` (the target)", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 404, description = "`task_not_found` or `agent_not_found`", body = ErrorBody), (status = 413, response = BodyTooLarge), (status = 503, response = StoreUnavailable)))]
 async fn revoke(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
@@ -700,7 +861,7 @@ pub struct Rotated {
 }
 
 /// Rotate the token signing key. The old key stays published until its tokens have expired.
-#[utoipa::path(post, path = "/v1/keys/rotate", security(("operator" = [])), responses((status = 200, body = Rotated)))]
+#[utoipa::path(post, path = "/v1/keys/rotate", security(("operator" = [])), responses((status = 200, body = Rotated), (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 503, response = StoreUnavailable)))]
 async fn rotate_keys(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
@@ -730,10 +891,13 @@ pub struct AuditPage {
 
 /// Audit events, filtered by agent (SPIFFE ID or name), task, sequence and time.
 #[utoipa::path(get, path = "/v1/audit", security(("operator" = [])), params(
-    ("agent" = Option<String>, Query), ("task" = Option<String>, Query), ("after" = Option<u64>, Query),
-    ("since_ms" = Option<i64>, Query), ("until_ms" = Option<i64>, Query), ("limit" = Option<u32>, Query),
+    ("agent" = Option<String>, Query, description = "a SPIFFE ID, or an agent name in this trust domain"), ("task" = Option<String>, Query),
+    ("after" = Option<u64>, Query, description = "events with a greater sequence number", minimum = 0),
+    ("since_ms" = Option<i64>, Query, description = "events at or after this time (Unix milliseconds)"),
+    ("until_ms" = Option<i64>, Query, description = "events before this time (Unix milliseconds)"),
+    ("limit" = Option<u32>, Query, description = "at most this many (0 or absent: 100)", minimum = 0, maximum = 1000),
     ("newest" = Option<bool>, Query, description = "the newest matching events instead of the oldest")),
-    responses((status = 200, body = AuditPage), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = AuditPage), (status = 400, description = "`invalid_query`", body = ErrorBody), (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 503, response = StoreUnavailable)))]
 async fn audit_events(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
@@ -756,7 +920,7 @@ async fn audit_events(
         after_seq: q.after,
         since_ms: q.since_ms,
         until_ms: q.until_ms,
-        limit: q.limit.unwrap_or(100),
+        limit: page_limit(q.limit)?,
         newest: q.newest.unwrap_or(false),
     };
     let events = authority.audit_events(&operator, &filter).await?;
@@ -778,7 +942,8 @@ struct VerifyQuery {
 /// which shows a cut-off tail or a rewritten history.
 #[utoipa::path(get, path = "/v1/audit/verify", security(("operator" = [])),
     params(("checkpoint" = Option<String>, Query, description = "a checkpoint from `GET /v1/audit/checkpoint`, kept since")),
-    responses((status = 200, body = VerifyReport), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = VerifyReport), (status = 400, description = "`invalid_query` or `invalid_checkpoint`", body = ErrorBody),
+    (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 503, response = StoreUnavailable)))]
 async fn audit_verify(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,
@@ -799,7 +964,7 @@ async fn audit_verify(
 /// Sign the audit chain's current head: a checkpoint to keep outside remit and hand to
 /// `GET /v1/audit/verify?checkpoint=` later.
 #[utoipa::path(get, path = "/v1/audit/checkpoint", security(("operator" = [])),
-    responses((status = 200, body = Checkpoint), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Checkpoint), (status = 401, response = OperatorUnauthorized), (status = 403, response = RoleForbidden), (status = 503, response = StoreUnavailable)))]
 async fn audit_checkpoint(
     State(authority): State<AppState>,
     OperatorAuth(operator): OperatorAuth,

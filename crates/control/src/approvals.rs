@@ -65,7 +65,7 @@ pub struct ApprovalView {
     /// SHA-256 (hex) of the call's canonical arguments: the approval covers these only.
     pub args_digest: String,
     /// `pending`, `approved`, `denied`, `consumed` or `expired`.
-    #[schema(example = "pending")]
+    #[schema(value_type = crate::api::ApprovalStatusName, example = "pending")]
     pub status: String,
     pub created_at: i64,
     pub expires_at: i64,

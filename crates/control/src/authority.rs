@@ -30,8 +30,11 @@ use crate::revocation::RevocationIndex;
 use crate::settings::Settings;
 
 const MAX_KEYS_PER_AGENT: usize = 8;
-const MAX_INTENT_LEN: usize = 1024;
+pub(crate) const MAX_INTENT_LEN: usize = 1024;
 const MAX_REASON_LEN: usize = 1024;
+/// An agent's disable or release reason: short enough that `agent disabled: <reason>` is
+/// still a valid revocation reason.
+pub(crate) const MAX_AGENT_REASON_LEN: usize = 1000;
 
 /// The control plane: settings, store, policy, keys and the in-memory indexes of one node.
 #[derive(Debug)]
@@ -62,19 +65,31 @@ const DEFER_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 #[serde(deny_unknown_fields)]
 pub struct TaskRequest {
     /// The requesting agent's name; the DPoP proof must be signed by one of its keys.
-    #[schema(value_type = String, example = "triage-bot")]
+    #[schema(value_type = String, example = "triage-bot", pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$", max_length = 64)]
     pub agent: AgentName,
-    /// What the agent means to do, in a sentence. Policy and the audit log see it.
+    /// What the agent means to do, in a sentence (1 to 1024 bytes of printable text). Policy
+    /// and the audit log see it.
+    #[schema(min_length = 1, max_length = 1024)]
     pub intent: String,
+    /// 1 to 32 scopes.
+    #[schema(value_type = Vec<model::Scope>, min_items = 1, max_items = 32)]
     pub scopes: ScopeSet,
-    /// Lifetime in seconds (default 300, at most the configured maximum).
+    /// Lifetime in seconds (default 300, at most `tasks.max_ttl_seconds`, 3600 by default).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub ttl_seconds: Option<i64>,
-    /// How many tool calls the task may make.
+    /// How many tool calls the task may make (default 100, at most `tasks.max_budget`,
+    /// 10,000 by default).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub budget: Option<u32>,
-    /// The user the agent acts for, if any.
+    /// The user the agent acts for, if any: an identity such as an email address.
     #[serde(default)]
+    #[schema(
+        pattern = r"^[^\s\x00-\x1f\x7f-\x9f]+$",
+        min_length = 1,
+        max_length = 256
+    )]
     pub on_behalf_of: Option<String>,
     /// Limit every scope to `read` actions: a discovery task. Widening it later takes a new
     /// task request, which policy evaluates again.
@@ -442,6 +457,9 @@ impl Authority {
         reason: &str,
     ) -> Result<AgentRecord> {
         actor.require(&[])?;
+        // Checked before anything is written: the revocation below must not fail on it after
+        // the agent is already disabled.
+        validate_text("reason", reason, MAX_AGENT_REASON_LEN)?;
         let mut agent = self.get_agent(actor, name).await?;
         let event = self
             .event(kinds::AGENT_DISABLED, actor.actor())
@@ -894,7 +912,7 @@ pub fn load_policies(dir: &Path) -> Result<PolicyEngine> {
     PolicyEngine::load_dir(dir).map_err(|e| Error::bad_request("invalid_policy", e.to_string()))
 }
 
-fn validate_text(what: &str, text: &str, max: usize) -> Result<()> {
+pub(crate) fn validate_text(what: &str, text: &str, max: usize) -> Result<()> {
     if text.trim().is_empty()
         || text.len() > max
         || text.chars().any(|c| c.is_control() && c != '\n')

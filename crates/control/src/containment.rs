@@ -255,6 +255,7 @@ impl Authority {
         reason: &str,
     ) -> Result<AgentRecord> {
         actor.require(&[])?;
+        crate::authority::validate_text("reason", reason, crate::authority::MAX_AGENT_REASON_LEN)?;
         let mut agent = self.get_agent(actor, name).await?;
         if agent.status != AgentStatus::Quarantined {
             return Err(Error::new(

@@ -33,18 +33,27 @@ pub struct TokenExchange {
     /// `urn:ietf:params:oauth:token-type:access_token` (or `…:jwt`).
     pub subject_token_type: String,
     /// The receiving agent's name (remit extension); its key signs the DPoP proof.
+    #[schema(
+        pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        min_length = 1,
+        max_length = 64
+    )]
     pub agent: String,
     /// Space-separated `tool:action` or `tool:action@resource-pattern`; default: the parent's.
     #[serde(default)]
     pub scope: Option<String>,
     /// Lifetime in seconds (remit extension); default: whatever the parent has left.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub ttl_seconds: Option<i64>,
     /// Calls the child may make (remit extension); default: what the parent has left.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub budget: Option<u32>,
-    /// What the receiving agent is to do (remit extension); default: the parent's intent.
+    /// What the receiving agent is to do (remit extension; 1 to 1024 bytes of printable
+    /// text); default: the parent's intent.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 1024)]
     pub intent: Option<String>,
 }
 
@@ -260,6 +269,7 @@ impl Authority {
             .intent
             .clone()
             .unwrap_or_else(|| parent_state.context.intent.to_string());
+        crate::authority::validate_text("intent", &intent, crate::authority::MAX_INTENT_LEN)?;
 
         // Policy: the same RequestTask question, with the delegation in its context.
         let ask = TaskAsk {

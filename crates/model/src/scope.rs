@@ -37,11 +37,20 @@ pub enum ScopeError {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Scope {
+    /// 1 to 64 lowercase letters, digits, `.`, `-` and `_`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[a-z0-9._-]{1,64}$", min_length = 1, max_length = 64)
+    )]
     pub tool: String,
-    /// Action names, or `*` for every action of the tool.
+    /// Action names, or `*` for every action of the tool: 1 to 64 of them, each 1 to 256
+    /// printable characters.
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 64))]
     pub actions: Vec<String>,
-    /// Resource patterns (`*` matches any run of characters). Empty means any resource.
+    /// Resource patterns (`*` matches any run of characters). Empty means any resource. At
+    /// most 64, each 1 to 256 printable characters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(max_items = 64))]
     pub resources: Vec<String>,
     /// The classes of action allowed (`read`, `write`, `admin`). Empty means every class; a
     /// read-only task for discovery has `["read"]` on every scope.

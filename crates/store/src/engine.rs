@@ -51,7 +51,7 @@ const MAX_YIELDS: usize = 2;
 const QUEUE: usize = 8192;
 
 /// Most rows `query_events` returns, and what a zero limit means.
-const QUERY_CAP: u32 = 1_000;
+const QUERY_CAP: u32 = crate::QUERY_LIMIT_MAX;
 /// Tasks per statement when a node flushes its call counts (two parameters each).
 const TASK_CALL_CHUNK: usize = 100;
 /// How far the agent and task lookups of the audit log may lag the log: a task beside the

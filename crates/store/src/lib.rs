@@ -233,6 +233,10 @@ pub struct ApprovalKey<'a> {
     pub args_digest: &'a str,
 }
 
+/// Most rows one `query_events` or `list_approvals` returns, whatever limit is asked: the API
+/// refuses a larger `limit` rather than answer with fewer rows than asked.
+pub const QUERY_LIMIT_MAX: u32 = 1_000;
+
 /// Which audit events to return, newest last.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditFilter {

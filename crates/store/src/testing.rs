@@ -1,6 +1,6 @@
 //! Support for other crates' tests and benchmarks that need a PostgreSQL of their own (a
-//! throw-away schema on the server named by `REMIT_TEST_POSTGRES_URL`), a network cut, or a
-//! way around the store to tamper with its rows. Compiled only with the
+//! throw-away schema on the server named by `REMIT_TEST_POSTGRES_URL`), a network cut, a
+//! way around the store to tamper with its rows, or the test environment's Python. Compiled only with the
 //! `testing` feature, so production builds carry none of it.
 
 use sqlx::Executor;
@@ -11,20 +11,38 @@ use crate::{Result, StoreError};
 /// The environment variable naming the PostgreSQL server tests use.
 pub const POSTGRES_URL_VAR: &str = "REMIT_TEST_POSTGRES_URL";
 
+/// The environment variable naming the Python interpreter of a virtual environment with the
+/// test requirements installed (`crates/*/tests/python/requirements.txt`; `.ci/run` sets it
+/// up): the official MCP SDK for the gateway, schemathesis for the OpenAPI document.
+pub const PYTHON_VAR: &str = "REMIT_TEST_PYTHON";
+
 /// The server URL from the environment; `None` when unset, except under `CI=true`, where a
 /// missing database must fail the run instead of silently skipping PostgreSQL tests.
+pub fn postgres_url() -> Option<String> {
+    required_under_ci(POSTGRES_URL_VAR, "a PostgreSQL test")
+}
+
+/// The test virtual environment's Python for the test named `what`; `None` when unset,
+/// except under `CI=true`.
+pub fn python(what: &str) -> Option<String> {
+    required_under_ci(PYTHON_VAR, what)
+}
+
+/// A test's environment variable: `None` (with a note naming `what` is skipped) when unset,
+/// except under `CI=true`, where a missing one must fail the run instead of silently
+/// skipping the test.
 #[expect(
     clippy::panic,
-    reason = "test support: a CI run without its database must stop"
+    reason = "test support: a CI run without what its tests need must stop"
 )]
-pub fn postgres_url() -> Option<String> {
-    match std::env::var(POSTGRES_URL_VAR) {
-        Ok(url) if !url.is_empty() => Some(url),
+pub fn required_under_ci(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Some(value),
         _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{POSTGRES_URL_VAR} must be set under CI")
+            panic!("{var} must be set under CI")
         }
         _ => {
-            eprintln!("note: skipping a PostgreSQL test: set {POSTGRES_URL_VAR} to run it");
+            eprintln!("note: skipped {what}: set {var} to run it");
             None
         }
     }

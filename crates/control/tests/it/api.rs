@@ -83,7 +83,7 @@ async fn client_mistakes_are_4xx_with_an_error_body() {
             "invalid_json",
         ),
         (
-            post("/v1/agents", Some(&admin), too_big),
+            post("/v1/agents", Some(&admin), too_big.clone()),
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
         ),
@@ -122,6 +122,42 @@ async fn client_mistakes_are_4xx_with_an_error_body() {
             get("/v1/audit?limit=abc", Some(&admin)),
             StatusCode::BAD_REQUEST,
             "invalid_query",
+        ),
+        // A limit above the store's cap is refused, not answered with a short page.
+        (
+            get("/v1/audit?limit=1001", Some(&admin)),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            get("/v1/approvals?limit=5000", Some(&admin)),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        // axum's own rejections (a path that is not UTF-8, a body too large for the routes
+        // that read it raw or as a form) answer with the same JSON body as everything else.
+        (
+            get("/v1/agents/%FF", Some(&admin)),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            post("/v1/agents/ghost/disable", Some(&admin), too_big.clone()),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+        (
+            post("/v1/agents/ghost/release", Some(&admin), too_big.clone()),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+        (
+            Request::post("/v1/token")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!("agent={}", "x".repeat(70 * 1024))))
+                .unwrap(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
         ),
         (
             post(
@@ -409,4 +445,43 @@ async fn garbage_in_is_a_4xx_out() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_bad_reason_disables_or_releases_nothing() {
+    let h = Harness::new().await;
+    let admin = admin_bearer(&h, model::Role::Admin).await;
+    h.agent("triage-bot", "alice@example.org").await;
+    // 1020 bytes: a valid reason on its own, too long once it becomes the revocation's
+    // `agent disabled: …`, which used to fail after the agent was already disabled.
+    for reason in ["x".repeat(1020), "bell\u{7}".to_string(), " ".to_string()] {
+        for action in ["disable", "release"] {
+            let body = json!({ "reason": reason }).to_string();
+            let path = format!("/v1/agents/triage-bot/{action}");
+            let (status, _, body) = send(&h, post(&path, Some(&admin), body)).await;
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("invalid_text")),
+                "{action} {reason:?}: {body}"
+            );
+        }
+    }
+    let (status, _, agent) = send(&h, get("/v1/agents/triage-bot", Some(&admin))).await;
+    assert_eq!(
+        (status, &agent["status"]),
+        (StatusCode::OK, &json!("active"))
+    );
+    let (_, _, page) = send(&h, get("/v1/audit", Some(&admin))).await;
+    let kinds: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|event| event["kind"].as_str())
+        .collect();
+    assert!(
+        !kinds
+            .iter()
+            .any(|kind| ["agent.disabled", "agent.released", "revocation"].contains(kind)),
+        "nothing was written: {kinds:?}"
+    );
 }

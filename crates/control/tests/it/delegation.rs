@@ -307,3 +307,41 @@ when { context.delegators.contains("spiffe://remit.local/agent/lead-bot") && con
     assert_eq!(verdict.code, "policy_denied");
     assert_eq!(verdict.report.policies, ["no-work-handed-down-from-lead"]);
 }
+
+#[tokio::test]
+async fn a_delegated_intent_is_bounded_like_a_granted_one() {
+    let h = Harness::new().await;
+    let lead = h.agent("lead-bot", "alice@example.org").await;
+    let helper = h.agent("helper-bot", "bob@example.org").await;
+    let parent = h.grant(&lead).await;
+    for intent in [
+        "x".repeat(1025),
+        "line\u{0}break".to_string(),
+        " ".to_string(),
+    ] {
+        let proof = helper
+            .key
+            .sign_proof(
+                "POST",
+                &format!("{BASE}/v1/token"),
+                None,
+                h.now(),
+                &unique("exchange"),
+            )
+            .unwrap();
+        let request = TokenExchange {
+            grant_type: GRANT_TYPE.into(),
+            subject_token: parent.token.expose().clone(),
+            subject_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+            agent: helper.name.clone(),
+            intent: Some(intent.clone()),
+            ..TokenExchange::default()
+        };
+        let error = h
+            .authority
+            .exchange_token(Some(&proof), request)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code, "invalid_text", "{intent:?}: {error}");
+    }
+}

@@ -8,32 +8,11 @@ use serde_json::{Value, json};
 use crate::harness::unique;
 use crate::mcp::{SECRET, setup};
 
-/// The environment variable naming the Python interpreter of a virtual environment with
-/// `tests/python/requirements.txt` installed (`.ci/run` sets it up).
-const PYTHON_VAR: &str = "REMIT_TEST_PYTHON";
-
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/dpop_client.py");
-
-/// The interpreter; `None` (skip) when unset, except under `CI=true`, where the test must run.
-fn python() -> Option<String> {
-    match std::env::var(PYTHON_VAR) {
-        Ok(python) if !python.is_empty() => Some(python),
-        _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{PYTHON_VAR} must be set under CI")
-        }
-        _ => {
-            eprintln!(
-                "note: skipping the Python MCP client test: set {PYTHON_VAR} to the python of a \
-                 virtual environment with crates/gateway/tests/python/requirements.txt installed"
-            );
-            None
-        }
-    }
-}
 
 #[tokio::test]
 async fn the_official_python_sdk_lists_calls_and_is_refused_through_remit() {
-    let Some(python) = python() else {
+    let Some(python) = store::testing::python("the Python MCP client test") else {
         return;
     };
     let (upstream, remit) = setup(false).await;
