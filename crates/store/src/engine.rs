@@ -2703,7 +2703,8 @@ impl<B: Backend> Store for SqlStore<B> {
 /// [`Store::count_task_calls`] in one statement, so that one snapshot answers every part: the
 /// settled count, the head it reaches now, and the allowed calls recorded between the two —
 /// found through the task lookup up to its mark and in the log itself after it (at most a
-/// lookup interval's worth of events), like [`Store::query_events`]. A call is a
+/// lookup interval's worth of events: each bound is one expression, so that the database
+/// scans from the later of the two marks), like [`Store::query_events`]. A call is a
 /// `call.decision` that allowed a tool call; a session check (`"check":"session"` in its
 /// canonical detail, where a string value's quotes would be escaped) is not one.
 fn count_task_calls_sql() -> &'static str {
@@ -2714,10 +2715,12 @@ fn count_task_calls_sql() -> &'static str {
         format!(
             "SELECT t.calls_used AS used, h.head AS head, \
              (SELECT COUNT(*) FROM audit_task_events l JOIN audit_events e ON e.seq = l.seq \
-              WHERE l.task = $1 AND e.task = $1 AND l.seq > t.calls_seq AND l.seq <= h.mark \
-              AND l.seq <= h.head AND {allowed}) AS looked_up, \
-             (SELECT COUNT(*) FROM audit_events e WHERE e.task = $1 AND e.seq > t.calls_seq \
-              AND e.seq > h.mark AND e.seq <= h.head AND {allowed}) AS recent \
+              WHERE l.task = $1 AND e.task = $1 AND l.seq > t.calls_seq \
+              AND l.seq <= CASE WHEN h.mark < h.head THEN h.mark ELSE h.head END \
+              AND {allowed}) AS looked_up, \
+             (SELECT COUNT(*) FROM audit_events e WHERE e.task = $1 \
+              AND e.seq > CASE WHEN t.calls_seq > h.mark THEN t.calls_seq ELSE h.mark END \
+              AND e.seq <= h.head AND {allowed}) AS recent \
              FROM tasks t, \
              (SELECT COALESCE((SELECT through_seq FROM audit_lookup_mark), 0) AS mark, \
               COALESCE((SELECT MAX(seq) FROM audit_events), 0) AS head) h \
