@@ -196,3 +196,44 @@ async fn concurrent_calls_on_one_node_spend_the_budget_exactly() {
     }
     cluster.finish().await;
 }
+
+/// A delegation may hand on only what its parent has left in the whole cluster: a replica
+/// that never served the parent still counts the calls the others made. Before, it saw its
+/// own (none), and let a child take the whole budget again.
+#[tokio::test]
+async fn a_delegation_sees_the_calls_other_replicas_made() {
+    let cluster = Cluster::sqlite(2, |_| {}).await;
+    let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let lead = first.agent("lead-bot", "alice@example.org").await;
+    let helper = first.agent("helper-bot", "bob@example.org").await;
+    let parent = first
+        .request(&lead, github_scopes(), None, Some(10))
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        let verdict = first
+            .call(&lead, &parent, "read_issue", ActionClass::Read)
+            .await;
+        assert!(verdict.is_allow(), "{verdict:?}");
+    }
+    let subject = parent.token.expose();
+    let error = crate::delegation::exchange(second, &helper, subject, None, None, Some(7))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        error.message.contains("between 1 and 6"),
+        "{}",
+        error.message
+    );
+    let child = crate::delegation::exchange(second, &helper, subject, None, None, None)
+        .await
+        .unwrap();
+    let task = second
+        .authority
+        .get_task(&second.admin, &child.task_id)
+        .await
+        .unwrap();
+    assert_eq!(task.budget, 6, "by default, all the parent has left");
+    cluster.finish().await;
+}
