@@ -49,9 +49,9 @@ pub struct Authority {
     pub(crate) tokens: TokenCache,
     pub(crate) tasks: TaskCache,
     pub(crate) containment: crate::containment::Containment,
-    /// Allowed calls per task not yet added to the store's `calls_used`.
-    pub(crate) unflushed_calls:
-        parking_lot::Mutex<std::collections::HashMap<crate::compact::TaskKey, u32>>,
+    /// The newest count of each task's calls this node took, not yet settled in the store.
+    pub(crate) unsettled_calls:
+        parking_lot::Mutex<std::collections::HashMap<crate::compact::TaskKey, store::TaskCalls>>,
     /// Events that need not be durable before anything proceeds (call outcomes), appended in
     /// batches a few milliseconds apart.
     deferred: Arc<parking_lot::Mutex<Vec<EventBody>>>,
@@ -194,7 +194,7 @@ impl Authority {
             tokens: TokenCache::default(),
             tasks: TaskCache::default(),
             containment: Default::default(),
-            unflushed_calls: Default::default(),
+            unsettled_calls: Default::default(),
             deferred: Default::default(),
         };
         authority
@@ -230,7 +230,8 @@ impl Authority {
     }
 
     /// One round of catching up with what other processes wrote: revocations, keys, and
-    /// forgetting expired cache entries. Called periodically by `serve`.
+    /// forgetting expired cache entries; and of telling them: call counts to settle, denials
+    /// to add to containment's count. Called periodically by `serve`.
     pub async fn sync(&self) -> Result<()> {
         let now = self.now();
         self.revocations.catch_up(self.store.as_ref()).await?;
@@ -238,6 +239,7 @@ impl Authority {
         self.tokens.purge_expired(now);
         self.tasks.purge_expired(now);
         self.flush_call_counts().await;
+        self.share_denials().await;
         Ok(())
     }
 
@@ -310,30 +312,6 @@ impl Authority {
             && let Err(error) = self.store.append_events(batch).await
         {
             tracing::warn!("could not record deferred events: {error}");
-        }
-    }
-
-    /// Adds the calls counted since the last flush to each task's `calls_used`, concurrently
-    /// so that the store's writer commits them in one batch. A count that cannot be written
-    /// is kept for the next flush.
-    pub async fn flush_call_counts(&self) {
-        let pending: Vec<(crate::compact::TaskKey, u32)> =
-            self.unflushed_calls.lock().drain().collect();
-        let counts: Vec<(TaskId, u32)> = pending
-            .iter()
-            .map(|(task, calls)| (task.task_id(), *calls))
-            .collect();
-        if let Err(error) = self.store.add_many_task_calls(&counts).await {
-            tracing::warn!(
-                tasks = counts.len(),
-                "could not persist the call counts: {error}"
-            );
-            if matches!(error, store::StoreError::Unavailable(_)) {
-                let mut unflushed = self.unflushed_calls.lock();
-                for (task, calls) in pending {
-                    *unflushed.entry(task).or_insert(0) += calls;
-                }
-            }
         }
     }
 
@@ -729,10 +707,14 @@ impl Authority {
     pub async fn get_task(&self, actor: &Operator, id: &str) -> Result<TaskRecord> {
         actor.require(&[Role::Auditor, Role::Approver])?;
         let id: TaskId = id.parse()?;
-        self.store
+        let mut task = self
+            .store
             .get_task(&id)
             .await?
-            .ok_or_else(|| Error::not_found("task_not_found", format!("no task `{id}`")))
+            .ok_or_else(|| Error::not_found("task_not_found", format!("no task `{id}`")))?;
+        // Every node's calls, as the audit log counts them, rather than the last settled count.
+        task.calls_used = self.store.count_task_calls(&id).await?.used;
+        Ok(task)
     }
 
     /// Ends a task at its agent's request. The caller proves possession of the task token.

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use audit::kinds;
@@ -15,6 +14,7 @@ use parking_lot::RwLock;
 use serde::Serialize;
 
 use crate::authority::Authority;
+use crate::budget::{BudgetHold, Lease};
 use crate::compact::{Interner, TaskKey, Thumbprint, TokenJti};
 use crate::error::Error;
 use crate::revocation::RevocationQuery;
@@ -104,6 +104,9 @@ pub struct CallVerdict {
     /// caller is shown), whenever the token verified. Never serialized.
     #[serde(skip)]
     pub claims: Option<Arc<VerifiedToken>>,
+    /// The call's hold on its task's budget, released once the decision is recorded.
+    #[serde(skip)]
+    pub(crate) budget: Option<Arc<BudgetHold>>,
 }
 
 /// What the call path keeps of a verified task token, cached by the token's hash until it
@@ -203,9 +206,11 @@ pub(crate) struct TaskState {
     /// same ones.
     pub(crate) context: Arc<TaskContext>,
     pub(crate) expires_at: i64,
-    pub(crate) depth: u32,
+    /// This node's lease of the budget (`crate::budget`).
+    pub(crate) lease: Lease,
     pub(crate) budget: u32,
-    pub(crate) used: AtomicU32,
+    /// At most `MAX_CHAIN`.
+    pub(crate) depth: u16,
     pub(crate) status: TaskStatus,
 }
 
@@ -216,17 +221,6 @@ pub(crate) struct TaskContext {
     pub(crate) obo: Option<Box<str>>,
     /// The task's ancestors, nearest first (empty for a task that was not delegated).
     pub(crate) ancestors: Box<[TaskKey]>,
-}
-
-impl TaskState {
-    /// Takes one call from the budget; false when none is left.
-    fn consume(&self) -> bool {
-        self.used
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
-                (used < self.budget).then_some(used + 1)
-            })
-            .is_ok()
-    }
 }
 
 #[derive(Debug, Default)]
@@ -374,8 +368,11 @@ impl Authority {
             event = event.task(task.clone());
         }
         // Step 8: the decision is durable before anything is forwarded. If it cannot be
-        // written, nothing is forwarded.
-        match self.store.append_events(vec![event]).await {
+        // written, nothing is forwarded. Either way the call's hold on the budget ends here:
+        // a count of the task's calls from now on sees whether it was recorded.
+        let appended = self.store.append_events(vec![event]).await;
+        drop(verdict.budget.take());
+        match appended {
             Ok(events) => verdict.audit_seq = events.first().map(|e| e.seq),
             Err(error) => {
                 tracing::warn!("audit write failed, denying the call: {error}");
@@ -387,23 +384,18 @@ impl Authority {
                 return verdict;
             }
         }
-        // The budget is enforced from memory; the count is persisted by the periodic sync,
-        // in one batch, off the call path (the audit log holds every call exactly).
-        if verdict.is_allow()
-            && check == Check::Call
-            && let Some(claims) = &verdict.claims
-        {
-            *self.unflushed_calls.lock().entry(claims.task).or_insert(0) += 1;
-        }
         verdict
     }
 
     /// Steps 1 to 7 alone: nothing is recorded, so nothing may be forwarded on this answer.
     /// It exists so that benchmarks can time the decision apart from the durable write;
-    /// the gateway calls [`Authority::authorize`]. An allowed call does take from the budget.
+    /// the gateway calls [`Authority::authorize`]. An allowed call does take from this node's
+    /// lease of the budget, though the task's count in the log does not grow.
     #[doc(hidden)]
     pub async fn decide_unrecorded(&self, attempt: &CallAttempt<'_>) -> CallVerdict {
-        self.decide_timed(attempt, Check::Call).await
+        let mut verdict = self.decide_timed(attempt, Check::Call).await;
+        verdict.budget = None;
+        verdict
     }
 
     pub(crate) async fn decide_timed(
@@ -414,7 +406,7 @@ impl Authority {
         let started = Instant::now();
         let now = self.now();
         let mut verdict = match self.decide(attempt, now, check).await {
-            Ok((claims, mode, report, approval)) => CallVerdict {
+            Ok((claims, mode, report, approval, budget)) => CallVerdict {
                 code: "allowed",
                 message: "allowed".to_string(),
                 report,
@@ -427,6 +419,7 @@ impl Authority {
                 approval,
                 ended_at: None,
                 claims: Some(claims),
+                budget: budget.map(Arc::new),
             },
             Err((denial, claims)) => CallVerdict {
                 report: denial
@@ -443,6 +436,7 @@ impl Authority {
                 approval: denial.approval,
                 ended_at: denial.ended_at,
                 claims,
+                budget: None,
             },
         };
         verdict.decision_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -461,6 +455,7 @@ impl Authority {
             ProofMode,
             DecisionReport,
             Option<String>,
+            Option<BudgetHold>,
         ),
         (Denial, Option<Arc<VerifiedToken>>),
     > {
@@ -589,7 +584,7 @@ impl Authority {
                 Vec::new(),
                 vec!["the caller is authenticated; the message calls no tool".to_string()],
             );
-            return Ok((Arc::clone(&claims), mode, report, None));
+            return Ok((Arc::clone(&claims), mode, report, None, None));
         }
 
         // 6. Scope: the call must lie inside the token's scopes.
@@ -646,15 +641,6 @@ impl Authority {
             approval = Some(id);
         }
         // 4. The budget is taken only by a call that is otherwise allowed.
-        if report.is_allow() && !task.consume() {
-            return Err(fail(Denial::new(
-                "budget_exhausted",
-                format!(
-                    "task `{task_id}` has used all {} calls of its budget",
-                    task.budget
-                ),
-            )));
-        }
         if !report.is_allow() {
             let message = denial_sentence(&report);
             let denial = Denial {
@@ -663,7 +649,20 @@ impl Authority {
             };
             return Err(fail(denial));
         }
-        Ok((Arc::clone(&claims), mode, report, approval))
+        let Some(budget) = self
+            .take_budget(claims.task, &task)
+            .await
+            .map_err(|e| fail(e.into()))?
+        else {
+            return Err(fail(Denial::new(
+                "budget_exhausted",
+                format!(
+                    "task `{task_id}` has used all {} calls of its budget",
+                    task.budget
+                ),
+            )));
+        };
+        Ok((Arc::clone(&claims), mode, report, approval, Some(budget)))
     }
 
     /// The task's state on this node, loaded from the store on first sight.
@@ -702,9 +701,9 @@ impl Authority {
         let state = Arc::new(TaskState {
             context,
             expires_at: record.expires_at,
-            depth: record.depth,
+            lease: Lease::default(),
             budget: record.budget,
-            used: AtomicU32::new(record.calls_used),
+            depth: u16::try_from(record.depth).unwrap_or(u16::MAX),
             status: record.status,
         });
         let mut tasks = self.tasks.tasks.write();

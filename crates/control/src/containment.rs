@@ -53,10 +53,16 @@ impl Default for ContainmentRules {
     }
 }
 
-/// Per-agent denial windows.
+/// Denials a node keeps for the store while the store cannot take them: beyond this many, the
+/// oldest are dropped (the local windows still count them).
+const MAX_UNSHARED: usize = 10_000;
+
+/// Per-agent denial windows, and the denials not yet added to the store's count.
 #[derive(Debug, Default)]
 pub(crate) struct Containment {
     denials: Mutex<HashMap<String, VecDeque<i64>>>,
+    /// (agent, time) of each denial counted here since the last catch-up.
+    unshared: Mutex<Vec<(String, i64)>>,
 }
 
 impl Containment {
@@ -65,6 +71,7 @@ impl Containment {
         if rules.max_denials == 0 {
             return false;
         }
+        self.unshare(vec![(agent.to_string(), now_ms)]);
         let mut denials = self.denials.lock();
         let window = denials.entry(agent.to_string()).or_default();
         window.push_back(now_ms);
@@ -79,6 +86,15 @@ impl Containment {
 
     fn forget(&self, agent: &str) {
         self.denials.lock().remove(agent);
+        self.unshared.lock().retain(|(denied, _)| denied != agent);
+    }
+
+    /// Queues denials for the store, keeping the newest [`MAX_UNSHARED`].
+    fn unshare(&self, denials: Vec<(String, i64)>) {
+        let mut unshared = self.unshared.lock();
+        unshared.extend(denials);
+        let excess = unshared.len().saturating_sub(MAX_UNSHARED);
+        unshared.drain(..excess);
     }
 }
 
@@ -138,6 +154,49 @@ impl Authority {
             };
             if let Err(error) = self.quarantine(agent, rule, &reason).await {
                 tracing::warn!(agent, rule, "quarantine failed: {error}");
+            }
+        }
+    }
+
+    /// Adds the denials counted here since the last catch-up to the store's count, which every
+    /// node adds to, and quarantines each agent whose sum over the window reaches
+    /// `max_denials`: the rule then counts what an agent did on every replica, and quarantines
+    /// it at the latest one catch-up (`sync_interval_ms`) after the denial that reached the
+    /// threshold, wherever that was. Agents with no new denial here need no look: the node that
+    /// counts the next denial of theirs asks. Called with each catch-up ([`Authority::sync`]).
+    pub async fn share_denials(&self) {
+        let rules = &self.settings.containment;
+        let denials = std::mem::take(&mut *self.containment.unshared.lock());
+        if denials.is_empty() || rules.max_denials == 0 {
+            return;
+        }
+        let since_ms = self
+            .clock
+            .now_ms()
+            .saturating_sub(rules.window_seconds.saturating_mul(1000));
+        let sums = match self.store.add_denials(&denials, since_ms).await {
+            Ok(sums) => sums,
+            Err(error) => {
+                tracing::warn!(
+                    denials = denials.len(),
+                    "could not add the denials to the store's count: {error}"
+                );
+                if matches!(error, store::StoreError::Unavailable(_)) {
+                    self.containment.unshare(denials);
+                }
+                return;
+            }
+        };
+        for (agent, denials) in sums {
+            if denials < rules.max_denials {
+                continue;
+            }
+            let reason = format!(
+                "{} denied calls within {} s",
+                rules.max_denials, rules.window_seconds
+            );
+            if let Err(error) = self.quarantine(&agent, "denials", &reason).await {
+                tracing::warn!(agent, "quarantine failed: {error}");
             }
         }
     }
@@ -215,6 +274,10 @@ impl Authority {
         )
         .await?;
         self.containment.forget(agent);
+        // A released agent starts afresh on every node, as it does here.
+        if let Err(error) = self.store.clear_denials(record.spiffe_id.as_str()).await {
+            tracing::warn!(agent, "could not clear the stored denials: {error}");
+        }
         tracing::warn!(agent = %record.spiffe_id, rule, "agent quarantined: {reason}");
         if let Some(url) = self.settings.containment.webhook.clone() {
             let body = json!({

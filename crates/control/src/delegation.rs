@@ -243,9 +243,9 @@ impl Authority {
                 ),
             ));
         }
-        let budget_left = parent_state
-            .budget
-            .saturating_sub(parent_state.used.load(std::sync::atomic::Ordering::SeqCst));
+        // What the parent has left in the whole cluster, as the audit log counts it.
+        let parent_calls = self.store.count_task_calls(&parent_key.task_id()).await?;
+        let budget_left = parent_state.budget.saturating_sub(parent_calls.used);
         let budget = request.budget.unwrap_or(budget_left);
         if budget < 1 || budget > budget_left {
             return Err(invalid(
@@ -255,7 +255,7 @@ impl Authority {
                 ),
             ));
         }
-        let depth = parent_state.depth + 1;
+        let depth = u32::from(parent_state.depth) + 1;
         if depth > self.settings.tasks.max_delegation_depth {
             return Err(invalid(
                 "invalid_request",

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod approvals;
 mod authority;
+mod budget;
 mod check;
 mod checkpoint;
 pub mod clock;

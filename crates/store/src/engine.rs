@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     AgentRecord, ApprovalKey, ApprovalRecord, ApprovalStatus, AuditFilter, NewRevocation,
     OperatorRecord, Result, Revocation, RevocationKind, SigningKeyRecord, Store, StoreError,
-    TaskRecord, WriterStats,
+    TaskCalls, TaskRecord, WriterStats,
 };
 
 /// Most operations one transaction carries. Bounds the time a batch holds the chain lock.
@@ -52,7 +52,8 @@ const QUEUE: usize = 8192;
 
 /// Most rows `query_events` returns, and what a zero limit means.
 const QUERY_CAP: u32 = crate::QUERY_LIMIT_MAX;
-/// Tasks per statement when a node flushes its call counts (two parameters each).
+/// Tasks per statement when a node settles its call counts (three parameters each), and
+/// denials or agents per statement when it shares its containment counts.
 const TASK_CALL_CHUNK: usize = 100;
 /// How far the agent and task lookups of the audit log may lag the log: a task beside the
 /// writer looks this often for events past the lookups' mark and fills them in. Queries read
@@ -377,8 +378,9 @@ enum WriteOp {
     },
     InsertTask(TaskRecord, EventBody),
     FinishTask(TaskId, TaskStatus, EventBody),
-    AddTaskCalls(TaskId, u32),
-    AddManyTaskCalls(Vec<(TaskId, u32)>),
+    SettleTaskCalls(Vec<(TaskId, TaskCalls)>),
+    AddDenials(Vec<(String, i64)>, i64),
+    ClearDenials(String),
     InsertRevocation(NewRevocation, EventBody),
     InsertApproval(Box<ApprovalRecord>, EventBody),
     DecideApproval {
@@ -437,6 +439,8 @@ enum Outcome {
     Revocation(Revocation, Event),
     Approval(Option<ApprovalRecord>),
     Events(Vec<Event>),
+    /// Per agent, its stored denials in the window asked about.
+    Denials(Vec<(String, u32)>),
 }
 
 #[derive(Debug)]
@@ -1378,43 +1382,20 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
                 append_one(conn, head, event).await?,
             )))
         }
-        WriteOp::AddTaskCalls(id, calls) => {
-            // Saturates rather than overflowing the record's `u32`.
-            let changed = conn
-                .execute(
-                    "UPDATE tasks SET calls_used = CASE WHEN calls_used + $1 > 4294967295 THEN 4294967295 \
-                     ELSE calls_used + $1 END WHERE id = $2",
-                    vec![Arg::Int(i64::from(calls)), Arg::Text(id.to_string())],
-                )
-                .await
-                .map_err(db_error)?;
-            if changed == 0 {
-                return Err(StoreError::NotFound {
-                    what: "task",
-                    key: id.to_string(),
-                });
-            }
+        WriteOp::SettleTaskCalls(counts) => {
+            settle_task_calls(conn, &counts).await?;
             Ok(Outcome::Done)
         }
-        WriteOp::AddManyTaskCalls(counts) => {
-            // One statement per chunk instead of a statement (and a savepoint) per task: the
-            // flush of a busy node's counts would otherwise hold the writer for a long batch.
-            for chunk in counts.chunks(TASK_CALL_CHUNK) {
-                let mut args = Vec::with_capacity(chunk.len() * 2);
-                let mut rows = Vec::with_capacity(chunk.len());
-                for (id, calls) in chunk {
-                    args.push(Arg::Text(id.to_string()));
-                    args.push(Arg::Int(i64::from(*calls)));
-                    rows.push(format!("(${}, ${})", args.len() - 1, args.len()));
-                }
-                let sql = format!(
-                    "UPDATE tasks SET calls_used = CASE WHEN calls_used + d.column2 > 4294967295 \
-                     THEN 4294967295 ELSE calls_used + d.column2 END \
-                     FROM (VALUES {}) AS d WHERE tasks.id = d.column1",
-                    rows.join(", ")
-                );
-                conn.execute(&sql, args).await.map_err(db_error)?;
-            }
+        WriteOp::AddDenials(denials, since_ms) => Ok(Outcome::Denials(
+            add_denials(conn, &denials, since_ms).await?,
+        )),
+        WriteOp::ClearDenials(agent) => {
+            conn.execute(
+                "DELETE FROM containment_denials WHERE agent = $1",
+                vec![Arg::Text(agent)],
+            )
+            .await
+            .map_err(db_error)?;
             Ok(Outcome::Done)
         }
         WriteOp::InsertRevocation(revocation, event) => {
@@ -1533,6 +1514,91 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
             Ok(Outcome::Events(events))
         }
     }
+}
+
+/// [`Store::settle_task_calls`]: one statement per chunk of tasks instead of a statement (and
+/// a savepoint) per task, so that a busy node's counts do not hold the writer for long. Each
+/// count replaces the stored one only if it reaches further into the log, so that counts
+/// settled by several nodes, in any order, only move forward.
+async fn settle_task_calls<C: Conn>(conn: &mut C, counts: &[(TaskId, TaskCalls)]) -> Result<()> {
+    for chunk in counts.chunks(TASK_CALL_CHUNK) {
+        let mut args = Vec::with_capacity(chunk.len() * 3);
+        let mut rows = Vec::with_capacity(chunk.len());
+        for (id, calls) in chunk {
+            args.push(Arg::Text(id.to_string()));
+            args.push(Arg::Int(i64::from(calls.used)));
+            args.push(Arg::Int(to_i64(calls.through_seq, "audit event")?));
+            rows.push(format!(
+                "(${}, ${}, ${})",
+                args.len() - 2,
+                args.len() - 1,
+                args.len()
+            ));
+        }
+        let sql = format!(
+            "UPDATE tasks SET calls_used = d.column2, calls_seq = d.column3 \
+             FROM (VALUES {}) AS d WHERE tasks.id = d.column1 AND tasks.calls_seq < d.column3",
+            rows.join(", ")
+        );
+        conn.execute(&sql, args).await.map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// [`Store::add_denials`]: the new rows, the rows that left every window, then the sums for
+/// the agents named, all in the writer's transaction so that each node's answer includes
+/// every denial another node added before it.
+async fn add_denials<C: Conn>(
+    conn: &mut C,
+    denials: &[(String, i64)],
+    since_ms: i64,
+) -> Result<Vec<(String, u32)>> {
+    for chunk in denials.chunks(TASK_CALL_CHUNK) {
+        let mut args = Vec::with_capacity(chunk.len() * 2);
+        let mut rows = Vec::with_capacity(chunk.len());
+        for (agent, time_ms) in chunk {
+            args.push(Arg::Text(agent.clone()));
+            args.push(Arg::Int(*time_ms));
+            rows.push(format!("(${}, ${})", args.len() - 1, args.len()));
+        }
+        let sql = format!(
+            "INSERT INTO containment_denials (agent, time_ms) VALUES {}",
+            rows.join(", ")
+        );
+        conn.execute(&sql, args).await.map_err(db_error)?;
+    }
+    conn.execute(
+        "DELETE FROM containment_denials WHERE time_ms < $1",
+        vec![Arg::Int(since_ms)],
+    )
+    .await
+    .map_err(db_error)?;
+    let mut agents: Vec<&str> = denials.iter().map(|(agent, _)| agent.as_str()).collect();
+    agents.sort_unstable();
+    agents.dedup();
+    let mut sums = Vec::with_capacity(agents.len());
+    for chunk in agents.chunks(TASK_CALL_CHUNK) {
+        let mut args = vec![Arg::Int(since_ms)];
+        let mut names = Vec::with_capacity(chunk.len());
+        for agent in chunk {
+            args.push(Arg::Text((*agent).to_string()));
+            names.push(format!("${}", args.len()));
+        }
+        let sql = format!(
+            "SELECT agent, COUNT(*) AS denials FROM containment_denials \
+             WHERE time_ms >= $1 AND agent IN ({}) GROUP BY agent ORDER BY agent",
+            names.join(", ")
+        );
+        for row in conn.fetch_all(&sql, args).await.map_err(db_error)? {
+            let fields = Fields::keyed_by_text(&row, "containment denials", "agent")?;
+            let denials = fields.int("denials")?;
+            sums.push((
+                fields.key.clone(),
+                u32::try_from(denials).unwrap_or(u32::MAX),
+            ));
+        }
+    }
+    Ok(sums)
 }
 
 async fn insert_approval<C: Conn>(conn: &mut C, approval: &ApprovalRecord) -> Result<()> {
@@ -2247,21 +2313,63 @@ impl<B: Backend> Store for SqlStore<B> {
         }
     }
 
-    async fn add_task_calls(&self, id: &TaskId, calls: u32) -> Result<()> {
-        match self.write(WriteOp::AddTaskCalls(id.clone(), calls)).await? {
+    async fn count_task_calls(&self, id: &TaskId) -> Result<TaskCalls> {
+        let row = self
+            .read()
+            .await?
+            .fetch_optional(count_task_calls_sql(), vec![Arg::Text(id.to_string())])
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "task",
+                key: id.to_string(),
+            })?;
+        let fields = Fields::keyed_by_int(&row, "task call count", "head")?;
+        let used = [
+            fields.int("used")?,
+            fields.int("looked_up")?,
+            fields.int("recent")?,
+        ]
+        .into_iter()
+        .fold(0i64, i64::saturating_add);
+        Ok(TaskCalls {
+            used: u32::try_from(used).unwrap_or(u32::MAX),
+            through_seq: fields.u64("head")?,
+        })
+    }
+
+    async fn settle_task_calls(&self, counts: &[(TaskId, TaskCalls)]) -> Result<()> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        match self
+            .write(WriteOp::SettleTaskCalls(counts.to_vec()))
+            .await?
+        {
             Outcome::Done => Ok(()),
             _ => Err(wrong_outcome()),
         }
     }
 
-    async fn add_many_task_calls(&self, counts: &[(TaskId, u32)]) -> Result<()> {
-        if counts.is_empty() {
-            return Ok(());
+    async fn add_denials(
+        &self,
+        denials: &[(String, i64)],
+        since_ms: i64,
+    ) -> Result<Vec<(String, u32)>> {
+        if denials.is_empty() {
+            return Ok(Vec::new());
         }
         match self
-            .write(WriteOp::AddManyTaskCalls(counts.to_vec()))
+            .write(WriteOp::AddDenials(denials.to_vec(), since_ms))
             .await?
         {
+            Outcome::Denials(sums) => Ok(sums),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn clear_denials(&self, agent: &str) -> Result<()> {
+        match self.write(WriteOp::ClearDenials(agent.to_string())).await? {
             Outcome::Done => Ok(()),
             _ => Err(wrong_outcome()),
         }
@@ -2590,6 +2698,35 @@ impl<B: Backend> Store for SqlStore<B> {
         }
         Ok(events)
     }
+}
+
+/// [`Store::count_task_calls`] in one statement, so that one snapshot answers every part: the
+/// settled count, the head it reaches now, and the allowed calls recorded between the two —
+/// found through the task lookup up to its mark and in the log itself after it (at most a
+/// lookup interval's worth of events: each bound is one expression, so that the database
+/// scans from the later of the two marks), like [`Store::query_events`]. A call is a
+/// `call.decision` that allowed a tool call; a session check (`"check":"session"` in its
+/// canonical detail, where a string value's quotes would be escaped) is not one.
+fn count_task_calls_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let allowed = "e.kind = 'call.decision' AND e.decision = 'allow' \
+                       AND e.detail NOT LIKE '%\"check\":\"session\"%'";
+        format!(
+            "SELECT t.calls_used AS used, h.head AS head, \
+             (SELECT COUNT(*) FROM audit_task_events l JOIN audit_events e ON e.seq = l.seq \
+              WHERE l.task = $1 AND e.task = $1 AND l.seq > t.calls_seq \
+              AND l.seq <= CASE WHEN h.mark < h.head THEN h.mark ELSE h.head END \
+              AND {allowed}) AS looked_up, \
+             (SELECT COUNT(*) FROM audit_events e WHERE e.task = $1 \
+              AND e.seq > CASE WHEN t.calls_seq > h.mark THEN t.calls_seq ELSE h.mark END \
+              AND e.seq <= h.head AND {allowed}) AS recent \
+             FROM tasks t, \
+             (SELECT COALESCE((SELECT through_seq FROM audit_lookup_mark), 0) AS mark, \
+              COALESCE((SELECT MAX(seq) FROM audit_events), 0) AS head) h \
+             WHERE t.id = $1"
+        )
+    })
 }
 
 /// The lookup table that answers `filter`, if it names a task (the narrower) or an agent:

@@ -92,11 +92,22 @@ pub struct TaskRecord {
     pub created_at: UnixSeconds,
     pub expires_at: UnixSeconds,
     pub budget: u32,
+    /// Allowed calls as last settled ([`Store::settle_task_calls`]); the audit log holds every
+    /// call since, which [`Store::count_task_calls`] adds.
     pub calls_used: u32,
     /// `jti` of the token issued for the task.
     pub token_jti: String,
     /// Thumbprint (RFC 7638) of the key the token is bound to.
     pub jkt: String,
+}
+
+/// A task's allowed tool calls counted from the audit log (see [`Store::count_task_calls`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCalls {
+    /// Allowed calls recorded up to `through_seq`.
+    pub used: u32,
+    /// The audit sequence number the count reaches (the head when it was taken).
+    pub through_seq: u64,
 }
 
 /// What a revocation names.
@@ -344,17 +355,33 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         to: TaskStatus,
         event: EventBody,
     ) -> Result<Option<Event>>;
-    /// Adds `calls` to the task's used-call counter (saturating). Group-committed like every
-    /// write, but records no audit event: the calls themselves are audited. `NotFound` when
-    /// there is no such task.
-    async fn add_task_calls(&self, id: &TaskId, calls: u32) -> Result<()>;
-    /// [`Store::add_task_calls`] for many tasks in one write of a few statements, as the
-    /// periodic flush of a node's counts needs; tasks that do not exist are skipped.
-    async fn add_many_task_calls(&self, counts: &[(TaskId, u32)]) -> Result<()>;
+    /// The task's allowed tool calls as the audit log records them (every `call.decision`
+    /// that allowed a tool call, session checks not included), counted in one snapshot up to
+    /// the head it names: `calls_used` as last settled plus the calls recorded after it. A
+    /// read, never a write; `NotFound` when there is no such task.
+    async fn count_task_calls(&self, id: &TaskId) -> Result<TaskCalls>;
+    /// Stores counts taken by [`Store::count_task_calls`] as each task's `calls_used`, so that
+    /// later counts start from them; a count older than the one stored is ignored, as are
+    /// tasks that do not exist. One write of a few statements, group-committed like every
+    /// write, with no audit event: the calls themselves are audited.
+    async fn settle_task_calls(&self, counts: &[(TaskId, TaskCalls)]) -> Result<()>;
     /// Ids of every active task of `agent`.
     async fn active_tasks_of_agent(&self, agent: &AgentName) -> Result<Vec<TaskId>>;
     /// Ids of the active tasks whose parent is `parent`.
     async fn child_tasks(&self, parent: &TaskId) -> Result<Vec<TaskId>>;
+
+    // Containment.
+    /// Adds denied calls (agent SPIFFE ID, time in milliseconds) that containment's
+    /// `max_denials` rule counts, forgets those before `since_ms`, and answers, for each agent
+    /// named in `denials`, how many of its denials since `since_ms` the store holds, from
+    /// every node. No audit event: the calls themselves are audited.
+    async fn add_denials(
+        &self,
+        denials: &[(String, i64)],
+        since_ms: i64,
+    ) -> Result<Vec<(String, u32)>>;
+    /// Forgets every stored denial of `agent` (at quarantine: a released agent starts afresh).
+    async fn clear_denials(&self, agent: &str) -> Result<()>;
 
     // Revocations.
     async fn insert_revocation(

@@ -465,3 +465,89 @@ async fn rules_can_be_turned_off_and_a_webhook_is_told() {
     assert_eq!(notices[0]["rule"], "wrong_key");
     assert_eq!(notices[0]["owner"], "alice@example.org");
 }
+
+/// `max_denials` counts an agent's denials on every replica: each node adds its own to the
+/// store's count at each catch-up and quarantines on the sum. Ten denials spread over three
+/// replicas, none of which saw more than four, quarantine at the catch-up after the tenth;
+/// before, each replica counted only its own, and 27 left the agent active.
+async fn denials_spread_over_replicas_quarantine(cluster: crate::budgets::Cluster) {
+    let nodes = &cluster.nodes;
+    let agent = nodes[0].agent("prober", "alice@example.org").await;
+    let grant = nodes[0].grant(&agent).await;
+    let catch_up = || async {
+        for node in nodes {
+            node.authority.sync().await.unwrap();
+        }
+    };
+    // Three rounds of one denial per replica, each followed by a catch-up everywhere (what
+    // `sync_interval_ms` does in `serve`): nine denials, below the threshold of ten.
+    for _ in 0..3 {
+        for node in nodes {
+            let verdict = node
+                .call(&agent, &grant, "delete_repo", ActionClass::Admin)
+                .await;
+            assert_eq!(verdict.code, "out_of_scope");
+        }
+        catch_up().await;
+    }
+    assert_eq!(status(&nodes[0], "prober").await, AgentStatus::Active);
+    let verdict = nodes[1]
+        .call(&agent, &grant, "delete_repo", ActionClass::Admin)
+        .await;
+    assert_eq!(verdict.code, "out_of_scope");
+    catch_up().await;
+    assert_eq!(
+        status(&nodes[2], "prober").await,
+        AgentStatus::Quarantined,
+        "the tenth denial, on any replica, quarantines within one catch-up"
+    );
+    // Every replica refuses the agent's task from its next catch-up with the revocation feed.
+    catch_up().await;
+    for node in nodes {
+        let verdict = node
+            .call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await;
+        assert_eq!(verdict.code, "revoked");
+    }
+    // A released agent starts afresh everywhere: one more denial quarantines nobody.
+    nodes[0]
+        .authority
+        .release_agent(&nodes[0].admin, "prober", "investigated")
+        .await
+        .unwrap();
+    // Agent revocations cut tokens issued up to their second; each node's clock started a
+    // little apart, and the quarantine took the time of whichever node noticed.
+    for node in nodes {
+        node.clock.advance_seconds(2);
+    }
+    let fresh = nodes[0].grant(&agent).await;
+    let verdict = nodes[1]
+        .call(&agent, &fresh, "delete_repo", ActionClass::Admin)
+        .await;
+    assert_eq!(verdict.code, "out_of_scope");
+    catch_up().await;
+    assert_eq!(status(&nodes[0], "prober").await, AgentStatus::Active);
+    cluster.finish().await;
+}
+
+fn ten_denials(settings: &mut control::Settings) {
+    settings.containment = ContainmentRules {
+        max_denials: 10,
+        window_seconds: 60,
+        ..ContainmentRules::default()
+    };
+}
+
+#[tokio::test]
+async fn denials_spread_over_replicas_quarantine_on_sqlite() {
+    let cluster = crate::budgets::Cluster::sqlite(3, ten_denials).await;
+    denials_spread_over_replicas_quarantine(cluster).await;
+}
+
+#[tokio::test]
+async fn denials_spread_over_replicas_quarantine_on_postgres() {
+    let Some(cluster) = crate::budgets::Cluster::postgres(3, ten_denials).await else {
+        return;
+    };
+    denials_spread_over_replicas_quarantine(cluster).await;
+}

@@ -11,6 +11,7 @@
 
 mod api;
 mod approvals;
+mod budgets;
 mod calls;
 mod checkpoint;
 mod containment;

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use audit::kinds;
+use audit::{EventBody, kinds};
 use model::{AgentStatus, Role, Secret, TaskStatus};
 use store::{
     ApprovalKey, ApprovalRecord, ApprovalStatus, AuditFilter, NewRevocation, OperatorRecord,
-    RevocationKind, SigningKeyRecord, Store, StoreError,
+    RevocationKind, SigningKeyRecord, Store, StoreError, TaskCalls, TaskRecord,
 };
 
 use crate::harness::{TestDb, agent, all_events, event, eventually, task, task_id, verify};
@@ -342,6 +342,23 @@ pub async fn tasks(db: &TestDb) {
     assert_eq!(all_events(store.as_ref()).await.len(), before + 1);
 }
 
+/// One `call.decision` of `task`, as the call path writes it.
+fn call_decision(task: &TaskRecord, decision: &str, code: &str, session: bool) -> EventBody {
+    let mut detail = serde_json::json!({"action": "read_issue", "code": code, "tool": "github"});
+    if session {
+        detail["check"] = "session".into();
+    }
+    EventBody::new(
+        1_700_000_000_000,
+        kinds::CALL_DECISION,
+        "spiffe://example.org/agent/bot",
+    )
+    .agent("spiffe://example.org/agent/bot")
+    .task(task.id.as_str())
+    .decision(decision)
+    .detail(detail)
+}
+
 pub async fn task_calls(db: &TestDb) {
     let store = &db.store;
     store
@@ -349,82 +366,182 @@ pub async fn task_calls(db: &TestDb) {
         .await
         .unwrap();
     let granted = task(1, "bot");
-    store
-        .insert_task(&granted, event(kinds::TASK_GRANTED))
-        .await
-        .unwrap();
-    store.add_task_calls(&granted.id, 5).await.unwrap();
-    store.add_task_calls(&granted.id, 7).await.unwrap();
-    assert_eq!(
-        store
-            .get_task(&granted.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .calls_used,
-        12
-    );
-
-    // Many concurrent increments, group-committed, lose nothing.
-    let handles: Vec<_> = (0..20)
-        .map(|_| {
-            let store = store.clone();
-            let id = granted.id.clone();
-            tokio::spawn(async move { store.add_task_calls(&id, 1).await.unwrap() })
-        })
-        .collect();
-    for handle in handles {
-        handle.await.unwrap();
-    }
-    assert_eq!(
-        store
-            .get_task(&granted.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .calls_used,
-        32
-    );
-
-    store.add_task_calls(&granted.id, u32::MAX).await.unwrap();
-    assert_eq!(
-        store
-            .get_task(&granted.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .calls_used,
-        u32::MAX
-    );
-    // Many tasks in one write: counted, saturating, and an unknown task skipped.
     let other = task(2, "bot");
+    for task in [&granted, &other] {
+        store
+            .insert_task(task, event(kinds::TASK_GRANTED))
+            .await
+            .unwrap();
+    }
+    let count = |task: &TaskRecord| {
+        let (store, id) = (store.clone(), task.id.clone());
+        async move { store.count_task_calls(&id).await.unwrap() }
+    };
+    assert_eq!(
+        count(&granted).await,
+        TaskCalls {
+            used: 0,
+            through_seq: 3
+        }
+    );
+
+    // Only allowed tool calls of the task count: not denials, session checks, outcomes, or
+    // another task's calls, even one whose reason quotes a session check.
+    let mut quoting = call_decision(&other, "allow", "allowed", false);
+    quoting.detail = audit::Detail::from_value(&serde_json::json!({
+        "code": "allowed", "reasons": ["\"check\":\"session\""]
+    }));
     store
-        .insert_task(&other, event(kinds::TASK_GRANTED))
-        .await
-        .unwrap();
-    store
-        .add_many_task_calls(&[
-            (other.id.clone(), 3),
-            (task_id(9), 4),
-            (granted.id.clone(), 1),
+        .append_events(vec![
+            call_decision(&granted, "allow", "allowed", false),
+            call_decision(&granted, "deny", "out_of_scope", false),
+            call_decision(&granted, "allow", "allowed", true),
+            call_decision(&other, "allow", "allowed", false),
+            quoting,
+            EventBody::new(1_700_000_000_001, "call.outcome", "remit").task(granted.id.as_str()),
+            call_decision(&granted, "allow", "allowed", false),
         ])
         .await
         .unwrap();
+    let counted = count(&granted).await;
+    assert_eq!(
+        counted,
+        TaskCalls {
+            used: 2,
+            through_seq: 10
+        }
+    );
+    assert_eq!(count(&other).await.used, 2);
+
+    // A settled count is where later counts start; an older one never replaces it, and a
+    // task that does not exist is skipped.
     store
-        .add_many_task_calls(&[(other.id.clone(), 2)])
+        .settle_task_calls(&[(granted.id.clone(), counted), (task_id(9), counted)])
         .await
         .unwrap();
-    store.add_many_task_calls(&[]).await.unwrap();
-    let used = |task| async move { store.get_task(task).await.unwrap().unwrap().calls_used };
-    assert_eq!(used(&other.id).await, 5);
-    assert_eq!(used(&granted.id).await, u32::MAX);
-    let unknown = store.add_task_calls(&task_id(9), 1).await;
+    store
+        .settle_task_calls(&[(
+            granted.id.clone(),
+            TaskCalls {
+                used: 1,
+                through_seq: 5,
+            },
+        )])
+        .await
+        .unwrap();
+    store.settle_task_calls(&[]).await.unwrap();
+    let stored = store.get_task(&granted.id).await.unwrap().unwrap();
+    assert_eq!(stored.calls_used, 2);
+    let fills = store.writer_stats().lookup_fills;
+    store
+        .append_events(vec![
+            call_decision(&granted, "allow", "allowed", false),
+            call_decision(&granted, "allow", "allowed", false),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&granted).await.used,
+        4,
+        "from the log after the lookup mark"
+    );
+    // Once the lookups hold the new calls, the count finds them there instead.
+    assert!(eventually(|| async { store.writer_stats().lookup_fills > fills }).await);
+    assert_eq!(
+        count(&granted).await,
+        TaskCalls {
+            used: 4,
+            through_seq: 12
+        },
+        "through the task lookup"
+    );
+    store
+        .settle_task_calls(&[(
+            granted.id.clone(),
+            TaskCalls {
+                used: 4,
+                through_seq: 12,
+            },
+        )])
+        .await
+        .unwrap();
+    assert_eq!(count(&granted).await.used, 4, "settled, nothing after");
+
+    let unknown = store.count_task_calls(&task_id(9)).await;
     assert!(
         matches!(unknown, Err(StoreError::NotFound { what: "task", .. })),
         "{unknown:?}"
     );
-    // Counting calls is not an audited state change: only the three setup events exist.
-    assert_eq!(all_events(store.as_ref()).await.len(), 3);
+    // Counting and settling calls are not audited state changes: the calls are.
+    assert_eq!(all_events(store.as_ref()).await.len(), 12);
+}
+
+pub async fn containment_denials(db: &TestDb) {
+    let store = &db.store;
+    let (a, b) = (
+        "spiffe://example.org/agent/a",
+        "spiffe://example.org/agent/b",
+    );
+    let denials = |list: &[(&str, i64)]| -> Vec<(String, i64)> {
+        list.iter()
+            .map(|(agent, t)| (agent.to_string(), *t))
+            .collect()
+    };
+    let sums = |list: &[(&str, u32)]| -> Vec<(String, u32)> {
+        list.iter()
+            .map(|(agent, n)| (agent.to_string(), *n))
+            .collect()
+    };
+    assert_eq!(
+        store
+            .add_denials(&denials(&[(a, 1_000), (b, 1_500), (a, 2_000)]), 0)
+            .await
+            .unwrap(),
+        sums(&[(a, 2), (b, 1)])
+    );
+    // Only the agents named are answered, and denials before the window are forgotten.
+    assert_eq!(
+        store
+            .add_denials(&denials(&[(a, 3_000)]), 1_500)
+            .await
+            .unwrap(),
+        sums(&[(a, 2)])
+    );
+    assert_eq!(
+        store
+            .add_denials(&denials(&[(b, 3_500)]), 1_500)
+            .await
+            .unwrap(),
+        sums(&[(b, 2)])
+    );
+    // Concurrent adders (several nodes) all land, and the last answer sees them all.
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .add_denials(&[(b.to_string(), 4_000 + i)], 1_500)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut most = 0;
+    for handle in handles {
+        most = most.max(handle.await.unwrap()[0].1);
+    }
+    assert_eq!(most, 22);
+
+    store.clear_denials(b).await.unwrap();
+    assert_eq!(
+        store
+            .add_denials(&denials(&[(b, 5_000), (a, 5_000)]), 1_500)
+            .await
+            .unwrap(),
+        sums(&[(a, 3), (b, 1)])
+    );
+    assert!(store.add_denials(&[], 0).await.unwrap().is_empty());
+    assert!(all_events(store.as_ref()).await.is_empty());
 }
 
 fn revocation(kind: RevocationKind, target: &str) -> NewRevocation {

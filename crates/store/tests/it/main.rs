@@ -45,6 +45,7 @@ on_both_backends!(
     cases::signing_keys,
     cases::tasks,
     cases::task_calls,
+    cases::containment_denials,
     cases::revocation_feed,
     cases::group_commit_keeps_one_chain,
     cases::writer_stats_count_every_operation,
