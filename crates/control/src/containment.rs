@@ -381,6 +381,7 @@ mod tests {
             approval: None,
             ended_at,
             claims: None,
+            budget: None,
         }
     }
 
