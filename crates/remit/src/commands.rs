@@ -1,10 +1,11 @@
 //! One function per subcommand. Admin commands open the store directly and act as the local
-//! operator: whoever can open the store already holds everything it protects.
+//! operator: whoever can open the store already holds everything it protects. They never
+//! create one: only `serve` and `demo` do.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use control::clock::SystemClock;
 use control::{Authority, Operator, Settings};
 use model::Role;
@@ -64,9 +65,21 @@ fn settings(global: &Global, overrides: &Overrides) -> Result<Settings> {
     RawConfig::load(global.config.as_deref())?.settle(overrides)
 }
 
+/// Opens an existing store for an admin command. Only `serve` and `demo` create a store: a
+/// command pointed at the wrong path must say so, not report on an empty store it just made.
 async fn open(global: &Global) -> Result<Arc<Authority>> {
-    let settings = settings(global, &overrides(global))?;
+    let mut settings = settings(global, &overrides(global))?;
+    settings.store_create = false;
     let store_url = settings.store_url.clone();
+    if let Some(path) = store::sqlite_path(&store_url) {
+        let path = path.split_once('?').map_or(path, |(path, _)| path);
+        if !std::path::Path::new(path).exists() {
+            bail!(
+                "no store at `{path}`; hint: `remit serve` creates it; give the path of an \
+                 existing store with `--store sqlite://PATH` or `store` in remit.toml"
+            );
+        }
+    }
     Authority::open(settings, Arc::new(SystemClock))
         .await
         .map_err(|e| anyhow!("{e}"))

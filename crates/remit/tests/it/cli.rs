@@ -78,7 +78,9 @@ async fn a_scripted_session() {
     )
     .unwrap();
 
-    // Bootstrap: an operator token, printed once.
+    // The first start of `remit serve` creates the store; then an operator token, printed
+    // once.
+    support::create_store(d);
     let out = ok(
         d,
         &["operator", "create", "--role", "admin", "--name", "ci"],
@@ -334,6 +336,7 @@ async fn a_session_on_postgres() {
 fn mistakes_get_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    support::create_store(d);
     let check = |args: &[&str], needle: &str| {
         let run = run(d, args);
         assert_eq!(run.status, 1, "remit {args:?}: {}", run.stderr);
@@ -425,11 +428,70 @@ fn mistakes_get_one_clear_line() {
     assert!(run.stderr.contains("bad.cedar:3"), "{}", run.stderr);
 }
 
+/// Admin commands never create a store: pointed at a path where there is none (a typo, the
+/// wrong directory), each says which path it looked for and leaves nothing behind, instead of
+/// reporting on an empty store it just made ("audit chain intact: 0 events").
+#[test]
+fn admin_commands_never_create_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let commands: [&[&str]; 8] = [
+        &["--store", "sqlite://missing.db", "audit", "verify"],
+        &["--store", "sqlite:missing.db", "audit", "tail"],
+        &[
+            "--store",
+            "sqlite://missing.db",
+            "operator",
+            "create",
+            "--role",
+            "admin",
+        ],
+        &["--store", "sqlite://missing.db", "agent", "list"],
+        &["--store", "sqlite://missing.db", "keys", "rotate"],
+        &["--store", "sqlite://missing.db", "approvals", "list"],
+        &["--store", "sqlite://missing.db", "revoke", "agent", "bot"],
+        &["--store", "sqlite://missing.db", "audit", "checkpoint"],
+    ];
+    for args in commands {
+        let run = run(d, args);
+        assert_eq!(run.status, 1, "remit {args:?}: {}", run.stderr);
+        let mut lines = run.stderr.lines();
+        assert_eq!(
+            lines.next(),
+            Some("error: no store at `missing.db`"),
+            "remit {args:?}: {}",
+            run.stderr
+        );
+        assert!(
+            lines
+                .next()
+                .unwrap_or_default()
+                .starts_with("hint: `remit serve` creates it"),
+            "remit {args:?}: {}",
+            run.stderr
+        );
+    }
+    // Without `--store`, the default path is named.
+    let run = run(d, &["agent", "list"]);
+    assert_eq!(run.status, 1);
+    assert!(
+        run.stderr.starts_with("error: no store at `remit.db`"),
+        "{}",
+        run.stderr
+    );
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "admin commands created {left:?}");
+}
+
 /// `remit approvals` on the local store: an empty list, and clear refusals.
 #[test]
 fn approvals_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    support::create_store(d);
     assert_eq!(ok(d, &["approvals", "list"]), "");
     assert_eq!(
         ok(d, &["approvals", "list", "--status", "all", "--json"]),
@@ -526,6 +588,7 @@ routes = [{{ method = "GET", path = "/issues/{{id}}", action = "read_issue", cla
     .unwrap();
     let key = AgentKeyPair::generate_p256().unwrap();
     let key_file = write_key(d, &key);
+    support::create_store(d);
     ok(
         d,
         &[
