@@ -35,7 +35,7 @@ pub(crate) struct Bounded<S> {
     timeout: Duration,
     waiting: Semaphore,
     max_waiting: usize,
-    file: Option<StoreFile>,
+    file: Option<Arc<StoreFile>>,
     opened: Instant,
     /// Milliseconds after `opened` of the last write that reached the store, plus one (0:
     /// none yet).
@@ -46,7 +46,7 @@ pub(crate) struct Bounded<S> {
 
 impl<S: Store> Bounded<S> {
     /// `inner` bounded as `options` say; `file` is the SQLite file to watch, if any.
-    pub(crate) fn new(inner: S, options: &OpenOptions, file: Option<StoreFile>) -> Bounded<S> {
+    pub(crate) fn new(inner: S, options: &OpenOptions, file: Option<Arc<StoreFile>>) -> Bounded<S> {
         let max_waiting = options.max_waiting.clamp(1, Semaphore::MAX_PERMITS);
         Bounded {
             inner,
@@ -135,7 +135,8 @@ impl<S: Store> Bounded<S> {
 /// The SQLite file a store opened, by device and inode, so that a file removed or replaced
 /// under a running node is noticed: SQLite would go on writing to the unlinked inode (or to
 /// its own open descriptors of the old file), and decisions would be durable nowhere anyone
-/// looks.
+/// looks. Checked by `ping` (at each catch-up), by `ready`, and by the writer before each
+/// transaction (one `stat` per batch), so the next call after a removal fails closed.
 #[derive(Debug)]
 pub(crate) struct StoreFile {
     path: String,
@@ -185,7 +186,9 @@ impl StoreFile {
         })
     }
 
-    fn check(&self) -> Result<()> {
+    /// Whether the path still names the file opened; from the first time it does not, never
+    /// again.
+    pub(crate) fn check(&self) -> Result<()> {
         if self.replaced.load(Ordering::Relaxed) {
             return Err(self.replaced_error());
         }

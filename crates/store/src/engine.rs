@@ -246,6 +246,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// page the statement touches) for an insert of thousands of rows.
     const INSERT_SKIPPING: (&'static str, &'static str) = ("INSERT INTO", "ON CONFLICT DO NOTHING");
 
+    /// Checked before each write transaction: whether the writes can still land where the
+    /// store's readers (and everyone else) will look. SQLite checks that its file is still the
+    /// one opened, so that no decision is committed into a file removed or replaced meanwhile.
+    fn check_before_write(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Starts a transaction for [`fill_lookups`] that excludes every other fill of the same
     /// lookups but no writer of the chain.
     async fn begin_fill(&self, conn: &mut Self::Conn) -> Result<(), sqlx::Error>;
@@ -607,6 +614,7 @@ impl<B: Backend> Writer<B> {
     /// Runs one batch in one transaction. The outer error fails the whole batch; the inner
     /// results are per operation and final only once the commit succeeded.
     async fn commit(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
+        self.backend.check_before_write()?;
         let conn = kept_connection(&mut self.conn, self.backend.write_pool()).await?;
         let result = transaction(&*self.backend, &mut **conn, &mut self.known_head, ops).await;
         if result.is_err() {

@@ -56,6 +56,8 @@ pub(crate) struct SqliteBackend {
     /// The writer's one connection, to the log alone: `BEGIN IMMEDIATE` locks every attached
     /// file, so a writer with the lookups attached would wait for each fill.
     write_pool: SqlitePool,
+    /// The file opened, checked before every write transaction.
+    file: Arc<StoreFile>,
 }
 
 #[async_trait]
@@ -74,6 +76,10 @@ impl Backend for SqliteBackend {
     }
 
     const INSERT_SKIPPING: (&'static str, &'static str) = ("INSERT OR IGNORE INTO", "");
+
+    fn check_before_write(&self) -> Result<()> {
+        self.file.check()
+    }
 
     // `octet_length` and ordered aggregates need SQLite 3.44 (sqlx bundles a newer one).
     const PACKED_EVENTS_SQL: Option<&'static str> = Some(
@@ -116,7 +122,7 @@ pub(crate) async fn open_unbounded(
     url: &str,
     path: &str,
     options: &OpenOptions,
-) -> Result<(SqlStore<SqliteBackend>, StoreFile)> {
+) -> Result<(SqlStore<SqliteBackend>, Arc<StoreFile>)> {
     let bad_url = || StoreError::BadUrl(redact_url(url));
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
     // `mode=rwc` is what sqlx's own URLs say for "create if missing", which remit always does;
@@ -143,8 +149,13 @@ pub(crate) async fn open_unbounded(
     let readers = options.max_connections.max(1) + 1;
     let pool = connect(path, options, readers, Some(lookups)).await?;
     // Taken once the file certainly exists (the writer's pool created it if it was missing).
-    let file = StoreFile::opened(path)?;
-    Ok((SqlStore::start(SqliteBackend { pool, write_pool }), file))
+    let file = Arc::new(StoreFile::opened(path)?);
+    let backend = SqliteBackend {
+        pool,
+        write_pool,
+        file: Arc::clone(&file),
+    };
+    Ok((SqlStore::start(backend), file))
 }
 
 /// Creates the lookup file at `path` and its tables where missing.

@@ -173,9 +173,9 @@ async fn a_locked_postgres_table_refuses_within_the_timeout() {
     schema.drop_schema().await.unwrap();
 }
 
-/// A store file deleted while serving: the next catch-up notices that the path no longer
-/// names the file opened, and from then on calls fail closed instead of being recorded in an
-/// unlinked file nobody will read; `/readyz` says so too.
+/// A store file deleted while serving: the next write (the next call's decision) notices that
+/// the path no longer names the file opened, and from then on calls fail closed instead of
+/// being recorded in an unlinked file nobody will read; catch-ups and `/readyz` say so too.
 #[tokio::test]
 async fn a_deleted_sqlite_file_fails_closed() {
     let h = Harness::new().await;
@@ -189,8 +189,7 @@ async fn a_deleted_sqlite_file_fails_closed() {
     let url = h.authority.settings().store_url.clone();
     std::fs::remove_file(store::sqlite_path(&url).unwrap()).unwrap();
 
-    let error = h.authority.sync().await.unwrap_err();
-    assert_eq!(error.code, "store_unavailable");
+    // The very next call: its decision would be written into the unlinked file.
     let verdict = h
         .call(&agent, &grant, "read_issue", ActionClass::Read)
         .await;
@@ -198,6 +197,8 @@ async fn a_deleted_sqlite_file_fails_closed() {
         (verdict.report.decision, verdict.code),
         (Decision::Deny, "store_unavailable")
     );
+    let error = h.authority.sync().await.unwrap_err();
+    assert_eq!(error.code, "store_unavailable");
     let (status, body) = crate::api::get_json(&h, "/readyz").await;
     assert_eq!(
         (status, &body["reason"]),

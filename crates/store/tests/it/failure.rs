@@ -165,6 +165,11 @@ pub async fn a_removed_store_file_is_noticed(db: &TestDb) {
     let path = store::sqlite_path(&db.url).unwrap().to_string();
     db.store.ping().await.unwrap();
     std::fs::remove_file(&path).unwrap();
+    // The writer looks before each transaction: the first write after the removal fails.
+    assert_unavailable(
+        db.store.append_events(vec![decision("first")]).await,
+        "was removed or replaced",
+    );
     assert_unavailable(db.store.ping().await, "was removed or replaced");
     // From then on nothing is written anywhere, the file back or not.
     std::fs::write(&path, b"").unwrap();
