@@ -602,7 +602,7 @@ impl<B: Backend> Writer<B> {
             .value("events", &serde_json::json!(seqs))
             .str(
                 "reason",
-                "committed after the caller stopped waiting: the caller was refused",
+                "committed after its caller had stopped waiting and been told the store is unavailable",
             )
             .finish();
         let body = EventBody::new(now_ms, audit::kinds::STORE_UNANSWERED, "remit").detail(detail);

@@ -224,3 +224,44 @@ async fn ready_when_the_store_takes_writes() {
         h.authority.keys().current_kid()
     );
 }
+
+/// Behind a store that does not answer, at most `store_max_waiting` calls wait for it: the
+/// others are refused at once, so a stuck store cannot pile up every caller for the timeout.
+#[tokio::test]
+async fn calls_beyond_the_bound_are_refused_at_once() {
+    let h = Harness::configured(|settings| settings.store_max_waiting = 2).await;
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    assert!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+    let held = store::testing::HeldWrites::take(&h.authority.settings().store_url)
+        .await
+        .unwrap();
+    let timed = || async {
+        let started = Instant::now();
+        let verdict = h
+            .call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await;
+        (verdict.code, started.elapsed())
+    };
+    let (first, second, third) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(timed(), timed(), timed())
+    })
+    .await
+    .unwrap();
+    held.release().await.unwrap();
+    let answers = [first, second, third];
+    assert!(
+        answers.iter().all(|(code, _)| *code == "store_unavailable"),
+        "{answers:?}"
+    );
+    // The harness's timeout is 500 ms: two waited for it, the third was refused at once.
+    let at_once = answers
+        .iter()
+        .filter(|(_, elapsed)| *elapsed < Duration::from_millis(250))
+        .count();
+    assert!(at_once >= 1, "{answers:?}");
+}
