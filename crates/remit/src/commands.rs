@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use control::clock::SystemClock;
 use control::{Authority, Operator, Settings};
 use model::Role;
@@ -71,19 +71,18 @@ async fn open(global: &Global) -> Result<Arc<Authority>> {
     let mut settings = settings(global, &overrides(global))?;
     settings.store_create = false;
     let store_url = settings.store_url.clone();
-    if let Some(path) = store::sqlite_path(&store_url) {
-        let path = path.split_once('?').map_or(path, |(path, _)| path);
-        if !std::path::Path::new(path).exists() {
-            bail!(
-                "no store at `{path}`; hint: `remit serve` creates it; give the path of an \
-                 existing store with `--store sqlite://PATH` or `store` in remit.toml"
-            );
-        }
-    }
     Authority::open(settings, Arc::new(SystemClock))
         .await
-        .map_err(|e| anyhow!("{e}"))
-        .with_context(|| format!("cannot open the store `{}`", redact_url(&store_url)))
+        .map_err(|e| {
+            if e.code == "store_missing" {
+                anyhow!(
+                    "{e}; hint: `remit serve` creates it; give an existing store with \
+                     `--store` or `store` in remit.toml"
+                )
+            } else {
+                anyhow!("cannot open the store `{}`: {e}", redact_url(&store_url))
+            }
+        })
 }
 
 /// A store URL without its password, for messages.

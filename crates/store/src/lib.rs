@@ -35,6 +35,10 @@ pub enum StoreError {
     BadUrl(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Opened with [`OpenOptions::create_if_missing`] off where there is no store: no SQLite
+    /// file at the path, or a PostgreSQL schema that remit never migrated.
+    #[error("no store at `{0}`")]
+    Missing(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -451,8 +455,9 @@ pub struct OpenOptions {
     /// Most operations that may wait for the store at once; any more fail as `Unavailable`
     /// at once instead of queueing behind a store that does not answer.
     pub max_waiting: usize,
-    /// Create the SQLite file when it is missing (`serve` and `demo`); otherwise a missing
-    /// file is `Unavailable` and nothing is created.
+    /// Create the store when it is missing (`serve` and `demo`): the SQLite file, or remit's
+    /// tables in the PostgreSQL schema. Otherwise a missing store is [`StoreError::Missing`]
+    /// and nothing is created.
     pub create_if_missing: bool,
     /// Connections kept for reads; the writer task uses one more at a time.
     pub max_connections: u32,

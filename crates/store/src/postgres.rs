@@ -80,6 +80,17 @@ pub(crate) async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Sto
         .connect_with(connect.clone())
         .await
         .map_err(unavailable)?;
+    if !options.create_if_missing {
+        // A schema remit never migrated holds no store: say so rather than create one.
+        let migrated: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&migrating)
+                .await
+                .map_err(unavailable)?;
+        if !migrated {
+            return Err(StoreError::Missing(redact_url(url)));
+        }
+    }
     MIGRATOR
         .run(&migrating)
         .await

@@ -134,7 +134,7 @@ pub(crate) async fn open_unbounded(
         return Err(bad_url());
     }
     if !options.create_if_missing && !std::path::Path::new(path).exists() {
-        return Err(StoreError::Unavailable(format!("no store at `{path}`")));
+        return Err(StoreError::Missing(path.to_string()));
     }
     // The writer's pool migrates: its connection has no lookup file attached, so the
     // migrations see the log's file alone.

@@ -261,6 +261,18 @@ async fn a_session_on_postgres() {
     let d = dir.path();
     let store_flag = schema.url.as_str();
 
+    // A schema remit never migrated holds no store, and an admin command does not make one.
+    let refused = run(d, &["--store", store_flag, "audit", "verify"]);
+    assert_eq!(refused.status, 1, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .starts_with("error: no store at `postgres://")
+            && refused.stderr.contains("\nhint: `remit serve` creates it"),
+        "{}",
+        refused.stderr
+    );
+    let server = Server::start(d, &["--store", store_flag]);
     let out = ok(
         d,
         &[
@@ -289,7 +301,6 @@ async fn a_session_on_postgres() {
         ],
     );
 
-    let server = Server::start(d, &["--store", store_flag]);
     let base_url = server.base.clone();
     let client = reqwest::Client::new();
     let (status, grant) = request_task(&client, &base_url, &key, "pg-1").await;
