@@ -589,8 +589,8 @@ impl<B: Backend> Writer<B> {
     }
 
     /// Appends a `store.unanswered` event naming the events (and approvals) that committed
-    /// after their callers had stopped waiting, so that the log does not read as if what they recorded
-    /// (an allowed call, say) took effect: the caller was answered `Unavailable`.
+    /// after their callers had stopped waiting, so that the log does not read as if what they
+    /// recorded (an allowed call, say) took effect: the caller was answered `Unavailable`.
     async fn record_unanswered(&mut self, seqs: Vec<u64>, approvals: Vec<String>) {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -2745,7 +2745,8 @@ mod tests {
         (dir, url, store)
     }
 
-    /// The writer behind a bound it does not see, and a raw connection to its file.
+    /// A store on a new SQLite file without the bound around it, so that a test can reach its
+    /// writer's queue: the directory, the file's URL, the store.
     async fn unbounded_sqlite() -> (tempfile::TempDir, String, super::SqlStore<SqliteBackend>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("remit.db").display().to_string();

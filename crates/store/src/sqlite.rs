@@ -167,6 +167,9 @@ async fn create_lookups(path: &str, options: &OpenOptions) -> Result<()> {
         ))
     };
     let mut conn = options_for(path, options)
+        // Derived data: recreated whenever it is missing, even where the store itself may not
+        // be created (an admin command's).
+        .create_if_missing(true)
         // Derived data: a power cut may lose the last fills, which are simply done again.
         .synchronous(SqliteSynchronous::Normal)
         .connect()

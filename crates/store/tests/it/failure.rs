@@ -210,11 +210,13 @@ pub async fn a_missing_store_is_not_created_unless_asked(db: &TestDb) {
     }
     assert!(!std::path::Path::new(&missing).exists());
     assert!(!std::path::Path::new(&store::sqlite_lookups_path(&missing)).exists());
-    // An existing one opens as ever.
+    // An existing one opens as ever, and its lookup file (derived data) is recreated.
+    std::fs::remove_file(store::sqlite_lookups_path(&path)).unwrap();
     store::open_with(&db.url, &options)
         .await
         .unwrap()
         .ping()
         .await
         .unwrap();
+    assert!(std::path::Path::new(&store::sqlite_lookups_path(&path)).exists());
 }
