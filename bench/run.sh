@@ -210,8 +210,6 @@ EOF
 say "agent keys and registration"
 "$LOADGEN" keygen --alg es256 --private "$WORK/es256.jwk" --public "$WORK/es256.pub.jwk" >/dev/null
 "$LOADGEN" keygen --alg ed25519 --private "$WORK/ed25519.jwk" --public "$WORK/ed25519.pub.jwk" >/dev/null
-"$REMIT" --config "$WORK/remit.toml" agent create bench --owner bench@example.org \
-    --key "$WORK/es256.pub.jwk" --key "$WORK/ed25519.pub.jwk" >&2
 
 REMIT_SERVE=("$REMIT" --config "$WORK/remit.toml" serve)
 if [[ -n ${CALLGRIND_DIR:-} ]]; then
@@ -227,6 +225,9 @@ wait_port "$REMIT_PORT" remit
 if [[ -n ${CALLGRIND_DIR:-} ]]; then # wait_port's 10 s may not be enough under valgrind
     until curl -fsS "http://127.0.0.1:$REMIT_PORT/metrics" >/dev/null 2>&1; do sleep 1; done
 fi
+# Registered once `serve` has created the store (admin commands never create one).
+"$REMIT" --config "$WORK/remit.toml" agent create bench --owner bench@example.org \
+    --key "$WORK/es256.pub.jwk" --key "$WORK/ed25519.pub.jwk" >&2
 
 SCOPES='[{"tool":"fast","actions":["list_issues"],"resources":["acme/*"]},{"tool":"fastmcp","actions":["lookup"],"resources":["*"]}]'
 grant() { # grant KEY_FILE OUT_FILE

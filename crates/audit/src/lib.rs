@@ -67,6 +67,9 @@ pub mod kinds {
     pub const APPROVAL_DENIED: &str = "approval.denied";
     /// The approved call came back and spent its approval.
     pub const APPROVAL_CONSUMED: &str = "approval.consumed";
+    /// Events (`detail.events`) that committed after their callers had stopped waiting and
+    /// been answered that the store is unavailable: what they record did not take effect.
+    pub const STORE_UNANSWERED: &str = "store.unanswered";
 }
 
 /// What the writer of an event supplies; the chain adds `seq`, `prev_hash` and `hash`.

@@ -31,6 +31,8 @@ type AppState = Arc<Authority>;
 pub fn router(authority: Arc<Authority>) -> Router {
     let body_limit = authority.settings().max_body_bytes;
     Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .route("/healthz", get(healthz))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/openapi.json", get(openapi_json))
@@ -67,7 +69,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 #[openapi(
     info(title = "remit", description = "Task-scoped credentials, policy checks and a hash-chained audit log for AI agents."),
     paths(
-        healthz, jwks, register_agent, list_agents, show_agent, disable_agent, release_agent, request_task, show_task,
+        livez, readyz, healthz, jwks, register_agent, list_agents, show_agent, disable_agent, release_agent, request_task, show_task,
         complete_task, task_timeline, token_exchange, list_approvals, show_approval, approve, deny, revoke, rotate_keys, audit_events, audit_verify,
         audit_checkpoint
     ),
@@ -356,15 +358,64 @@ async fn method_not_allowed() -> Error {
     )
 }
 
-/// Liveness and store reachability.
+/// Liveness: the process runs and answers. Asks nothing of the store, so that a store outage
+/// makes a node unready (`/readyz`) without getting it restarted.
+#[utoipa::path(get, path = "/livez", responses(
+    (status = 200, description = "the process runs")))]
+async fn livez() -> axum::Json<Value> {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// Readiness (also served as `/healthz`): the store file is still the one opened (SQLite), a
+/// write reached the store within the last few seconds with none failing since (else the
+/// probe writes a heartbeat row itself, within `store_timeout_ms`), a signing key is loaded
+/// and policy is loaded. 503 names the first check that failed in `reason`.
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "ready: the store takes writes, keys and policy are loaded"),
+    (status = 503, description = "not ready; `reason` is `store`, `keys` or `policy`", body = ErrorBody)))]
+async fn readyz(State(authority): State<AppState>) -> Result<axum::Json<Value>, Error> {
+    let not_ready = |code, reason, message: &str| {
+        Error::new(
+            ErrorKind::Unavailable,
+            code,
+            format!("not ready: {message}"),
+        )
+        .with_detail(json!({ "reason": reason }))
+    };
+    if let Err(error) = authority.store().ready(authority.clock.now_ms()).await {
+        tracing::warn!("not ready: {error}");
+        return Err(not_ready(
+            "store_unavailable",
+            "store",
+            "the store does not take writes, so calls are refused (the server log has the detail)",
+        ));
+    }
+    let signing_key = authority.keys().current_kid();
+    if signing_key.is_empty() {
+        return Err(not_ready("not_ready", "keys", "no signing key is loaded"));
+    }
+    let policies = authority.policy().policy_count();
+    if policies == 0 {
+        return Err(not_ready(
+            "not_ready",
+            "policy",
+            "no policy is loaded, so every call would be refused",
+        ));
+    }
+    Ok(axum::Json(json!({
+        "status": "ok",
+        "store": authority.store().kind(),
+        "signing_key": signing_key,
+        "policies": policies,
+    })))
+}
+
+/// `/readyz` under its older name, kept for the probes and scripts that use it.
 #[utoipa::path(get, path = "/healthz", responses(
-    (status = 200, description = "remit and its store are up"),
-    (status = 503, description = "the store cannot be reached", body = ErrorBody)))]
-async fn healthz(State(authority): State<AppState>) -> Result<axum::Json<Value>, Error> {
-    authority.store().ping().await?;
-    Ok(axum::Json(
-        json!({ "status": "ok", "store": authority.store().kind() }),
-    ))
+    (status = 200, description = "ready, as `/readyz`"),
+    (status = 503, description = "not ready, as `/readyz`", body = ErrorBody)))]
+async fn healthz(state: State<AppState>) -> Result<axum::Json<Value>, Error> {
+    readyz(state).await
 }
 
 /// The public keys that verify task tokens: a SPIFFE bundle (JWK Set, `use: jwt-svid`).

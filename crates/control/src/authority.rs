@@ -154,6 +154,9 @@ impl Authority {
     pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Arc<Authority>> {
         let options = store::OpenOptions {
             connect_timeout: settings.store_timeout,
+            operation_timeout: settings.store_timeout,
+            max_waiting: settings.store_max_waiting,
+            create_if_missing: settings.store_create,
             sqlite_sync: settings.store_sync,
             ..Default::default()
         };
@@ -231,8 +234,11 @@ impl Authority {
 
     /// One round of catching up with what other processes wrote: revocations, keys, and
     /// forgetting expired cache entries; and of telling them: call counts to settle, denials
-    /// to add to containment's count. Called periodically by `serve`.
+    /// to add to containment's count. Called periodically by `serve`. It first pings the
+    /// store, which on SQLite notices a store file removed or replaced since it was opened:
+    /// from then on every operation, the call path's included, fails closed.
     pub async fn sync(&self) -> Result<()> {
+        self.store.ping().await?;
         let now = self.now();
         self.revocations.catch_up(self.store.as_ref()).await?;
         self.keys.reload(self.store.as_ref(), now).await?;

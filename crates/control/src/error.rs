@@ -79,6 +79,8 @@ impl From<store::StoreError> for Error {
             ),
             S::Conflict { .. } => Error::new(ErrorKind::Conflict, "conflict", error.to_string()),
             S::NotFound { .. } => Error::not_found("not_found", error.to_string()),
+            // Only where creating was turned off (admin commands): the path is the operator's.
+            S::Missing(_) => Error::new(ErrorKind::NotFound, "store_missing", error.to_string()),
             S::BadUrl(_) | S::Corrupt(_) => Error::internal(error.to_string()),
         }
     }

@@ -3,8 +3,8 @@
 //! very next call is denied; revocations written by other processes or replicas arrive with
 //! the periodic catch-up.
 
-use std::collections::{HashMap, HashSet};
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use parking_lot::RwLock;

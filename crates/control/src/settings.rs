@@ -16,8 +16,13 @@ pub struct Settings {
     pub public_url: String,
     pub listen: SocketAddr,
     pub store_url: String,
-    /// How long to wait for a store connection before failing closed.
+    /// How long any store operation (a connection, a read, a write and its commit) may take
+    /// before it fails closed.
     pub store_timeout: Duration,
+    /// Most store operations waiting at once; any more are refused at once.
+    pub store_max_waiting: usize,
+    /// Whether opening may create a missing SQLite file: `serve` and `demo` only.
+    pub store_create: bool,
     /// What a SQLite commit waits for (see [`store::SqliteSync`]).
     pub store_sync: store::SqliteSync,
     /// Where the Cedar schema and policies live; `None` uses the built-in examples.
@@ -68,6 +73,8 @@ impl Settings {
             listen,
             store_url: store_url.into(),
             store_timeout: Duration::from_secs(2),
+            store_max_waiting: 1024,
+            store_create: true,
             store_sync: store::SqliteSync::Full,
             policy_dir: None,
             tasks: TaskLimits::default(),

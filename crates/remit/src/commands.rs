@@ -1,5 +1,6 @@
 //! One function per subcommand. Admin commands open the store directly and act as the local
-//! operator: whoever can open the store already holds everything it protects.
+//! operator: whoever can open the store already holds everything it protects. They never
+//! create one: only `serve` and `demo` do.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,13 +67,24 @@ fn settings(global: &Global, overrides: &Overrides) -> Result<Settings> {
     RawConfig::load(global.config.as_deref())?.settle(overrides)
 }
 
+/// Opens an existing store for an admin command. Only `serve` and `demo` create a store: a
+/// command pointed at the wrong path must say so, not report on an empty store it just made.
 async fn open(global: &Global) -> Result<Arc<Authority>> {
-    let settings = settings(global, &overrides(global))?;
+    let mut settings = settings(global, &overrides(global))?;
+    settings.store_create = false;
     let store_url = settings.store_url.clone();
     Authority::open(settings, Arc::new(SystemClock))
         .await
-        .map_err(|e| anyhow!("{e}"))
-        .with_context(|| format!("cannot open the store `{}`", redact_url(&store_url)))
+        .map_err(|e| {
+            if e.code == "store_missing" {
+                anyhow!(
+                    "{e}; hint: `remit serve` creates it; give an existing store with \
+                     `--store` or `store` in remit.toml"
+                )
+            } else {
+                anyhow!("cannot open the store `{}`: {e}", redact_url(&store_url))
+            }
+        })
 }
 
 /// A store URL without its password, for messages.

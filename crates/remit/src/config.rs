@@ -27,6 +27,7 @@ pub struct RawConfig {
     pub max_skew_seconds: Option<i64>,
     pub sync_interval_ms: Option<u64>,
     pub store_timeout_ms: Option<u64>,
+    pub store_max_waiting: Option<usize>,
     pub store_sync: Option<String>,
     pub max_body_bytes: Option<usize>,
     #[serde(default)]
@@ -413,6 +414,12 @@ impl RawConfig {
             }
             settings.store_timeout = Duration::from_millis(ms);
         }
+        if let Some(waiting) = self.store_max_waiting {
+            if !(1..=65_536).contains(&waiting) {
+                bail!("`store_max_waiting` must be between 1 and 65536, not {waiting}");
+            }
+            settings.store_max_waiting = waiting;
+        }
         if let Some(sync) = &self.store_sync {
             let Some(parsed) = store::SqliteSync::parse(sync) else {
                 bail!("`store_sync` must be \"full\" or \"normal\", not {sync:?}");
@@ -538,6 +545,17 @@ mod tests {
         assert!(error("[approvals]\nttl_seconds = 0").contains("`approvals.ttl_seconds`"));
         assert!(error("[approvals]\nhold_seconds = 301").contains("`approvals.hold_seconds`"));
         assert!(toml::from_str::<RawConfig>("[approvals]\nhold = 1").is_err());
+        assert!(error("store_max_waiting = 0").contains("`store_max_waiting`"));
+    }
+
+    #[test]
+    fn the_store_bounds_are_configured_together() {
+        let settings = settle("").unwrap();
+        assert_eq!(settings.store_timeout, Duration::from_secs(2));
+        assert_eq!(settings.store_max_waiting, 1024);
+        let settings = settle("store_timeout_ms = 500\nstore_max_waiting = 64").unwrap();
+        assert_eq!(settings.store_timeout, Duration::from_millis(500));
+        assert_eq!(settings.store_max_waiting, 64);
     }
 
     #[test]

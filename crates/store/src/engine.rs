@@ -247,6 +247,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// page the statement touches) for an insert of thousands of rows.
     const INSERT_SKIPPING: (&'static str, &'static str) = ("INSERT INTO", "ON CONFLICT DO NOTHING");
 
+    /// Checked before each write transaction: whether the writes can still land where the
+    /// store's readers (and everyone else) will look. SQLite checks that its file is still the
+    /// one opened, so that no decision is committed into a file removed or replaced meanwhile.
+    fn check_before_write(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Starts a transaction for [`fill_lookups`] that excludes every other fill of the same
     /// lookups but no writer of the chain.
     async fn begin_fill(&self, conn: &mut Self::Conn) -> Result<(), sqlx::Error>;
@@ -397,6 +404,8 @@ enum WriteOp {
         event: EventBody,
     },
     Append(Vec<EventBody>),
+    /// See [`Store::heartbeat`].
+    Heartbeat(i64),
 }
 
 /// An [`ApprovalKey`] that can wait in the writer's queue.
@@ -441,6 +450,22 @@ enum Outcome {
     Events(Vec<Event>),
     /// Per agent, its stored denials in the window asked about.
     Denials(Vec<(String, u32)>),
+}
+
+impl Outcome {
+    /// What this outcome committed that a reader of the log would take as done: the sequence
+    /// numbers of its events, and the id of an approval it changed.
+    fn committed(&self, seqs: &mut Vec<u64>, approvals: &mut Vec<String>) {
+        match self {
+            Outcome::Event(event) | Outcome::Revocation(_, event) => seqs.push(event.seq),
+            Outcome::Finished(event) => seqs.extend(event.iter().map(|event| event.seq)),
+            Outcome::Events(events) => seqs.extend(events.iter().map(|event| event.seq)),
+            Outcome::Approval(approval) => {
+                approvals.extend(approval.iter().map(|approval| approval.id.clone()));
+            }
+            Outcome::Done | Outcome::Denials(_) => {}
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -527,6 +552,12 @@ impl<B: Backend> Writer<B> {
                     break;
                 }
             }
+            // A caller that stopped waiting (its timeout passed while the operation queued)
+            // was told the store is unavailable: its operation must not happen after all.
+            batch.retain(|pending| !pending.reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
             let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|p| (p.op, p.reply)).unzip();
             WriterCounters::add_time(&self.counters.gathering_us, gathering);
             self.counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -539,9 +570,16 @@ impl<B: Backend> Writer<B> {
             WriterCounters::add_time(&self.counters.committing_us, committing);
             match committed {
                 Ok(results) => {
+                    let (mut seqs, mut approvals) = (Vec::new(), Vec::new());
                     for (reply, result) in replies.into_iter().zip(results) {
-                        // A caller that gave up waiting is no reason to stop.
-                        let _ = reply.send(result);
+                        // A caller that gave up waiting while its operation committed was
+                        // refused (a call decision among them: nothing was forwarded).
+                        if let Err(Ok(outcome)) = reply.send(result) {
+                            outcome.committed(&mut seqs, &mut approvals);
+                        }
+                    }
+                    if !seqs.is_empty() || !approvals.is_empty() {
+                        self.record_unanswered(seqs, approvals).await;
                     }
                 }
                 Err(error) => {
@@ -554,9 +592,33 @@ impl<B: Backend> Writer<B> {
         }
     }
 
+    /// Appends a `store.unanswered` event naming the events (and approvals) that committed
+    /// after their callers had stopped waiting, so that the log does not read as if what they
+    /// recorded (an allowed call, say) took effect: the caller was answered `Unavailable`.
+    async fn record_unanswered(&mut self, seqs: Vec<u64>, approvals: Vec<String>) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+            });
+        let detail = Detail::object()
+            .strs("approvals", &approvals)
+            .value("events", &serde_json::json!(seqs))
+            .str(
+                "reason",
+                "committed after its caller had stopped waiting and been told the store is unavailable",
+            )
+            .finish();
+        let body = EventBody::new(now_ms, audit::kinds::STORE_UNANSWERED, "remit").detail(detail);
+        if let Err(error) = self.commit(vec![WriteOp::Append(vec![body])]).await {
+            tracing::warn!(%error, events = ?seqs, "cannot record events whose callers gave up");
+        }
+    }
+
     /// Runs one batch in one transaction. The outer error fails the whole batch; the inner
     /// results are per operation and final only once the commit succeeded.
     async fn commit(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
+        self.backend.check_before_write()?;
         let conn = kept_connection(&mut self.conn, self.backend.write_pool()).await?;
         let result = transaction(&*self.backend, &mut **conn, &mut self.known_head, ops).await;
         if result.is_err() {
@@ -1398,6 +1460,15 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
             .map_err(db_error)?;
             Ok(Outcome::Done)
         }
+        WriteOp::Heartbeat(now_ms) => {
+            conn.execute(
+                "UPDATE store_heartbeat SET written_ms = $1 WHERE id = 1",
+                vec![Arg::Int(now_ms)],
+            )
+            .await
+            .map_err(db_error)?;
+            Ok(Outcome::Done)
+        }
         WriteOp::InsertRevocation(revocation, event) => {
             let args = vec![
                 Arg::Text(revocation.kind.as_str().to_string()),
@@ -2177,6 +2248,13 @@ impl<B: Backend> Store for SqlStore<B> {
         Ok(())
     }
 
+    async fn heartbeat(&self, now_ms: i64) -> Result<()> {
+        match self.write(WriteOp::Heartbeat(now_ms)).await? {
+            Outcome::Done => Ok(()),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
     async fn insert_agent(&self, agent: &AgentRecord, event: EventBody) -> Result<Event> {
         self.write_event(WriteOp::InsertAgent(agent.clone(), event))
             .await
@@ -2802,6 +2880,115 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("remit.db").display());
         let store = crate::open(&url).await.unwrap();
         (dir, url, store)
+    }
+
+    /// A store on a new SQLite file without the bound around it, so that a test can reach its
+    /// writer's queue: the directory, the file's URL, the store.
+    async fn unbounded_sqlite() -> (tempfile::TempDir, String, super::SqlStore<SqliteBackend>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("remit.db").display().to_string();
+        let url = format!("sqlite://{path}");
+        let (store, _) = crate::sqlite::open_unbounded(&url, &path, &crate::OpenOptions::default())
+            .await
+            .unwrap();
+        (dir, url, store)
+    }
+
+    /// Queues `op` as a caller would, returning the receiver of its answer.
+    async fn queue(
+        store: &super::SqlStore<SqliteBackend>,
+        op: super::WriteOp,
+    ) -> tokio::sync::oneshot::Receiver<crate::Result<super::Outcome>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        store
+            .writer
+            .send(super::Pending { op, reply })
+            .await
+            .unwrap();
+        answer
+    }
+
+    /// The kinds and actors of the events in the store, in order.
+    async fn logged(store: &super::SqlStore<SqliteBackend>) -> Vec<(String, String)> {
+        use crate::Store as _;
+        store
+            .events_after(0, 1_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|event| (event.body.kind, event.body.actor))
+            .collect()
+    }
+
+    /// A caller whose timeout passed while its write was queued was told the store is
+    /// unavailable: the writer must not perform the write after all.
+    #[tokio::test]
+    async fn the_writer_drops_a_write_whose_caller_gave_up() {
+        use crate::Store as _;
+        let (_dir, _url, store) = unbounded_sqlite().await;
+        let given_up = queue(
+            &store,
+            super::WriteOp::Append(vec![EventBody::new(1, "call.decision", "gave-up")]),
+        )
+        .await;
+        drop(given_up);
+        store
+            .append_events(vec![EventBody::new(2, "call.decision", "waited")])
+            .await
+            .unwrap();
+        assert_eq!(
+            logged(&store).await,
+            [("call.decision".to_string(), "waited".to_string())]
+        );
+    }
+
+    /// A caller that gave up while its write was already committing: the write lands, and
+    /// the log says at once that its caller was refused.
+    #[tokio::test]
+    async fn a_write_committed_after_its_caller_gave_up_is_marked() {
+        use crate::Store as _;
+        let (_dir, url, store) = unbounded_sqlite().await;
+        let mut lock = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut lock)
+            .await
+            .unwrap();
+        let before = store.writer_stats().batches;
+        let answer = queue(
+            &store,
+            super::WriteOp::Append(vec![EventBody::new(1, "call.decision", "gave-up")]),
+        )
+        .await;
+        // The writer has taken the write into a batch (and waits for the lock) ...
+        while store.writer_stats().batches == before {
+            tokio::task::yield_now().await;
+        }
+        // ... when its caller gives up; then the lock goes.
+        drop(answer);
+        sqlx::Connection::close(lock).await.unwrap();
+        store
+            .append_events(vec![EventBody::new(2, "call.decision", "waited")])
+            .await
+            .unwrap();
+        let events = store.events_after(0, 1_000).await.unwrap();
+        let kinds: Vec<_> = events
+            .iter()
+            .map(|event| (event.body.kind.as_str(), event.body.actor.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("call.decision", "gave-up"),
+                (audit::kinds::STORE_UNANSWERED, "remit"),
+                ("call.decision", "waited"),
+            ]
+        );
+        assert_eq!(
+            events[1].body.detail.to_value()["events"],
+            serde_json::json!([events[0].seq])
+        );
     }
 
     /// The packed page is only an accelerator (any failure falls back to rows), so a broken

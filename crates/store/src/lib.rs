@@ -14,6 +14,7 @@ use model::{
 };
 use serde::{Deserialize, Serialize};
 
+mod bounded;
 mod engine;
 mod postgres;
 mod sqlite;
@@ -34,6 +35,10 @@ pub enum StoreError {
     BadUrl(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Opened with [`OpenOptions::create_if_missing`] off where there is no store: no SQLite
+    /// file at the path, or a PostgreSQL schema that remit never migrated.
+    #[error("no store at `{0}`")]
+    Missing(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -307,8 +312,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// What this store's writer has done since the store was opened.
     fn writer_stats(&self) -> WriterStats;
 
-    /// A cheap round trip, for health checks and fail-closed probes.
+    /// A cheap round trip, for health checks and fail-closed probes. On SQLite it also checks
+    /// that the file at the store's path is still the one opened (see [`Store::ready`]).
     async fn ping(&self) -> Result<()>;
+
+    /// Whether the store takes writes now: the file is still the one opened (SQLite), and a
+    /// write reached the store within the last few seconds with none failing since, or else
+    /// a heartbeat written now (`now_ms`) reaches it. For readiness probes.
+    async fn ready(&self, now_ms: i64) -> Result<()> {
+        self.heartbeat(now_ms).await
+    }
+
+    /// Rewrites one row, through the writer like every write, that nothing else reads: the
+    /// cheapest write that proves a write reaches the store. Records no audit event.
+    async fn heartbeat(&self, now_ms: i64) -> Result<()>;
 
     // Agents.
     async fn insert_agent(&self, agent: &AgentRecord, event: EventBody) -> Result<Event>;
@@ -460,6 +477,19 @@ pub struct OpenOptions {
     /// How long to wait for a connection, at start-up and on every later acquire. Short,
     /// because a store that cannot be reached must turn into a prompt fail-closed denial.
     pub connect_timeout: std::time::Duration,
+    /// How long any one operation may take, from the call to its answer (waiting for the
+    /// writer and for locks included) before it fails as `Unavailable`; also the database's
+    /// own limit (SQLite `busy_timeout`, PostgreSQL `lock_timeout`, and `statement_timeout`
+    /// in write transactions). The chain walk ([`Store::verify_chain`]) alone is not bounded
+    /// by it, since a long log takes as long as it takes to read.
+    pub operation_timeout: std::time::Duration,
+    /// Most operations that may wait for the store at once; any more fail as `Unavailable`
+    /// at once instead of queueing behind a store that does not answer.
+    pub max_waiting: usize,
+    /// Create the store when it is missing (`serve` and `demo`): the SQLite file, or remit's
+    /// tables in the PostgreSQL schema. Otherwise a missing store is [`StoreError::Missing`]
+    /// and nothing is created.
+    pub create_if_missing: bool,
     /// Connections kept for reads; the writer task uses one more at a time.
     pub max_connections: u32,
     /// What a SQLite commit waits for; PostgreSQL's is its server's `synchronous_commit`.
@@ -495,6 +525,9 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             connect_timeout: std::time::Duration::from_secs(5),
+            operation_timeout: std::time::Duration::from_secs(5),
+            max_waiting: 1024,
+            create_if_missing: true,
             max_connections: 8,
             sqlite_sync: SqliteSync::Full,
         }
@@ -502,7 +535,7 @@ impl Default for OpenOptions {
 }
 
 /// Opens (and migrates) the store named by `url`: `sqlite://PATH` or `sqlite:PATH` (the file
-/// is created if missing; in-memory databases are refused because remit is durable), or
+/// is created if missing, unless [`OpenOptions::create_if_missing`] says not to; in-memory databases are refused because remit is durable), or
 /// `postgres://…` / `postgresql://…` (connection parameters as libpq URLs take them, e.g.
 /// `?options=-c%20search_path%3Dremit` to use a schema other than `public`).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use tokio::sync::{Notify, oneshot};
 
+use crate::bounded::Bounded;
 use crate::engine::{self, Backend, Conn, RowExt, SqlStore};
 use crate::{OpenOptions, Result, Store, StoreError, redact_url};
 
@@ -70,15 +71,42 @@ pub(crate) async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Sto
     let unavailable = |error: sqlx::Error| {
         StoreError::Unavailable(format!("cannot connect to `{}`: {error}", redact_url(url)))
     };
+    // Migrations first, on a connection of their own without the lock timeout below: they
+    // wait for the migration lock of the whole database, which other deployments (in other
+    // schemas) may hold for longer than a call may wait.
+    let migrating = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(options.connect_timeout)
+        .connect_with(connect.clone())
+        .await
+        .map_err(unavailable)?;
+    if !options.create_if_missing {
+        // A schema remit never migrated holds no store: say so rather than create one.
+        let migrated: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(&migrating)
+                .await
+                .map_err(unavailable)?;
+        if !migrated {
+            return Err(StoreError::Missing(redact_url(url)));
+        }
+    }
+    MIGRATOR
+        .run(&migrating)
+        .await
+        .map_err(engine::migrate_error)?;
+    migrating.close().await;
+    // Then the server gives up on any lock it waits for as soon as remit would (a table
+    // locked by someone else, or the chain's advisory lock held by a stuck replica).
+    let timeout_ms = options.operation_timeout.as_millis().max(1).to_string();
     let pool = PgPoolOptions::new()
         // Three more than the readers need: one for the writer task, one for the lookup
         // filler, one that the revocation listener holds for as long as the store lives.
         .max_connections(options.max_connections.max(1) + 3)
         .acquire_timeout(options.connect_timeout)
-        .connect_with(connect)
+        .connect_with(connect.options([("lock_timeout", timeout_ms.as_str())]))
         .await
         .map_err(unavailable)?;
-    MIGRATOR.run(&pool).await.map_err(engine::migrate_error)?;
     let mut conn = pool.acquire().await.map_err(unavailable)?;
     let row = conn
         .fetch_optional(
@@ -92,7 +120,12 @@ pub(crate) async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Sto
         })?;
     let key = row.int("key").map_err(engine::db_error)?;
     drop(conn);
-    let begin_sql = format!("BEGIN; SELECT pg_advisory_xact_lock({LOCK_CLASS}, {key})");
+    // A write transaction is bounded as a whole; readers are not (the chain walk streams the
+    // whole log in one statement), beyond the lock timeout and the caller's own bound.
+    let begin_sql = format!(
+        "BEGIN; SET LOCAL statement_timeout = {timeout_ms}; \
+         SELECT pg_advisory_xact_lock({LOCK_CLASS}, {key})"
+    );
     let mut listener = PgListener::connect_with(&pool).await.map_err(unavailable)?;
     listener
         .listen(REVOCATION_CHANNEL)
@@ -102,7 +135,8 @@ pub(crate) async fn open(url: &str, options: &OpenOptions) -> Result<Arc<dyn Sto
     let (stop, stopped) = oneshot::channel();
     tokio::spawn(listen(listener, Arc::clone(&signal), stopped));
     let store = SqlStore::start(PostgresBackend { pool, begin_sql });
-    Ok(Arc::new(store.with_revocation_signal(signal, stop)))
+    let store = store.with_revocation_signal(signal, stop);
+    Ok(Arc::new(Bounded::new(store, options, None)))
 }
 
 /// Turns every notification of a revocation into a permit of `signal`, until the store is

@@ -11,7 +11,6 @@
 //! restored from a backup, say) is emptied and refilled (see `engine::fill_lookups`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::ConnectOptions as _;
@@ -20,6 +19,7 @@ use sqlx::sqlite::{
     SqliteRow, SqliteSynchronous,
 };
 
+use crate::bounded::{Bounded, StoreFile};
 use crate::engine::{self, Backend, Conn, SqlStore};
 use crate::{OpenOptions, Result, SqliteSync, Store, StoreError, redact_url};
 
@@ -37,9 +37,6 @@ const LOOKUP_SCHEMA: &str = "\
         through_seq INTEGER NOT NULL, through_hash BLOB NOT NULL); \
     INSERT OR IGNORE INTO audit_lookup_mark (id, through_seq, through_hash) \
         VALUES (1, 0, zeroblob(32));";
-
-/// How long a writer waits for another process's write lock before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Rows a connection's worker thread may hold ready for its reader.
 const ROW_BUFFER: usize = 4096;
@@ -59,6 +56,8 @@ pub(crate) struct SqliteBackend {
     /// The writer's one connection, to the log alone: `BEGIN IMMEDIATE` locks every attached
     /// file, so a writer with the lookups attached would wait for each fill.
     write_pool: SqlitePool,
+    /// The file opened, checked before every write transaction.
+    file: Arc<StoreFile>,
 }
 
 #[async_trait]
@@ -77,6 +76,10 @@ impl Backend for SqliteBackend {
     }
 
     const INSERT_SKIPPING: (&'static str, &'static str) = ("INSERT OR IGNORE INTO", "");
+
+    fn check_before_write(&self) -> Result<()> {
+        self.file.check()
+    }
 
     // `octet_length` and ordered aggregates need SQLite 3.44 (sqlx bundles a newer one).
     const PACKED_EVENTS_SQL: Option<&'static str> = Some(
@@ -110,6 +113,16 @@ impl Backend for SqliteBackend {
 
 /// Opens the database file `path` (from `url`), creating and migrating it as needed.
 pub(crate) async fn open(url: &str, path: &str, options: &OpenOptions) -> Result<Arc<dyn Store>> {
+    let (store, file) = open_unbounded(url, path, options).await?;
+    Ok(Arc::new(Bounded::new(store, options, Some(file))))
+}
+
+/// [`open`] without the bound around the store, and the file it opened.
+pub(crate) async fn open_unbounded(
+    url: &str,
+    path: &str,
+    options: &OpenOptions,
+) -> Result<(SqlStore<SqliteBackend>, Arc<StoreFile>)> {
     let bad_url = || StoreError::BadUrl(redact_url(url));
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
     // `mode=rwc` is what sqlx's own URLs say for "create if missing", which remit always does;
@@ -119,6 +132,9 @@ pub(crate) async fn open(url: &str, path: &str, options: &OpenOptions) -> Result
         .all(|pair| pair.is_empty() || pair == "mode=rwc");
     if path.is_empty() || path == ":memory:" || path.starts_with("file::memory:") || !query_ok {
         return Err(bad_url());
+    }
+    if !options.create_if_missing && !std::path::Path::new(path).exists() {
+        return Err(StoreError::Missing(path.to_string()));
     }
     // The writer's pool migrates: its connection has no lookup file attached, so the
     // migrations see the log's file alone.
@@ -132,10 +148,14 @@ pub(crate) async fn open(url: &str, path: &str, options: &OpenOptions) -> Result
     // One more than the readers need, for the lookup filler.
     let readers = options.max_connections.max(1) + 1;
     let pool = connect(path, options, readers, Some(lookups)).await?;
-    Ok(Arc::new(SqlStore::start(SqliteBackend {
+    // Taken once the file certainly exists (the writer's pool created it if it was missing).
+    let file = Arc::new(StoreFile::opened(path)?);
+    let backend = SqliteBackend {
         pool,
         write_pool,
-    })))
+        file: Arc::clone(&file),
+    };
+    Ok((SqlStore::start(backend), file))
 }
 
 /// Creates the lookup file at `path` and its tables where missing.
@@ -147,6 +167,9 @@ async fn create_lookups(path: &str, options: &OpenOptions) -> Result<()> {
         ))
     };
     let mut conn = options_for(path, options)
+        // Derived data: recreated whenever it is missing, even where the store itself may not
+        // be created (an admin command's).
+        .create_if_missing(true)
         // Derived data: a power cut may lose the last fills, which are simply done again.
         .synchronous(SqliteSynchronous::Normal)
         .connect()
@@ -160,13 +183,15 @@ async fn create_lookups(path: &str, options: &OpenOptions) -> Result<()> {
 fn options_for(path: &str, options: &OpenOptions) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
-        .create_if_missing(true)
+        .create_if_missing(options.create_if_missing)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(match options.sqlite_sync {
             SqliteSync::Full => SqliteSynchronous::Full,
             SqliteSync::Normal => SqliteSynchronous::Normal,
         })
-        .busy_timeout(BUSY_TIMEOUT)
+        // How long a statement waits for another process's lock before SQLite gives up: the
+        // operation's own bound, so that the writer is not left waiting after its callers.
+        .busy_timeout(options.operation_timeout)
         .foreign_keys(true)
         // Rows cross from the connection's worker thread through a bounded channel; a deep one
         // lets the worker run ahead of a reader (the chain verifier streams the whole table)

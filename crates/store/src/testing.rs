@@ -92,6 +92,50 @@ fn random_u64() -> u64 {
     hasher.finish()
 }
 
+/// A transaction, on a connection of its own, holding what every write of the store at `url`
+/// needs, as a stuck process would: SQLite's write lock (`BEGIN IMMEDIATE`), or on PostgreSQL
+/// an exclusive lock on `audit_events`, from which the writer reads the chain head. Released
+/// by [`HeldWrites::release`] or when dropped.
+#[derive(Debug)]
+pub enum HeldWrites {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl HeldWrites {
+    pub async fn take(url: &str) -> Result<HeldWrites> {
+        use sqlx::Connection as _;
+        let failed = |e: sqlx::Error| StoreError::Unavailable(format!("cannot lock: {e}"));
+        if let Some(path) = crate::sqlite_path(url) {
+            let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+            let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                .await
+                .map_err(failed)?;
+            sqlx::raw_sql("BEGIN IMMEDIATE")
+                .execute(&mut conn)
+                .await
+                .map_err(failed)?;
+            Ok(HeldWrites::Sqlite(conn))
+        } else {
+            let mut conn = sqlx::PgConnection::connect(url).await.map_err(failed)?;
+            sqlx::raw_sql("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut conn)
+                .await
+                .map_err(failed)?;
+            Ok(HeldWrites::Postgres(conn))
+        }
+    }
+
+    pub async fn release(self) -> Result<()> {
+        use sqlx::Connection as _;
+        let failed = |e: sqlx::Error| StoreError::Unavailable(format!("cannot unlock: {e}"));
+        match self {
+            HeldWrites::Sqlite(conn) => conn.close().await.map_err(failed),
+            HeldWrites::Postgres(conn) => conn.close().await.map_err(failed),
+        }
+    }
+}
+
 /// Runs `sql` on the database at `url` (`sqlite://…` or `postgres://…`) behind the store's
 /// back, as someone with write access to the database could: for tamper tests.
 pub async fn tamper(url: &str, sql: &str) -> Result<()> {

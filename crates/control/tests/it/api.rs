@@ -376,6 +376,9 @@ async fn published_documents() {
         "/v1/audit/verify",
         "/v1/audit/checkpoint",
         "/.well-known/jwks.json",
+        "/livez",
+        "/readyz",
+        "/healthz",
     ] {
         assert!(
             openapi["paths"].get(path).is_some(),

@@ -195,8 +195,7 @@ async fn a_proof_whose_jwk_did_not_sign_it_is_bad_and_quarantines_nobody() {
         .unwrap();
     let (header, rest) = proof.split_once('.').unwrap();
     let mut header: Value = serde_json::from_slice(
-        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header)
-            .unwrap(),
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header).unwrap(),
     )
     .unwrap();
     header["jwk"] = other.key.public().to_jwk();

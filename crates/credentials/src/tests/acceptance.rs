@@ -413,11 +413,13 @@ const TABLE: &[(&str, AgentKind, Change, Result<(), &str>)] = &[
     (
         "token payload tampered: not JSON at all",
         P256,
-        |_, c| c.edit_token = Some(|t| {
-            let (header, rest) = t.split_once('.').unwrap();
-            let signature = rest.rsplit_once('.').unwrap().1;
-            format!("{header}.bm90IGpzb24.{signature}")
-        }),
+        |_, c| {
+            c.edit_token = Some(|t| {
+                let (header, rest) = t.split_once('.').unwrap();
+                let signature = rest.rsplit_once('.').unwrap().1;
+                format!("{header}.bm90IGpzb24.{signature}")
+            })
+        },
         Err("token_bad_signature"),
     ),
     (

@@ -78,7 +78,9 @@ async fn a_scripted_session() {
     )
     .unwrap();
 
-    // Bootstrap: an operator token, printed once.
+    // The first start of `remit serve` creates the store; then an operator token, printed
+    // once.
+    support::create_store(d);
     let out = ok(
         d,
         &["operator", "create", "--role", "admin", "--name", "ci"],
@@ -259,6 +261,18 @@ async fn a_session_on_postgres() {
     let d = dir.path();
     let store_flag = schema.url.as_str();
 
+    // A schema remit never migrated holds no store, and an admin command does not make one.
+    let refused = run(d, &["--store", store_flag, "audit", "verify"]);
+    assert_eq!(refused.status, 1, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .starts_with("error: no store at `postgres://")
+            && refused.stderr.contains("\nhint: `remit serve` creates it"),
+        "{}",
+        refused.stderr
+    );
+    let server = Server::start(d, &["--store", store_flag]);
     let out = ok(
         d,
         &[
@@ -287,7 +301,6 @@ async fn a_session_on_postgres() {
         ],
     );
 
-    let server = Server::start(d, &["--store", store_flag]);
     let base_url = server.base.clone();
     let client = reqwest::Client::new();
     let (status, grant) = request_task(&client, &base_url, &key, "pg-1").await;
@@ -334,6 +347,7 @@ async fn a_session_on_postgres() {
 fn mistakes_get_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    support::create_store(d);
     let check = |args: &[&str], needle: &str| {
         let run = run(d, args);
         assert_eq!(run.status, 1, "remit {args:?}: {}", run.stderr);
@@ -425,11 +439,70 @@ fn mistakes_get_one_clear_line() {
     assert!(run.stderr.contains("bad.cedar:3"), "{}", run.stderr);
 }
 
+/// Admin commands never create a store: pointed at a path where there is none (a typo, the
+/// wrong directory), each says which path it looked for and leaves nothing behind, instead of
+/// reporting on an empty store it just made ("audit chain intact: 0 events").
+#[test]
+fn admin_commands_never_create_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let commands: [&[&str]; 8] = [
+        &["--store", "sqlite://missing.db", "audit", "verify"],
+        &["--store", "sqlite:missing.db", "audit", "tail"],
+        &[
+            "--store",
+            "sqlite://missing.db",
+            "operator",
+            "create",
+            "--role",
+            "admin",
+        ],
+        &["--store", "sqlite://missing.db", "agent", "list"],
+        &["--store", "sqlite://missing.db", "keys", "rotate"],
+        &["--store", "sqlite://missing.db", "approvals", "list"],
+        &["--store", "sqlite://missing.db", "revoke", "agent", "bot"],
+        &["--store", "sqlite://missing.db", "audit", "checkpoint"],
+    ];
+    for args in commands {
+        let run = run(d, args);
+        assert_eq!(run.status, 1, "remit {args:?}: {}", run.stderr);
+        let mut lines = run.stderr.lines();
+        assert_eq!(
+            lines.next(),
+            Some("error: no store at `missing.db`"),
+            "remit {args:?}: {}",
+            run.stderr
+        );
+        assert!(
+            lines
+                .next()
+                .unwrap_or_default()
+                .starts_with("hint: `remit serve` creates it"),
+            "remit {args:?}: {}",
+            run.stderr
+        );
+    }
+    // Without `--store`, the default path is named.
+    let run = run(d, &["agent", "list"]);
+    assert_eq!(run.status, 1);
+    assert!(
+        run.stderr.starts_with("error: no store at `remit.db`"),
+        "{}",
+        run.stderr
+    );
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "admin commands created {left:?}");
+}
+
 /// `remit approvals` on the local store: an empty list, and clear refusals.
 #[test]
 fn approvals_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    support::create_store(d);
     assert_eq!(ok(d, &["approvals", "list"]), "");
     assert_eq!(
         ok(d, &["approvals", "list", "--status", "all", "--json"]),
@@ -526,6 +599,7 @@ routes = [{{ method = "GET", path = "/issues/{{id}}", action = "read_issue", cla
     .unwrap();
     let key = AgentKeyPair::generate_p256().unwrap();
     let key_file = write_key(d, &key);
+    support::create_store(d);
     ok(
         d,
         &[
@@ -720,11 +794,24 @@ fn a_store_in_a_missing_directory_is_named() {
         &["--store", "sqlite:///no/such/dir/remit.db", "agent", "list"],
     );
     assert_eq!((run.status, run.stderr.as_str()), (1, expected));
-    // A file in the working directory, or one in a directory that exists, is fine.
+    // A file in the working directory, or one in a directory that exists, gets past the
+    // directory check: an admin command then only says that there is no store there yet
+    // (admin commands never create one).
     std::fs::write(d.join("remit.toml"), "").unwrap();
-    ok(d, &["--store", "sqlite://here.db", "agent", "list"]);
+    let no_store = |store: &str, path: &str| {
+        let refused = support::run(d, &["--store", store, "agent", "list"]);
+        assert_eq!(refused.status, 1, "{}", refused.stderr);
+        assert!(
+            refused
+                .stderr
+                .starts_with(&format!("error: no store at `{path}`\n")),
+            "{}",
+            refused.stderr
+        );
+    };
+    no_store("sqlite://here.db", "here.db");
     std::fs::create_dir(d.join("data")).unwrap();
-    ok(d, &["--store", "sqlite://data/remit.db", "agent", "list"]);
+    no_store("sqlite://data/remit.db", "data/remit.db");
 }
 
 /// A policy directory from scratch: what is missing is named with a hint, and

@@ -7,7 +7,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Server, ok};
+use crate::support::{self, Server, ok};
 
 /// Examples per operation and phase: enough to walk every documented constraint (the
 /// coverage phase tries each bound and pattern on its own), few enough that the run stays
@@ -28,6 +28,7 @@ fn every_answer_is_the_documented_one() {
     };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    support::create_store(d);
     let created = ok(d, &["operator", "create", "--role", "admin"]);
     let token = created
         .lines()

@@ -136,3 +136,9 @@ impl Drop for Server {
         }
     }
 }
+
+/// Creates the store that `dir`'s configuration names the way an operator does: by starting
+/// `remit serve` once (admin commands never create one).
+pub fn create_store(dir: &Path) {
+    Server::start(dir, &[]).stop();
+}

@@ -340,3 +340,37 @@ where
     }
     false
 }
+
+/// A transaction holding what every write of the chain needs, so that the store's writer
+/// waits: SQLite's write lock (`BEGIN IMMEDIATE`, as another process would hold it), or on
+/// PostgreSQL an exclusive lock on `audit_events`, which the writer reads the head from.
+pub struct HeldWrites(HeldLookups);
+
+impl Raw {
+    pub async fn hold_writes(&self) -> HeldWrites {
+        HeldWrites(match self {
+            Raw::Sqlite(pool) => {
+                let mut conn = pool.acquire().await.unwrap();
+                sqlx::raw_sql("BEGIN IMMEDIATE")
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
+                HeldLookups::Sqlite(conn)
+            }
+            Raw::Postgres(pool) => {
+                let mut conn = pool.acquire().await.unwrap();
+                sqlx::raw_sql("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
+                HeldLookups::Postgres(conn)
+            }
+        })
+    }
+}
+
+impl HeldWrites {
+    pub async fn release(self) {
+        self.0.release().await;
+    }
+}

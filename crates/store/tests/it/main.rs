@@ -8,6 +8,7 @@
 )]
 
 mod cases;
+mod failure;
 mod harness;
 mod open;
 mod tamper;
@@ -60,6 +61,9 @@ on_both_backends!(
     cases::reopen_continues_the_chain,
     cases::approvals,
     cases::approval_is_spent_once_under_race,
+    failure::a_held_write_lock_is_unavailable_within_the_timeout,
+    failure::the_operations_waiting_at_once_are_bounded,
+    failure::ready_means_a_write_reaches_the_store,
     tamper::edited_detail,
     tamper::detail_respelled_with_the_same_meaning,
     tamper::event_numbered_zero,
@@ -72,6 +76,23 @@ on_both_backends!(
 
 /// Cases that concern SQLite's files alone.
 mod sqlite_only {
+    macro_rules! sqlite_cases {
+        ($($module:ident :: $case:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let db = crate::harness::TestDb::sqlite().await;
+                crate::$module::$case(&db).await;
+                db.finish().await;
+            }
+        )*};
+    }
+
+    sqlite_cases!(
+        failure::a_removed_store_file_is_noticed,
+        failure::a_replaced_store_file_is_noticed,
+        failure::a_missing_store_is_not_created_unless_asked,
+    );
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lost_lookup_file_is_rebuilt() {
         let db = crate::harness::TestDb::sqlite().await;
