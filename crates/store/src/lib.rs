@@ -233,6 +233,20 @@ pub struct ApprovalKey<'a> {
     pub args_digest: &'a str,
 }
 
+/// A DPoP proof spent by the write it rides with (a call's decision, a grant, a task's
+/// completion): the store refuses a second spend of the same proof with
+/// [`StoreError::Conflict`] (`what` = `"proof"`), whichever process or replica tries it, so
+/// that a proof is accepted once by the whole cluster. The row is kept until
+/// [`Store::sweep_proof_spends`] removes proofs too old to be accepted anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProofSpend {
+    /// The proof's `iat`, in seconds: a proof is identified by its bytes, so a replay carries
+    /// the same one, and the spends of one moment sit together in the store's index.
+    pub iat: i64,
+    /// SHA-256 of the signing key's RFC 7638 thumbprint, `.` and the proof's `jti`.
+    pub digest: [u8; 32],
+}
+
 /// Which audit events to return, newest last.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditFilter {
@@ -402,6 +416,32 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         call: ApprovalKey<'_>,
         now: UnixSeconds,
     ) -> Result<Option<ApprovalRecord>>;
+
+    // Proofs.
+    /// [`Store::append_events`] of one event that spends `spend` in the same transaction:
+    /// `Conflict` (`what` = `"proof"`, nothing written) when the proof was already spent.
+    async fn append_spending(&self, spend: ProofSpend, event: EventBody) -> Result<Event>;
+    /// [`Store::insert_task`] that spends `spend` in the same transaction (`Conflict` with
+    /// `what` = `"proof"` when it was already spent).
+    async fn insert_task_spending(
+        &self,
+        task: &TaskRecord,
+        event: EventBody,
+        spend: ProofSpend,
+    ) -> Result<Event>;
+    /// [`Store::finish_task`] that spends `spend` in the same transaction (`Conflict` with
+    /// `what` = `"proof"` when it was already spent); the proof is spent even when the task
+    /// was no longer active.
+    async fn finish_task_spending(
+        &self,
+        id: &TaskId,
+        to: TaskStatus,
+        event: EventBody,
+        spend: ProofSpend,
+    ) -> Result<Option<Event>>;
+    /// Forgets the spent proofs issued before `before_iat` (seconds), which no verifier
+    /// accepts any more: how many were removed.
+    async fn sweep_proof_spends(&self, before_iat: i64) -> Result<u64>;
 
     // Audit.
     /// Appends events that record decisions rather than state changes (refusals, calls).

@@ -59,6 +59,7 @@ on_both_backends!(
     cases::reopen_continues_the_chain,
     cases::approvals,
     cases::approval_is_spent_once_under_race,
+    cases::a_proof_is_spent_once_across_stores,
     tamper::edited_detail,
     tamper::detail_respelled_with_the_same_meaning,
     tamper::event_numbered_zero,
