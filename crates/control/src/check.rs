@@ -99,6 +99,10 @@ pub struct CallVerdict {
     /// caller is shown), whenever the token verified. Never serialized.
     #[serde(skip)]
     pub claims: Option<Arc<VerifiedToken>>,
+    /// The DPoP proof an allowed call spends in the store with its decision, so that no
+    /// other replica accepts it again.
+    #[serde(skip)]
+    pub(crate) proof_spend: Option<store::ProofSpend>,
 }
 
 /// What the call path keeps of a verified task token, cached by the token's hash until it
@@ -302,6 +306,27 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// What the store keeps of a verified proof to refuse it on every replica once spent: its
+/// `iat` and the SHA-256 of the key's thumbprint and its `jti` (the replay cache's key).
+pub(crate) fn proof_spend(proof: &credentials::VerifiedProof) -> store::ProofSpend {
+    store::ProofSpend {
+        iat: proof.iat,
+        digest: sha256(format!("{}.{}", proof.jkt, proof.jti).as_bytes()),
+    }
+}
+
+/// A write that spent a proof, refused by the store because another write (on this node or
+/// another replica) spent it first: `proof_replayed`, as the replay cache answers.
+pub(crate) fn refuse_replayed(error: store::StoreError) -> Error {
+    match error {
+        store::StoreError::Conflict { what: "proof", .. } => Error::unauthorized(
+            "proof_replayed",
+            credentials::ProofError::Replayed.to_string(),
+        ),
+        other => other.into(),
+    }
+}
+
 impl Authority {
     /// Decides one tool call and records the decision durably before returning. Anything
     /// but `Decision::Allow` means: do not forward.
@@ -325,13 +350,72 @@ impl Authority {
         verdict
     }
 
-    /// Appends the decision to the audit log; a write failure turns it into a denial.
+    /// Appends the decision to the audit log; a write failure turns it into a denial. An
+    /// allowed call spends its proof in the same write, so that a proof is forwarded once
+    /// by the whole cluster: when another replica spent it first, the call is recorded and
+    /// answered as `proof_replayed` instead.
     pub(crate) async fn record(
         &self,
         attempt: &CallAttempt<'_>,
         mut verdict: CallVerdict,
         check: Check,
     ) -> CallVerdict {
+        let event = self.decision_event(attempt, &verdict, check);
+        // Step 8: the decision is durable before anything is forwarded. If it cannot be
+        // written, nothing is forwarded.
+        let written = match verdict.proof_spend.take() {
+            Some(spend) if verdict.is_allow() => {
+                match self.store.append_spending(spend, event).await {
+                    Err(store::StoreError::Conflict { what: "proof", .. }) => {
+                        let replayed = credentials::ProofError::Replayed;
+                        verdict.report = DecisionReport::deny(replayed.to_string());
+                        verdict.code = replayed.code();
+                        verdict.message = replayed.to_string();
+                        verdict.approval = None;
+                        let event = self.decision_event(attempt, &verdict, check);
+                        self.store.append_events(vec![event]).await.map(|mut events| {
+                            events.pop().map(|event| event.seq)
+                        })
+                    }
+                    written => written.map(|event| Some(event.seq)),
+                }
+            }
+            _ => self
+                .store
+                .append_events(vec![event])
+                .await
+                .map(|events| events.first().map(|e| e.seq)),
+        };
+        match written {
+            Ok(seq) => verdict.audit_seq = seq,
+            Err(error) => {
+                tracing::warn!("audit write failed, denying the call: {error}");
+                verdict.report =
+                    DecisionReport::deny("the audit log cannot be written, so the call is refused");
+                verdict.code = "store_unavailable";
+                verdict.message =
+                    "the store cannot be reached, so remit refuses (fails closed)".to_string();
+                return verdict;
+            }
+        }
+        // The budget is enforced from memory; the count is persisted by the periodic sync,
+        // in one batch, off the call path (the audit log holds every call exactly).
+        if verdict.is_allow()
+            && check == Check::Call
+            && let Some(claims) = &verdict.claims
+        {
+            *self.unflushed_calls.lock().entry(claims.task).or_insert(0) += 1;
+        }
+        verdict
+    }
+
+    /// The `call.decision` event recording `verdict`.
+    fn decision_event(
+        &self,
+        attempt: &CallAttempt<'_>,
+        verdict: &CallVerdict,
+        check: Check,
+    ) -> audit::EventBody {
         // Field by field, keys in byte order, so that no map is built on the call path.
         let mut detail = audit::Detail::object().str("action", attempt.action);
         if let Some(approval) = &verdict.approval {
@@ -366,29 +450,7 @@ impl Authority {
         if let Some(task) = &verdict.task {
             event = event.task(task.clone());
         }
-        // Step 8: the decision is durable before anything is forwarded. If it cannot be
-        // written, nothing is forwarded.
-        match self.store.append_events(vec![event]).await {
-            Ok(events) => verdict.audit_seq = events.first().map(|e| e.seq),
-            Err(error) => {
-                tracing::warn!("audit write failed, denying the call: {error}");
-                verdict.report =
-                    DecisionReport::deny("the audit log cannot be written, so the call is refused");
-                verdict.code = "store_unavailable";
-                verdict.message =
-                    "the store cannot be reached, so remit refuses (fails closed)".to_string();
-                return verdict;
-            }
-        }
-        // The budget is enforced from memory; the count is persisted by the periodic sync,
-        // in one batch, off the call path (the audit log holds every call exactly).
-        if verdict.is_allow()
-            && check == Check::Call
-            && let Some(claims) = &verdict.claims
-        {
-            *self.unflushed_calls.lock().entry(claims.task).or_insert(0) += 1;
-        }
-        verdict
+        event
     }
 
     /// Steps 1 to 7 alone: nothing is recorded, so nothing may be forwarded on this answer.
@@ -407,7 +469,7 @@ impl Authority {
         let started = Instant::now();
         let now = self.now();
         let mut verdict = match self.decide(attempt, now, check).await {
-            Ok((claims, mode, report, approval)) => CallVerdict {
+            Ok((claims, mode, report, approval, proof_spend)) => CallVerdict {
                 code: "allowed",
                 message: "allowed".to_string(),
                 report,
@@ -419,6 +481,7 @@ impl Authority {
                 retry_after: None,
                 approval,
                 claims: Some(claims),
+                proof_spend,
             },
             Err((denial, claims)) => CallVerdict {
                 report: denial
@@ -434,6 +497,7 @@ impl Authority {
                 retry_after: denial.retry_after,
                 approval: denial.approval,
                 claims,
+                proof_spend: None,
             },
         };
         verdict.decision_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -452,6 +516,7 @@ impl Authority {
             ProofMode,
             DecisionReport,
             Option<String>,
+            Option<store::ProofSpend>,
         ),
         (Denial, Option<Arc<VerifiedToken>>),
     > {
@@ -477,8 +542,13 @@ impl Authority {
             None => {
                 let claims = self
                     .keys
-                    .verifier()
-                    .verify(attempt.token, now)
+                    .verify_or_reload(
+                        self.store.as_ref(),
+                        attempt.token,
+                        now,
+                        self.clock.now_ms(),
+                    )
+                    .await
                     .map_err(|e| (Denial::new(e.code(), e.to_string()), None))?;
                 let compact = self.tokens.compact(&claims).ok_or_else(|| {
                     let denial = Denial::new(
@@ -495,6 +565,7 @@ impl Authority {
         let fail = |denial: Denial| (denial, Some(Arc::clone(&claims)));
 
         // 2. The proof of possession, bound to the token's key and to this request.
+        let mut spend = None;
         let mode = match attempt.proof {
             Some(proof) => {
                 let expected_jkt = claims.jkt.encode();
@@ -505,9 +576,11 @@ impl Authority {
                     expected_jkt: Some(&expected_jkt),
                     now,
                 };
-                self.proofs
+                let verified = self
+                    .proofs
                     .verify(proof, &check)
                     .map_err(|e| fail(Denial::new(e.code(), e.to_string())))?;
+                spend = Some(proof_spend(&verified));
                 ProofMode::Dpop
             }
             None if attempt.bearer_allowed => ProofMode::Bearer,
@@ -576,7 +649,7 @@ impl Authority {
                 Vec::new(),
                 vec!["the caller is authenticated; the message calls no tool".to_string()],
             );
-            return Ok((Arc::clone(&claims), mode, report, None));
+            return Ok((Arc::clone(&claims), mode, report, None, spend));
         }
 
         // 6. Scope: the call must lie inside the token's scopes.
@@ -650,7 +723,7 @@ impl Authority {
             };
             return Err(fail(denial));
         }
-        Ok((Arc::clone(&claims), mode, report, approval))
+        Ok((Arc::clone(&claims), mode, report, approval, spend))
     }
 
     /// The task's state on this node, loaded from the store on first sight.

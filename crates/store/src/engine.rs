@@ -1351,6 +1351,7 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
                 }
             }
             insert_signing_key(conn, &key, key.retired_at, key.publish_until).await?;
+            announce_keys(conn).await?;
             Ok(Outcome::Event(append_one(conn, head, event).await?))
         }
         WriteOp::RotateSigningKey {
@@ -1367,6 +1368,7 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
             .map_err(db_error)?;
             // The new key is current whatever its record says: that is what rotating means.
             insert_signing_key(conn, &new_key, None, None).await?;
+            announce_keys(conn).await?;
             Ok(Outcome::Event(append_one(conn, head, event).await?))
         }
         WriteOp::InsertTask(task, event) => {
@@ -1577,6 +1579,16 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
             Ok(Outcome::Swept(removed))
         }
     }
+}
+
+/// Tells other processes that the signing keys changed, on the revocations' channel (delivered
+/// when the transaction commits): a replica that hears it re-reads its keys as well as the
+/// revocation feed, so that tokens signed with a new key verify there at once.
+async fn announce_keys<C: Conn>(conn: &mut C) -> Result<()> {
+    if let Some(notify) = C::NOTIFY_REVOCATION {
+        conn.execute(notify, vec![]).await.map_err(db_error)?;
+    }
+    Ok(())
 }
 
 /// Whether `op` can take an append fast path: an append, alone or spending a proof. Its spend

@@ -295,8 +295,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// `sqlite` or `postgres`.
     fn kind(&self) -> &'static str;
 
-    /// Woken (one permit at a time) when some process may have written a revocation, so that
-    /// a node catches up at once instead of at its next periodic catch-up: PostgreSQL's
+    /// Woken (one permit at a time) when some process may have written a revocation or changed
+    /// the signing keys, so that a node catches up with both at once instead of at its next
+    /// periodic catch-up: PostgreSQL's
     /// `LISTEN/NOTIFY`. `None` where the backend has no such signal (SQLite, whose processes
     /// share one file and poll). A hint only: the periodic catch-up stays the safety net.
     fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
