@@ -466,6 +466,7 @@ struct WriterCounters {
     operations: AtomicU64,
     gathering_us: AtomicU64,
     committing_us: AtomicU64,
+    chain_lock_held_us: AtomicU64,
     lookup_fills: AtomicU64,
     lookup_filling_us: AtomicU64,
 }
@@ -483,6 +484,7 @@ impl WriterCounters {
             operations: self.operations.load(Ordering::Relaxed),
             gathering: time(&self.gathering_us),
             committing: time(&self.committing_us),
+            chain_lock_held: time(&self.chain_lock_held_us),
             lookup_fills: self.lookup_fills.load(Ordering::Acquire),
             lookup_filling: time(&self.lookup_filling_us),
         }
@@ -560,7 +562,8 @@ impl<B: Backend> Writer<B> {
     /// results are per operation and final only once the commit succeeded.
     async fn commit(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
         let conn = kept_connection(&mut self.conn, self.backend.write_pool()).await?;
-        let result = transaction(&*self.backend, &mut **conn, &mut self.known_head, ops).await;
+        let held = &self.counters.chain_lock_held_us;
+        let result = transaction(&*self.backend, &mut **conn, &mut self.known_head, ops, held).await;
         if result.is_err() {
             discard_connection(&mut self.conn);
         }
@@ -666,10 +669,12 @@ async fn transaction<B: Backend>(
     conn: &mut B::Conn,
     known_head: &mut Option<Head>,
     ops: Vec<WriteOp>,
+    held: &AtomicU64,
 ) -> Result<Vec<Result<Outcome>>> {
     let expected = known_head.take();
     let ops = match expected {
         Some(expected) if B::Conn::MULTI_STATEMENT => {
+            let _locked = ChainLockHeld::from_now(held);
             match appends_in_one_round_trip(conn, expected, ops).await {
                 Ok((results, head)) => {
                     *known_head = Some(head);
@@ -681,6 +686,7 @@ async fn transaction<B: Backend>(
         _ => ops,
     };
     let mut head = begin(backend, conn).await?;
+    let mut locked = ChainLockHeld::from_now(held);
     let ops = if ops.iter().all(|op| append_parts(op).is_some()) {
         let (spends, appends) = ops.into_iter().filter_map(into_append).unzip();
         match appends_only(conn, head, spends, appends).await {
@@ -696,7 +702,9 @@ async fn transaction<B: Backend>(
                 // been the COMMIT).
                 tracing::debug!(%error, "store append batch failed; retrying each append alone");
                 let _ = conn.execute("ROLLBACK", vec![]).await;
+                drop(locked);
                 head = begin(backend, conn).await?;
+                locked = ChainLockHeld::from_now(held);
                 spends
                     .into_iter()
                     .zip(appends)
@@ -726,8 +734,31 @@ async fn transaction<B: Backend>(
         }
     }
     conn.execute("COMMIT", vec![]).await.map_err(db_error)?;
+    drop(locked);
     *known_head = Some(head);
     Ok(results)
+}
+
+/// Adds the time from its creation (the moment the chain lock was granted) to its drop (the
+/// transaction's end, however it ends) to the writer's `chain_lock_held` counter.
+struct ChainLockHeld<'a> {
+    counter: &'a AtomicU64,
+    since: Instant,
+}
+
+impl<'a> ChainLockHeld<'a> {
+    fn from_now(counter: &'a AtomicU64) -> ChainLockHeld<'a> {
+        ChainLockHeld {
+            counter,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for ChainLockHeld<'_> {
+    fn drop(&mut self) {
+        WriterCounters::add_time(self.counter, self.since);
+    }
 }
 
 /// Adds up to [`LOOKUP_CHUNK`] events past the lookup mark to the agent and task lookups and

@@ -282,6 +282,11 @@ pub struct WriterStats {
     pub gathering: Duration,
     /// Time running batches, from the start of the transaction to its commit (or failure).
     pub committing: Duration,
+    /// Of `committing`, the time the writer held the chain lock (from the moment the lock was
+    /// granted to the commit that released it): what every other writer of the chain, on
+    /// this node or another replica, waits for. On SQLite's one-round-trip append the wait
+    /// for the lock cannot be told apart and is counted too.
+    pub chain_lock_held: Duration,
     /// Transactions that filled the per-agent and per-task audit lookups.
     pub lookup_fills: u64,
     /// Time those took, beside the writer (they exclude each other, not the writer).

@@ -2,6 +2,7 @@
 //! every state change lands in the audit chain with it, and concurrent writers keep one chain.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use audit::kinds;
 use model::{AgentStatus, Role, Secret, TaskStatus};
@@ -546,6 +547,12 @@ pub async fn writer_stats_count_every_operation(db: &TestDb) {
         "{batches} batches for 80 operations"
     );
     assert!(after.committing > before.committing);
+    let held = after.chain_lock_held - before.chain_lock_held;
+    assert!(
+        held > Duration::ZERO && held <= after.committing - before.committing,
+        "the chain lock was held {held:?} of {:?} committing",
+        after.committing - before.committing
+    );
     // The lookup filler takes these events in within its interval. That fill is counted,
     // with its time.
     assert!(
