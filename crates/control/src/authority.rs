@@ -236,7 +236,9 @@ impl Authority {
     /// Every [`PROOF_SWEEP_SECONDS`], forgets the spent proofs that no node accepts any more:
     /// issued longer ago than a proof's lifetime plus the clock skew allowed between nodes.
     async fn sweep_spent_proofs(&self, now: i64) {
-        let last = self.last_proof_sweep.load(std::sync::atomic::Ordering::Acquire);
+        let last = self
+            .last_proof_sweep
+            .load(std::sync::atomic::Ordering::Acquire);
         if now.saturating_sub(last) < PROOF_SWEEP_SECONDS {
             return;
         }

@@ -373,9 +373,10 @@ impl Authority {
                         verdict.message = replayed.to_string();
                         verdict.approval = None;
                         let event = self.decision_event(attempt, &verdict, check);
-                        self.store.append_events(vec![event]).await.map(|mut events| {
-                            events.pop().map(|event| event.seq)
-                        })
+                        self.store
+                            .append_events(vec![event])
+                            .await
+                            .map(|mut events| events.pop().map(|event| event.seq))
                     }
                     written => written.map(|event| Some(event.seq)),
                 }
@@ -542,12 +543,7 @@ impl Authority {
             None => {
                 let claims = self
                     .keys
-                    .verify_or_reload(
-                        self.store.as_ref(),
-                        attempt.token,
-                        now,
-                        self.clock.now_ms(),
-                    )
+                    .verify_or_reload(self.store.as_ref(), attempt.token, now, self.clock.now_ms())
                     .await
                     .map_err(|e| (Denial::new(e.code(), e.to_string()), None))?;
                 let compact = self.tokens.compact(&claims).ok_or_else(|| {

@@ -145,7 +145,10 @@ impl KeyRing {
                     return Err(TokenError::UnknownKid(kid));
                 }
                 if let Err(error) = self.reload(store, now).await {
-                    tracing::warn!(code = error.code, "cannot re-read the signing keys: {error}");
+                    tracing::warn!(
+                        code = error.code,
+                        "cannot re-read the signing keys: {error}"
+                    );
                     return Err(TokenError::UnknownKid(kid));
                 }
                 self.verifier.verify(token, now)

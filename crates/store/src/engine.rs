@@ -563,7 +563,8 @@ impl<B: Backend> Writer<B> {
     async fn commit(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
         let conn = kept_connection(&mut self.conn, self.backend.write_pool()).await?;
         let held = &self.counters.chain_lock_held_us;
-        let result = transaction(&*self.backend, &mut **conn, &mut self.known_head, ops, held).await;
+        let result =
+            transaction(&*self.backend, &mut **conn, &mut self.known_head, ops, held).await;
         if result.is_err() {
             discard_connection(&mut self.conn);
         }
@@ -1050,19 +1051,13 @@ fn guarded_insert_sql(total: usize) -> &'static str {
 /// conflicts with nothing, so there is nothing to undo alone), and on SQLite the last insert
 /// and the COMMIT share one round trip. On failure the bodies come back, to be retried one
 /// append per savepoint.
-#[expect(
-    clippy::type_complexity,
-    reason = "the operations come back in the pieces they were given in"
-)]
 async fn appends_only<C: Conn>(
     conn: &mut C,
     mut head: Head,
     spends: Vec<Option<ProofSpend>>,
     appends: Vec<Vec<EventBody>>,
-) -> Result<
-    (Vec<Result<Outcome>>, Head),
-    (StoreError, Vec<Option<ProofSpend>>, Vec<Vec<EventBody>>),
-> {
+) -> Result<(Vec<Result<Outcome>>, Head), (StoreError, Vec<Option<ProofSpend>>, Vec<Vec<EventBody>>)>
+{
     let sizes: Vec<usize> = appends.iter().map(Vec::len).collect();
     let events = seal(&mut head, appends.into_iter().flatten());
     let spent = match spends_json(&spends) {
@@ -1664,7 +1659,11 @@ fn spends_json(spends: &[Option<ProofSpend>]) -> Option<String> {
         if text.len() > 1 {
             text.push(',');
         }
-        text.push_str(&format!("[{},\"{}\"]", spend.iat, audit::to_hex(&spend.digest)));
+        text.push_str(&format!(
+            "[{},\"{}\"]",
+            spend.iat,
+            audit::to_hex(&spend.digest)
+        ));
     }
     (text.len() > 1).then(|| text + "]")
 }

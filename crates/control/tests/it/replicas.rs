@@ -225,7 +225,13 @@ async fn a_proof_is_accepted_once_whichever_replica_receives_it() {
         );
         let proof = agent
             .key
-            .sign_proof("POST", &complete, Some(token), first.now(), "one-completion")
+            .sign_proof(
+                "POST",
+                &complete,
+                Some(token),
+                first.now(),
+                "one-completion",
+            )
             .unwrap();
         let again = {
             first

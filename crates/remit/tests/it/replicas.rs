@@ -134,7 +134,11 @@ impl Cluster {
             .send()
             .await
             .unwrap();
-        assert!(response.status().is_success(), "{path}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
         response.json().await.unwrap()
     }
 
@@ -258,7 +262,9 @@ async fn three_replicas_behave_as_one_node() {
     let store_flag = schema.url.as_str();
     let out = ok(
         d,
-        &["--store", store_flag, "operator", "create", "--role", "admin"],
+        &[
+            "--store", store_flag, "operator", "create", "--role", "admin",
+        ],
     );
     let operator = out
         .lines()
@@ -285,7 +291,7 @@ async fn three_replicas_behave_as_one_node() {
     let replicas = (0..REPLICAS)
         .map(|_| Some(Server::start(d, &["--store", store_flag])))
         .collect();
-    let mut cluster = Cluster {
+    let cluster = Cluster {
         replicas,
         client: reqwest::Client::new(),
         operator,
@@ -299,7 +305,10 @@ async fn three_replicas_behave_as_one_node() {
     assert_eq!(status, 201, "{grant}");
     for replica in 1..REPLICAS {
         let (status, body) = cluster.request_task(replica, &proof, 10_000).await;
-        assert_eq!((status, body["error"].as_str()), (401, Some("proof_replayed")));
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("proof_replayed"))
+        );
     }
     let token = grant["token"].as_str().unwrap().to_string();
     let path = "/http/tracker/issues/42";
@@ -312,7 +321,10 @@ async fn three_replicas_behave_as_one_node() {
     );
     let answers = [a, b, c];
     let forwarded = answers.iter().filter(|(status, _)| *status == 200).count();
-    assert_eq!(forwarded, 1, "one proof was forwarded {forwarded} times: {answers:?}");
+    assert_eq!(
+        forwarded, 1,
+        "one proof was forwarded {forwarded} times: {answers:?}"
+    );
     assert!(
         answers
             .iter()
@@ -397,10 +409,17 @@ async fn three_replicas_behave_as_one_node() {
             let (status, body) = cluster
                 .request_task(replica, &cluster.task_proof(), 10)
                 .await;
-            assert_eq!((status, body["error"].as_str()), (403, Some("agent_not_active")));
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (403, Some("agent_not_active"))
+            );
         }
         cluster
-            .admin(origin, "/v1/agents/triage-bot/release", json!({ "reason": "test" }))
+            .admin(
+                origin,
+                "/v1/agents/triage-bot/release",
+                json!({ "reason": "test" }),
+            )
             .await;
         // The quarantine revoked every token issued up to its second.
         next_second().await;
@@ -439,7 +458,11 @@ async fn three_replicas_behave_as_one_node() {
                         continue;
                     }
                     let url = format!("{}{path}", cluster.base(replica));
-                    (cluster.client.clone(), url, cluster.call_proof(&token, path))
+                    (
+                        cluster.client.clone(),
+                        url,
+                        cluster.call_proof(&token, path),
+                    )
                 };
                 let response = client
                     .get(url)
@@ -497,7 +520,9 @@ async fn three_replicas_behave_as_one_node() {
             .count() as u64;
     }
     let upstream_calls = received.load(Ordering::SeqCst);
-    eprintln!("upstream received {upstream_calls} calls; the log holds {allowed} allowed decisions");
+    eprintln!(
+        "upstream received {upstream_calls} calls; the log holds {allowed} allowed decisions"
+    );
     assert!(
         upstream_calls <= allowed,
         "{upstream_calls} calls reached the upstream with {allowed} allowed decisions"

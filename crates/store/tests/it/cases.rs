@@ -1637,7 +1637,8 @@ pub async fn a_proof_is_spent_once_across_stores(db: &TestDb) {
                 writers.push(tokio::spawn(async move {
                     let unique = spend(2_000 + i64::from(round), 10 + writer * 2 + index as u8);
                     let own = store.append_spending(unique, event(kinds::CALL_DECISION));
-                    let replay = store.append_spending(spend(3_000, 2), event(kinds::CALL_DECISION));
+                    let replay =
+                        store.append_spending(spend(3_000, 2), event(kinds::CALL_DECISION));
                     let (own, replay) = tokio::join!(own, replay);
                     own.unwrap();
                     replay.is_ok()
@@ -1649,7 +1650,10 @@ pub async fn a_proof_is_spent_once_across_stores(db: &TestDb) {
     for writer in writers {
         accepted += usize::from(writer.await.unwrap());
     }
-    assert_eq!(accepted, 1, "one replayed proof was accepted {accepted} times");
+    assert_eq!(
+        accepted, 1,
+        "one replayed proof was accepted {accepted} times"
+    );
     assert_eq!(verify(db.store.as_ref()).await, Ok(2 + 64 + 1));
 
     // The grant path: a task is inserted, or ended, with its proof spent.
