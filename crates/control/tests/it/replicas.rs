@@ -340,3 +340,33 @@ async fn a_rotation_is_announced_to_the_other_replicas() {
     drop((first, second));
     drop_when_idle(schema).await;
 }
+
+/// The store forgets spent proofs once no node would accept them anyway (older than a
+/// proof's lifetime plus the clock skews), and keeps the recent ones.
+#[tokio::test]
+async fn spent_proofs_are_forgotten_once_too_old_to_accept() {
+    let h = Harness::new().await;
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let old = h.grant(&agent).await;
+    assert!(
+        h.call(&agent, &old, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+    h.clock.advance_seconds(200);
+    let recent = h.grant(&agent).await;
+    assert!(
+        h.call(&agent, &recent, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+    h.authority.sync().await.unwrap();
+    // What the sync left: the grant's and the call's proofs of the last 95 seconds.
+    let left = h
+        .authority
+        .store()
+        .sweep_proof_spends(i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(left, 2);
+}
