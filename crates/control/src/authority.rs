@@ -55,7 +55,12 @@ pub struct Authority {
     /// Events that need not be durable before anything proceeds (call outcomes), appended in
     /// batches a few milliseconds apart.
     deferred: Arc<parking_lot::Mutex<Vec<EventBody>>>,
+    /// When (seconds) this node last swept the store's spent proofs.
+    last_proof_sweep: std::sync::atomic::AtomicI64,
 }
+
+/// How often a node sweeps the spent proofs that no node accepts any more.
+const PROOF_SWEEP_SECONDS: i64 = 10;
 
 /// How long deferred events wait for company before they are appended together.
 const DEFER_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
@@ -199,6 +204,7 @@ impl Authority {
             containment: Default::default(),
             unsettled_calls: Default::default(),
             deferred: Default::default(),
+            last_proof_sweep: Default::default(),
         };
         authority
             .revocations
@@ -246,13 +252,35 @@ impl Authority {
         self.tasks.purge_expired(now);
         self.flush_call_counts().await;
         self.share_denials().await;
+        self.sweep_spent_proofs(now).await;
         Ok(())
     }
 
+    /// Every [`PROOF_SWEEP_SECONDS`], forgets the spent proofs that no node accepts any more:
+    /// issued longer ago than a proof's lifetime plus the clock skew allowed between nodes.
+    async fn sweep_spent_proofs(&self, now: i64) {
+        let last = self
+            .last_proof_sweep
+            .load(std::sync::atomic::Ordering::Acquire);
+        if now.saturating_sub(last) < PROOF_SWEEP_SECONDS {
+            return;
+        }
+        self.last_proof_sweep
+            .store(now, std::sync::atomic::Ordering::Release);
+        let proofs = &self.settings.proofs;
+        let before = now
+            .saturating_sub(proofs.max_age_seconds)
+            .saturating_sub(proofs.max_future_seconds)
+            .saturating_sub(self.settings.max_skew_seconds);
+        if let Err(error) = self.store.sweep_proof_spends(before).await {
+            tracing::warn!("could not forget the spent proofs: {error}");
+        }
+    }
+
     /// Runs [`Authority::sync`] every `sync_interval` until the process ends, and catches up
-    /// with revocations at once whenever the store signals one (PostgreSQL `LISTEN/NOTIFY`),
-    /// so that a revocation taken on another replica bites here within milliseconds rather
-    /// than at the next tick.
+    /// with revocations and signing keys at once whenever the store signals a change
+    /// (PostgreSQL `LISTEN/NOTIFY`), so that a revocation taken, or a key rotated, on another
+    /// replica bites here within milliseconds rather than at the next tick.
     pub fn spawn_sync(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let authority = Arc::clone(self);
         tokio::spawn(async move {
@@ -271,11 +299,11 @@ impl Authority {
                     }
                 };
                 let caught_up = if signalled {
-                    authority
-                        .revocations
-                        .catch_up(authority.store.as_ref())
-                        .await
-                        .map(drop)
+                    let store = authority.store.as_ref();
+                    match authority.revocations.catch_up(store).await {
+                        Ok(_) => authority.keys.reload(store, authority.now()).await,
+                        Err(error) => Err(error),
+                    }
                 } else {
                     authority.sync().await
                 };
@@ -601,7 +629,11 @@ impl Authority {
                 "kid": self.keys.current_kid(),
                 "policies": report.policies,
             }));
-        self.store.insert_task(&record, event).await?;
+        // The proof is spent with the grant, so that no other replica grants on it again.
+        self.store
+            .insert_task_spending(&record, event, crate::check::proof_spend(&verified))
+            .await
+            .map_err(crate::check::refuse_replayed)?;
         Ok(Grant {
             task_id,
             token,
@@ -734,8 +766,8 @@ impl Authority {
         let id: TaskId = id.parse()?;
         let claims = self
             .keys
-            .verifier()
-            .verify(token, now)
+            .verify_or_reload(self.store.as_ref(), token, now, self.clock.now_ms())
+            .await
             .map_err(|e| Error::unauthorized(e.code(), e.to_string()))?;
         let proof = proof.ok_or_else(|| {
             Error::unauthorized("proof_missing", "completing a task needs a `DPoP` proof")
@@ -748,7 +780,8 @@ impl Authority {
             expected_jkt: Some(&claims.cnf.jkt),
             now,
         };
-        self.proofs
+        let verified = self
+            .proofs
             .verify(proof, &check)
             .map_err(|e| Error::unauthorized(e.code(), e.to_string()))?;
         if claims.task != id.as_str() {
@@ -761,10 +794,12 @@ impl Authority {
             .event(kinds::TASK_COMPLETED, claims.sub.as_str())
             .agent(claims.sub.as_str())
             .task(id.as_str());
+        let spend = crate::check::proof_spend(&verified);
         let finished = self
             .store
-            .finish_task(&id, TaskStatus::Completed, event)
-            .await?;
+            .finish_task_spending(&id, TaskStatus::Completed, event, spend)
+            .await
+            .map_err(crate::check::refuse_replayed)?;
         if finished.is_none() {
             let task = self.store.get_task(&id).await?;
             let status = task.map_or(TaskStatus::Expired, |t| t.status);

@@ -107,6 +107,10 @@ pub struct CallVerdict {
     /// The call's hold on its task's budget, released once the decision is recorded.
     #[serde(skip)]
     pub(crate) budget: Option<Arc<BudgetHold>>,
+    /// The DPoP proof an allowed call spends in the store with its decision, so that no
+    /// other replica accepts it again.
+    #[serde(skip)]
+    pub(crate) proof_spend: Option<store::ProofSpend>,
 }
 
 /// What the call path keeps of a verified task token, cached by the token's hash until it
@@ -303,6 +307,27 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
+/// What the store keeps of a verified proof to refuse it on every replica once spent: its
+/// `iat` and the SHA-256 of the key's thumbprint and its `jti` (the replay cache's key).
+pub(crate) fn proof_spend(proof: &credentials::VerifiedProof) -> store::ProofSpend {
+    store::ProofSpend {
+        iat: proof.iat,
+        digest: sha256(format!("{}.{}", proof.jkt, proof.jti).as_bytes()),
+    }
+}
+
+/// A write that spent a proof, refused by the store because another write (on this node or
+/// another replica) spent it first: `proof_replayed`, as the replay cache answers.
+pub(crate) fn refuse_replayed(error: store::StoreError) -> Error {
+    match error {
+        store::StoreError::Conflict { what: "proof", .. } => Error::unauthorized(
+            "proof_replayed",
+            credentials::ProofError::Replayed.to_string(),
+        ),
+        other => other.into(),
+    }
+}
+
 impl Authority {
     /// Decides one tool call and records the decision durably before returning. Anything
     /// but `Decision::Allow` means: do not forward.
@@ -326,13 +351,68 @@ impl Authority {
         verdict
     }
 
-    /// Appends the decision to the audit log; a write failure turns it into a denial.
+    /// Appends the decision to the audit log; a write failure turns it into a denial. An
+    /// allowed call spends its proof in the same write, so that a proof is forwarded once
+    /// by the whole cluster: when another replica spent it first, the call is recorded and
+    /// answered as `proof_replayed` instead.
     pub(crate) async fn record(
         &self,
         attempt: &CallAttempt<'_>,
         mut verdict: CallVerdict,
         check: Check,
     ) -> CallVerdict {
+        let event = self.decision_event(attempt, &verdict, check);
+        // Step 8: the decision is durable before anything is forwarded. If it cannot be
+        // written, nothing is forwarded.
+        let written = match verdict.proof_spend.take() {
+            Some(spend) if verdict.is_allow() => {
+                match self.store.append_spending(spend, event).await {
+                    Err(store::StoreError::Conflict { what: "proof", .. }) => {
+                        let replayed = credentials::ProofError::Replayed;
+                        verdict.report = DecisionReport::deny(replayed.to_string());
+                        verdict.code = replayed.code();
+                        verdict.message = replayed.to_string();
+                        verdict.approval = None;
+                        let event = self.decision_event(attempt, &verdict, check);
+                        self.store
+                            .append_events(vec![event])
+                            .await
+                            .map(|mut events| events.pop().map(|event| event.seq))
+                    }
+                    written => written.map(|event| Some(event.seq)),
+                }
+            }
+            _ => self
+                .store
+                .append_events(vec![event])
+                .await
+                .map(|events| events.first().map(|e| e.seq)),
+        };
+        // Either way the call's hold on the budget ends here: a count of the task's calls from
+        // now on sees whether it was recorded.
+        drop(verdict.budget.take());
+        match written {
+            Ok(seq) => verdict.audit_seq = seq,
+            Err(error) => {
+                tracing::warn!("audit write failed, denying the call: {error}");
+                verdict.report =
+                    DecisionReport::deny("the audit log cannot be written, so the call is refused");
+                verdict.code = "store_unavailable";
+                verdict.message =
+                    "the store cannot be reached, so remit refuses (fails closed)".to_string();
+                return verdict;
+            }
+        }
+        verdict
+    }
+
+    /// The `call.decision` event recording `verdict`.
+    fn decision_event(
+        &self,
+        attempt: &CallAttempt<'_>,
+        verdict: &CallVerdict,
+        check: Check,
+    ) -> audit::EventBody {
         // Field by field, keys in byte order, so that no map is built on the call path.
         let mut detail = audit::Detail::object().str("action", attempt.action);
         if let Some(approval) = &verdict.approval {
@@ -367,24 +447,7 @@ impl Authority {
         if let Some(task) = &verdict.task {
             event = event.task(task.clone());
         }
-        // Step 8: the decision is durable before anything is forwarded. If it cannot be
-        // written, nothing is forwarded. Either way the call's hold on the budget ends here:
-        // a count of the task's calls from now on sees whether it was recorded.
-        let appended = self.store.append_events(vec![event]).await;
-        drop(verdict.budget.take());
-        match appended {
-            Ok(events) => verdict.audit_seq = events.first().map(|e| e.seq),
-            Err(error) => {
-                tracing::warn!("audit write failed, denying the call: {error}");
-                verdict.report =
-                    DecisionReport::deny("the audit log cannot be written, so the call is refused");
-                verdict.code = "store_unavailable";
-                verdict.message =
-                    "the store cannot be reached, so remit refuses (fails closed)".to_string();
-                return verdict;
-            }
-        }
-        verdict
+        event
     }
 
     /// Steps 1 to 7 alone: nothing is recorded, so nothing may be forwarded on this answer.
@@ -406,7 +469,7 @@ impl Authority {
         let started = Instant::now();
         let now = self.now();
         let mut verdict = match self.decide(attempt, now, check).await {
-            Ok((claims, mode, report, approval, budget)) => CallVerdict {
+            Ok((claims, mode, report, approval, budget, proof_spend)) => CallVerdict {
                 code: "allowed",
                 message: "allowed".to_string(),
                 report,
@@ -420,6 +483,7 @@ impl Authority {
                 ended_at: None,
                 claims: Some(claims),
                 budget: budget.map(Arc::new),
+                proof_spend,
             },
             Err((denial, claims)) => CallVerdict {
                 report: denial
@@ -437,6 +501,7 @@ impl Authority {
                 ended_at: denial.ended_at,
                 claims,
                 budget: None,
+                proof_spend: None,
             },
         };
         verdict.decision_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -456,6 +521,7 @@ impl Authority {
             DecisionReport,
             Option<String>,
             Option<BudgetHold>,
+            Option<store::ProofSpend>,
         ),
         (Denial, Option<Arc<VerifiedToken>>),
     > {
@@ -481,8 +547,8 @@ impl Authority {
             None => {
                 let claims = self
                     .keys
-                    .verifier()
-                    .verify(attempt.token, now)
+                    .verify_or_reload(self.store.as_ref(), attempt.token, now, self.clock.now_ms())
+                    .await
                     .map_err(|e| (Denial::new(e.code(), e.to_string()), None))?;
                 let compact = self.tokens.compact(&claims).ok_or_else(|| {
                     let denial = Denial::new(
@@ -499,6 +565,7 @@ impl Authority {
         let fail = |denial: Denial| (denial, Some(Arc::clone(&claims)));
 
         // 2. The proof of possession, bound to the token's key and to this request.
+        let mut spend = None;
         let mode = match attempt.proof {
             Some(proof) => {
                 let expected_jkt = claims.jkt.encode();
@@ -509,9 +576,11 @@ impl Authority {
                     expected_jkt: Some(&expected_jkt),
                     now,
                 };
-                self.proofs
+                let verified = self
+                    .proofs
                     .verify(proof, &check)
                     .map_err(|e| fail(Denial::new(e.code(), e.to_string())))?;
+                spend = Some(proof_spend(&verified));
                 ProofMode::Dpop
             }
             None if attempt.bearer_allowed => ProofMode::Bearer,
@@ -584,7 +653,7 @@ impl Authority {
                 Vec::new(),
                 vec!["the caller is authenticated; the message calls no tool".to_string()],
             );
-            return Ok((Arc::clone(&claims), mode, report, None, None));
+            return Ok((Arc::clone(&claims), mode, report, None, None, spend));
         }
 
         // 6. Scope: the call must lie inside the token's scopes.
@@ -662,7 +731,14 @@ impl Authority {
                 ),
             )));
         };
-        Ok((Arc::clone(&claims), mode, report, approval, Some(budget)))
+        Ok((
+            Arc::clone(&claims),
+            mode,
+            report,
+            approval,
+            Some(budget),
+            spend,
+        ))
     }
 
     /// The task's state on this node, loaded from the store on first sight.

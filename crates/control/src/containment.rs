@@ -382,6 +382,7 @@ mod tests {
             ended_at,
             claims: None,
             budget: None,
+            proof_spend: None,
         }
     }
 

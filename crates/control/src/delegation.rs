@@ -154,8 +154,13 @@ impl Authority {
         // The parent: a valid, unrevoked, active task.
         let parent = self
             .keys
-            .verifier()
-            .verify(&request.subject_token, now)
+            .verify_or_reload(
+                self.store.as_ref(),
+                &request.subject_token,
+                now,
+                self.clock.now_ms(),
+            )
+            .await
             .map_err(|e| {
                 Error::bad_request(
                     "invalid_grant",
@@ -349,7 +354,11 @@ impl Authority {
                 "jti": claims.jti,
                 "policies": report.policies,
             }));
-        self.store.insert_task(&record, event).await?;
+        // The proof is spent with the grant, so that no other replica grants on it again.
+        self.store
+            .insert_task_spending(&record, event, crate::check::proof_spend(&verified))
+            .await
+            .map_err(crate::check::refuse_replayed)?;
         // The parent's own record of the hand-off, so that its timeline leads to the child.
         let handoff = self
             .event(kinds::DELEGATION, parent.sub.as_str())

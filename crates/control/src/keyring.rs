@@ -3,11 +3,11 @@
 //! signs and verifies with the same set.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use audit::{EventBody, kinds};
-use credentials::{SigningKey, TaskClaims, TokenVerifier};
+use credentials::{SigningKey, TaskClaims, TokenError, TokenVerifier};
 use model::Secret;
 use serde_json::{Value, json};
 use store::{SigningKeyRecord, Store};
@@ -22,7 +22,14 @@ pub struct KeyRing {
     /// Bumped on every change of the published set (the bundle's `spiffe_sequence`).
     sequence: AtomicU64,
     verifier: TokenVerifier,
+    /// When (milliseconds) a token naming a key this node did not know last made it re-read
+    /// the keys: at most once per [`UNKNOWN_KID_RELOAD_MS`], so that tokens with made-up
+    /// `kid`s cannot turn into a read of the store each.
+    unknown_kid_reload_ms: AtomicI64,
 }
+
+/// Least time between two re-reads of the keys for tokens signed by an unknown key.
+pub const UNKNOWN_KID_RELOAD_MS: i64 = 1_000;
 
 fn new_kid() -> Result<String> {
     random::hex_id::<8>("k")
@@ -68,6 +75,7 @@ impl KeyRing {
             published: ArcSwap::from_pointee(published),
             sequence: AtomicU64::new(1),
             verifier,
+            unknown_kid_reload_ms: AtomicI64::new(i64::MIN),
         })
     }
 
@@ -111,6 +119,42 @@ impl KeyRing {
         self.published.store(Arc::new(published));
         self.sequence.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Verifies a task token; when it names a key this node does not know (another replica
+    /// may have just rotated), re-reads the keys from the store first, at most once per
+    /// [`UNKNOWN_KID_RELOAD_MS`] (`now_ms`), and verifies again. The rotating replica also
+    /// announces the new key (`Store::revocation_signal`), so this is the fallback for a
+    /// token that arrives before the announcement does.
+    pub async fn verify_or_reload(
+        &self,
+        store: &dyn Store,
+        token: &str,
+        now: i64,
+        now_ms: i64,
+    ) -> std::result::Result<TaskClaims, TokenError> {
+        match self.verifier.verify(token, now) {
+            Err(TokenError::UnknownKid(kid)) => {
+                let last = self.unknown_kid_reload_ms.load(Ordering::Acquire);
+                let due = now_ms.saturating_sub(last) >= UNKNOWN_KID_RELOAD_MS
+                    && self
+                        .unknown_kid_reload_ms
+                        .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok();
+                if !due {
+                    return Err(TokenError::UnknownKid(kid));
+                }
+                if let Err(error) = self.reload(store, now).await {
+                    tracing::warn!(
+                        code = error.code,
+                        "cannot re-read the signing keys: {error}"
+                    );
+                    return Err(TokenError::UnknownKid(kid));
+                }
+                self.verifier.verify(token, now)
+            }
+            other => other,
+        }
     }
 
     /// Replaces the signing key. The old key stays published until every token it signed has

@@ -169,7 +169,7 @@ impl Metrics {
 /// The store writer's counters. Busy share of the writer = the rate of the three `_seconds`
 /// counters together; batch size = operations / batches.
 fn render_writer(out: &mut String, writer: &WriterStats) {
-    let counters: [(&str, &str, f64); 6] = [
+    let counters: [(&str, &str, f64); 7] = [
         (
             "remit_store_write_batches_total",
             "Transactions the store's writer ran for queued writes (group commits).",
@@ -189,6 +189,12 @@ fn render_writer(out: &mut String, writer: &WriterStats) {
             "remit_store_write_committing_seconds_total",
             "Time the writer spent running and committing batches.",
             writer.committing.as_secs_f64(),
+        ),
+        (
+            "remit_store_write_chain_lock_held_seconds_total",
+            "Of that, time the writer held the audit chain's lock, which every writer of the \
+             chain (every replica's) takes in turn.",
+            writer.chain_lock_held.as_secs_f64(),
         ),
         (
             "remit_store_lookup_fills_total",
@@ -224,6 +230,7 @@ mod tests {
             operations: 7,
             gathering: Duration::from_micros(250),
             committing: Duration::from_millis(2),
+            chain_lock_held: Duration::from_micros(1_250),
             lookup_fills: 1,
             lookup_filling: Duration::from_micros(1_500),
         };
@@ -248,6 +255,7 @@ mod tests {
             "remit_store_write_operations_total 7\n",
             "remit_store_write_gathering_seconds_total 0.00025\n",
             "remit_store_write_committing_seconds_total 0.002\n",
+            "remit_store_write_chain_lock_held_seconds_total 0.00125\n",
             "remit_store_lookup_fills_total 1\n",
             "remit_store_lookup_filling_seconds_total 0.0015\n",
             "# TYPE remit_store_write_batches_total counter\n",

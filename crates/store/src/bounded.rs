@@ -21,8 +21,8 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::{
     AgentRecord, ApprovalKey, ApprovalRecord, ApprovalStatus, AuditFilter, NewRevocation,
-    OpenOptions, OperatorRecord, Result, Revocation, SigningKeyRecord, Store, StoreError,
-    TaskCalls, TaskRecord, WriterStats,
+    OpenOptions, OperatorRecord, ProofSpend, Result, Revocation, SigningKeyRecord, Store,
+    StoreError, TaskCalls, TaskRecord, WriterStats,
 };
 
 /// How recent a successful write must be for [`Store::ready`] to answer without writing.
@@ -352,6 +352,35 @@ impl<S: Store> Store for Bounded<S> {
 
     async fn clear_denials(&self, agent: &str) -> Result<()> {
         self.write(self.inner.clear_denials(agent)).await
+    }
+
+    async fn append_spending(&self, spend: ProofSpend, event: EventBody) -> Result<Event> {
+        self.write(self.inner.append_spending(spend, event)).await
+    }
+
+    async fn insert_task_spending(
+        &self,
+        task: &TaskRecord,
+        event: EventBody,
+        spend: ProofSpend,
+    ) -> Result<Event> {
+        self.write(self.inner.insert_task_spending(task, event, spend))
+            .await
+    }
+
+    async fn finish_task_spending(
+        &self,
+        id: &TaskId,
+        to: TaskStatus,
+        event: EventBody,
+        spend: ProofSpend,
+    ) -> Result<Option<Event>> {
+        self.write(self.inner.finish_task_spending(id, to, event, spend))
+            .await
+    }
+
+    async fn sweep_proof_spends(&self, before_iat: i64) -> Result<u64> {
+        self.write(self.inner.sweep_proof_spends(before_iat)).await
     }
 
     async fn active_tasks_of_agent(&self, agent: &AgentName) -> Result<Vec<TaskId>> {

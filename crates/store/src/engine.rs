@@ -35,8 +35,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     AgentRecord, ApprovalKey, ApprovalRecord, ApprovalStatus, AuditFilter, NewRevocation,
-    OperatorRecord, Result, Revocation, RevocationKind, SigningKeyRecord, Store, StoreError,
-    TaskCalls, TaskRecord, WriterStats,
+    OperatorRecord, ProofSpend, Result, Revocation, RevocationKind, SigningKeyRecord, Store,
+    StoreError, TaskCalls, TaskRecord, WriterStats,
 };
 
 /// Most operations one transaction carries. Bounds the time a batch holds the chain lock.
@@ -406,6 +406,11 @@ enum WriteOp {
     Append(Vec<EventBody>),
     /// See [`Store::heartbeat`].
     Heartbeat(i64),
+    /// The operation (an append, a task's insert or end) with a DPoP proof spent in the same
+    /// transaction, so that a second spend of the proof fails it: see [`ProofSpend`].
+    Spending(ProofSpend, Box<WriteOp>),
+    /// Forgets the spent proofs issued before this `iat`.
+    SweepProofSpends(i64),
 }
 
 /// An [`ApprovalKey`] that can wait in the writer's queue.
@@ -450,6 +455,8 @@ enum Outcome {
     Events(Vec<Event>),
     /// Per agent, its stored denials in the window asked about.
     Denials(Vec<(String, u32)>),
+    /// How many spent proofs a sweep forgot.
+    Swept(u64),
 }
 
 impl Outcome {
@@ -463,7 +470,7 @@ impl Outcome {
             Outcome::Approval(approval) => {
                 approvals.extend(approval.iter().map(|approval| approval.id.clone()));
             }
-            Outcome::Done | Outcome::Denials(_) => {}
+            Outcome::Done | Outcome::Denials(_) | Outcome::Swept(_) => {}
         }
     }
 }
@@ -489,6 +496,7 @@ struct WriterCounters {
     operations: AtomicU64,
     gathering_us: AtomicU64,
     committing_us: AtomicU64,
+    chain_lock_held_us: AtomicU64,
     lookup_fills: AtomicU64,
     lookup_filling_us: AtomicU64,
 }
@@ -506,6 +514,7 @@ impl WriterCounters {
             operations: self.operations.load(Ordering::Relaxed),
             gathering: time(&self.gathering_us),
             committing: time(&self.committing_us),
+            chain_lock_held: time(&self.chain_lock_held_us),
             lookup_fills: self.lookup_fills.load(Ordering::Acquire),
             lookup_filling: time(&self.lookup_filling_us),
         }
@@ -620,7 +629,9 @@ impl<B: Backend> Writer<B> {
     async fn commit(&mut self, ops: Vec<WriteOp>) -> Result<Vec<Result<Outcome>>> {
         self.backend.check_before_write()?;
         let conn = kept_connection(&mut self.conn, self.backend.write_pool()).await?;
-        let result = transaction(&*self.backend, &mut **conn, &mut self.known_head, ops).await;
+        let held = &self.counters.chain_lock_held_us;
+        let result =
+            transaction(&*self.backend, &mut **conn, &mut self.known_head, ops, held).await;
         if result.is_err() {
             discard_connection(&mut self.conn);
         }
@@ -726,10 +737,12 @@ async fn transaction<B: Backend>(
     conn: &mut B::Conn,
     known_head: &mut Option<Head>,
     ops: Vec<WriteOp>,
+    held: &AtomicU64,
 ) -> Result<Vec<Result<Outcome>>> {
     let expected = known_head.take();
     let ops = match expected {
         Some(expected) if B::Conn::MULTI_STATEMENT => {
+            let _locked = ChainLockHeld::from_now(held);
             match appends_in_one_round_trip(conn, expected, ops).await {
                 Ok((results, head)) => {
                     *known_head = Some(head);
@@ -741,27 +754,30 @@ async fn transaction<B: Backend>(
         _ => ops,
     };
     let mut head = begin(backend, conn).await?;
-    let ops = if ops.iter().all(|op| matches!(op, WriteOp::Append(_))) {
-        let appends = ops
-            .into_iter()
-            .filter_map(|op| match op {
-                WriteOp::Append(bodies) => Some(bodies),
-                _ => None,
-            })
-            .collect();
-        match appends_only(conn, head, appends).await {
+    let mut locked = ChainLockHeld::from_now(held);
+    let ops = if ops.iter().all(|op| append_parts(op).is_some()) {
+        let (spends, appends) = ops.into_iter().filter_map(into_append).unzip();
+        match appends_only(conn, head, spends, appends).await {
             Ok((results, head)) => {
                 *known_head = Some(head);
                 return Ok(results);
             }
-            Err((error, appends)) => {
-                // Rare: appends conflict with nothing, so this is most likely the database
-                // failing, which the careful path below will meet again. The transaction may
-                // or may not still be open (the failed statement may have been the COMMIT).
+            Err((error, spends, appends)) => {
+                // Rare: appends conflict with nothing and a proof is spent twice only by a
+                // replay, so this is a replayed proof or the database failing, which the
+                // careful path below meets again for the operation concerned alone. The
+                // transaction may or may not still be open (the failed statement may have
+                // been the COMMIT).
                 tracing::debug!(%error, "store append batch failed; retrying each append alone");
                 let _ = conn.execute("ROLLBACK", vec![]).await;
+                drop(locked);
                 head = begin(backend, conn).await?;
-                appends.into_iter().map(WriteOp::Append).collect()
+                locked = ChainLockHeld::from_now(held);
+                spends
+                    .into_iter()
+                    .zip(appends)
+                    .map(|(spend, bodies)| from_append(spend, bodies))
+                    .collect()
             }
         }
     } else {
@@ -786,8 +802,31 @@ async fn transaction<B: Backend>(
         }
     }
     conn.execute("COMMIT", vec![]).await.map_err(db_error)?;
+    drop(locked);
     *known_head = Some(head);
     Ok(results)
+}
+
+/// Adds the time from its creation (the moment the chain lock was granted) to its drop (the
+/// transaction's end, however it ends) to the writer's `chain_lock_held` counter.
+struct ChainLockHeld<'a> {
+    counter: &'a AtomicU64,
+    since: Instant,
+}
+
+impl<'a> ChainLockHeld<'a> {
+    fn from_now(counter: &'a AtomicU64) -> ChainLockHeld<'a> {
+        ChainLockHeld {
+            counter,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for ChainLockHeld<'_> {
+    fn drop(&mut self) {
+        WriterCounters::add_time(self.counter, self.since);
+    }
 }
 
 /// Adds up to [`LOOKUP_CHUNK`] events past the lookup mark to the agent and task lookups and
@@ -932,23 +971,15 @@ async fn appends_in_one_round_trip<C: Conn>(
     expected: Head,
     ops: Vec<WriteOp>,
 ) -> Result<(Vec<Result<Outcome>>, Head), Vec<WriteOp>> {
-    let events_in = |op: &WriteOp| match op {
-        WriteOp::Append(bodies) => Some(bodies.len()),
-        _ => None,
-    };
+    let events_in = |op: &WriteOp| append_parts(op).map(|(_, events)| events);
     let Some(total) = ops.iter().map(events_in).sum::<Option<usize>>() else {
         return Err(ops);
     };
     if total == 0 || total > PADDED_ROWS * GUARDED_CHUNKS {
         return Err(ops);
     }
-    let appends: Vec<Vec<EventBody>> = ops
-        .into_iter()
-        .filter_map(|op| match op {
-            WriteOp::Append(bodies) => Some(bodies),
-            _ => None,
-        })
-        .collect();
+    let (spends, appends): (Vec<Option<ProofSpend>>, Vec<Vec<EventBody>>) =
+        ops.into_iter().filter_map(into_append).unzip();
     let sizes: Vec<usize> = appends.iter().map(Vec::len).collect();
     let mut head = expected;
     let events = seal(&mut head, appends.into_iter().flatten());
@@ -957,7 +988,12 @@ async fn appends_in_one_round_trip<C: Conn>(
     let guard = |head: Head| {
         (head.seq > 0).then(|| format!("{} {}", head.seq, audit::to_hex_upper(&head.hash)))
     };
-    let mut args = Vec::with_capacity(total.div_ceil(PADDED_ROWS) + events.len() * 10);
+    let mut args = Vec::with_capacity(total.div_ceil(PADDED_ROWS) + events.len() * 10 + 2);
+    // Spent proofs first, guarded by the same head: when it moved, they are not spent either.
+    let spent = spends_json(&spends);
+    if spent.is_some() {
+        args.push(Arg::OptText(guard(expected)));
+    }
     let mut before = expected;
     // The last chunk may be short: its padding rows' parameters stay unbound, as NULL.
     let built: Result<()> = events.chunks(PADDED_ROWS).try_for_each(|chunk| {
@@ -973,9 +1009,18 @@ async fn appends_in_one_round_trip<C: Conn>(
         }
         Ok(())
     });
-    let inserted = match built {
-        Ok(()) => conn.fetch_all(guarded_insert_sql(total), args).await.ok(),
-        Err(_) => None,
+    let inserted = match (built, spent) {
+        (Ok(()), None) => conn.fetch_all(guarded_insert_sql(total), args).await.ok(),
+        (Ok(()), Some(spent)) => {
+            args.insert(1, Arg::Text(spent));
+            let sql = guarded_insert_sql(total);
+            let sql = format!(
+                "BEGIN IMMEDIATE; {GUARDED_SPENDS_SQL}{}",
+                sql.strip_prefix("BEGIN IMMEDIATE; ").unwrap_or(sql)
+            );
+            conn.fetch_all(&sql, args).await.ok()
+        }
+        (Err(_), _) => None,
     };
     // One `changes()` row per chunk.
     let inserted = inserted.map(|rows| {
@@ -998,7 +1043,8 @@ async fn appends_in_one_round_trip<C: Conn>(
     let mut bodies = events.map(|event| event.body);
     Err(sizes
         .into_iter()
-        .map(|size| WriteOp::Append(bodies.by_ref().take(size).collect()))
+        .zip(spends)
+        .map(|(size, spend)| from_append(spend, bodies.by_ref().take(size).collect()))
         .collect())
 }
 
@@ -1075,11 +1121,21 @@ fn guarded_insert_sql(total: usize) -> &'static str {
 async fn appends_only<C: Conn>(
     conn: &mut C,
     mut head: Head,
+    spends: Vec<Option<ProofSpend>>,
     appends: Vec<Vec<EventBody>>,
-) -> Result<(Vec<Result<Outcome>>, Head), (StoreError, Vec<Vec<EventBody>>)> {
+) -> Result<(Vec<Result<Outcome>>, Head), (StoreError, Vec<Option<ProofSpend>>, Vec<Vec<EventBody>>)>
+{
     let sizes: Vec<usize> = appends.iter().map(Vec::len).collect();
     let events = seal(&mut head, appends.into_iter().flatten());
-    let inserted = match insert_events(conn, &events, C::MULTI_STATEMENT).await {
+    let spent = match spends_json(&spends) {
+        Some(spent) => insert_spends::<C>(conn, spent).await,
+        None => Ok(()),
+    };
+    let inserted = match spent {
+        Ok(()) => insert_events(conn, &events, C::MULTI_STATEMENT).await,
+        Err(error) => Err(error),
+    };
+    let inserted = match inserted {
         Ok(()) if !C::MULTI_STATEMENT => conn
             .execute("COMMIT", vec![])
             .await
@@ -1102,7 +1158,7 @@ async fn appends_only<C: Conn>(
                 .into_iter()
                 .map(|size| bodies.by_ref().take(size).collect())
                 .collect();
-            Err((error, appends))
+            Err((error, spends, appends))
         }
     }
 }
@@ -1388,6 +1444,7 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
                 }
             }
             insert_signing_key(conn, &key, key.retired_at, key.publish_until).await?;
+            announce_keys(conn).await?;
             Ok(Outcome::Event(append_one(conn, head, event).await?))
         }
         WriteOp::RotateSigningKey {
@@ -1404,6 +1461,7 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
             .map_err(db_error)?;
             // The new key is current whatever its record says: that is what rotating means.
             insert_signing_key(conn, &new_key, None, None).await?;
+            announce_keys(conn).await?;
             Ok(Outcome::Event(append_one(conn, head, event).await?))
         }
         WriteOp::InsertTask(task, event) => {
@@ -1584,6 +1642,21 @@ async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -> Result<Ou
             insert_events(conn, &events, false).await?;
             Ok(Outcome::Events(events))
         }
+        WriteOp::Spending(spend, op) => {
+            let spent = spends_json(&[Some(spend)]).ok_or_else(wrong_outcome)?;
+            insert_spends::<C>(conn, spent).await?;
+            Box::pin(apply(conn, head, *op)).await
+        }
+        WriteOp::SweepProofSpends(before_iat) => {
+            let removed = conn
+                .execute(
+                    "DELETE FROM proof_spends WHERE iat < $1",
+                    vec![Arg::Int(before_iat)],
+                )
+                .await
+                .map_err(db_error)?;
+            Ok(Outcome::Swept(removed))
+        }
     }
 }
 
@@ -1612,6 +1685,16 @@ async fn settle_task_calls<C: Conn>(conn: &mut C, counts: &[(TaskId, TaskCalls)]
             rows.join(", ")
         );
         conn.execute(&sql, args).await.map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// Tells other processes that the signing keys changed, on the revocations' channel (delivered
+/// when the transaction commits): a replica that hears it re-reads its keys as well as the
+/// revocation feed, so that tokens signed with a new key verify there at once.
+async fn announce_keys<C: Conn>(conn: &mut C) -> Result<()> {
+    if let Some(notify) = C::NOTIFY_REVOCATION {
+        conn.execute(notify, vec![]).await.map_err(db_error)?;
     }
     Ok(())
 }
@@ -1671,6 +1754,85 @@ async fn add_denials<C: Conn>(
     }
     Ok(sums)
 }
+
+/// Whether `op` can take an append fast path: an append, alone or spending a proof. Its spend
+/// and its number of events.
+fn append_parts(op: &WriteOp) -> Option<(Option<ProofSpend>, usize)> {
+    match op {
+        WriteOp::Append(bodies) => Some((None, bodies.len())),
+        WriteOp::Spending(spend, op) => match &**op {
+            WriteOp::Append(bodies) => Some((Some(*spend), bodies.len())),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// An operation that [`append_parts`] accepts, taken apart.
+fn into_append(op: WriteOp) -> Option<(Option<ProofSpend>, Vec<EventBody>)> {
+    match op {
+        WriteOp::Append(bodies) => Some((None, bodies)),
+        WriteOp::Spending(spend, op) => match *op {
+            WriteOp::Append(bodies) => Some((Some(spend), bodies)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// [`into_append`] undone.
+fn from_append(spend: Option<ProofSpend>, bodies: Vec<EventBody>) -> WriteOp {
+    match spend {
+        Some(spend) => WriteOp::Spending(spend, Box::new(WriteOp::Append(bodies))),
+        None => WriteOp::Append(bodies),
+    }
+}
+
+/// The spent proofs among `spends` as one JSON array of `[iat, "digest"]` pairs, the one
+/// parameter of the statements that insert them (one statement shape whatever their number),
+/// or `None` when there are none.
+fn spends_json(spends: &[Option<ProofSpend>]) -> Option<String> {
+    let mut text = String::from("[");
+    for spend in spends.iter().flatten() {
+        if text.len() > 1 {
+            text.push(',');
+        }
+        text.push_str(&format!(
+            "[{},\"{}\"]",
+            spend.iat,
+            audit::to_hex(&spend.digest)
+        ));
+    }
+    (text.len() > 1).then(|| text + "]")
+}
+
+/// Inserts the spent proofs of [`spends_json`] text: `Conflict` (`what` = `"proof"`) when one
+/// of them was already spent, in this transaction or an earlier one.
+async fn insert_spends<C: Conn>(conn: &mut C, spent: String) -> Result<()> {
+    // SQLite, the dialect that runs several statements in one query, reads the pairs with
+    // `json_each`; PostgreSQL with `jsonb_array_elements`.
+    let sql = if C::MULTI_STATEMENT {
+        "INSERT INTO proof_spends (iat, proof) \
+         SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)"
+    } else {
+        "INSERT INTO proof_spends (iat, proof) \
+         SELECT (pair ->> 0)::bigint, pair ->> 1 FROM jsonb_array_elements($1::jsonb) AS pair"
+    };
+    conn.execute(sql, vec![Arg::Text(spent)])
+        .await
+        .map(drop)
+        .map_err(|error| conflict_or(error, "proof", "already spent"))
+}
+
+/// [`insert_spends`] for [`appends_in_one_round_trip`] (SQLite): its first parameter is the
+/// head the batch was sealed after, and nothing is inserted if the head moved. `OR ROLLBACK`
+/// for the same reason as the events' inserts: a proof spent twice fails the whole batch,
+/// which is then retried the careful way, operation by operation.
+const GUARDED_SPENDS_SQL: &str = "WITH head (unmoved) AS (SELECT (SELECT seq || ' ' || hex(hash) \
+     FROM audit_events ORDER BY seq DESC LIMIT 1) IS ?) \
+     INSERT OR ROLLBACK INTO proof_spends (iat, proof) \
+     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?) \
+     WHERE (SELECT unmoved FROM head); ";
 
 async fn insert_approval<C: Conn>(conn: &mut C, approval: &ApprovalRecord) -> Result<()> {
     let args = vec![
@@ -2603,6 +2765,48 @@ impl<B: Backend> Store for SqlStore<B> {
             .await
             .map_err(db_error)?;
         row.as_ref().map(approval_from_row).transpose()
+    }
+
+    async fn append_spending(&self, spend: ProofSpend, event: EventBody) -> Result<Event> {
+        let op = WriteOp::Spending(spend, Box::new(WriteOp::Append(vec![event])));
+        match self.write(op).await? {
+            Outcome::Events(mut events) if events.len() == 1 => {
+                events.pop().ok_or_else(wrong_outcome)
+            }
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn insert_task_spending(
+        &self,
+        task: &TaskRecord,
+        event: EventBody,
+        spend: ProofSpend,
+    ) -> Result<Event> {
+        let op = WriteOp::InsertTask(task.clone(), event);
+        self.write_event(WriteOp::Spending(spend, Box::new(op)))
+            .await
+    }
+
+    async fn finish_task_spending(
+        &self,
+        id: &TaskId,
+        to: TaskStatus,
+        event: EventBody,
+        spend: ProofSpend,
+    ) -> Result<Option<Event>> {
+        let op = WriteOp::FinishTask(id.clone(), to, event);
+        match self.write(WriteOp::Spending(spend, Box::new(op))).await? {
+            Outcome::Finished(event) => Ok(event),
+            _ => Err(wrong_outcome()),
+        }
+    }
+
+    async fn sweep_proof_spends(&self, before_iat: i64) -> Result<u64> {
+        match self.write(WriteOp::SweepProofSpends(before_iat)).await? {
+            Outcome::Swept(removed) => Ok(removed),
+            _ => Err(wrong_outcome()),
+        }
     }
 
     async fn append_events(&self, events: Vec<EventBody>) -> Result<Vec<Event>> {

@@ -253,6 +253,20 @@ pub struct ApprovalKey<'a> {
 /// refuses a larger `limit` rather than answer with fewer rows than asked.
 pub const QUERY_LIMIT_MAX: u32 = 1_000;
 
+/// A DPoP proof spent by the write it rides with (a call's decision, a grant, a task's
+/// completion): the store refuses a second spend of the same proof with
+/// [`StoreError::Conflict`] (`what` = `"proof"`), whichever process or replica tries it, so
+/// that a proof is accepted once by the whole cluster. The row is kept until
+/// [`Store::sweep_proof_spends`] removes proofs too old to be accepted anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProofSpend {
+    /// The proof's `iat`, in seconds: a proof is identified by its bytes, so a replay carries
+    /// the same one, and the spends of one moment sit together in the store's index.
+    pub iat: i64,
+    /// SHA-256 of the signing key's RFC 7638 thumbprint, `.` and the proof's `jti`.
+    pub digest: [u8; 32],
+}
+
 /// Which audit events to return, newest last.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditFilter {
@@ -288,6 +302,11 @@ pub struct WriterStats {
     pub gathering: Duration,
     /// Time running batches, from the start of the transaction to its commit (or failure).
     pub committing: Duration,
+    /// Of `committing`, the time the writer held the chain lock (from the moment the lock was
+    /// granted to the commit that released it): what every other writer of the chain, on
+    /// this node or another replica, waits for. On SQLite's one-round-trip append the wait
+    /// for the lock cannot be told apart and is counted too.
+    pub chain_lock_held: Duration,
     /// Transactions that filled the per-agent and per-task audit lookups.
     pub lookup_fills: u64,
     /// Time those took, beside the writer (they exclude each other, not the writer).
@@ -301,8 +320,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// `sqlite` or `postgres`.
     fn kind(&self) -> &'static str;
 
-    /// Woken (one permit at a time) when some process may have written a revocation, so that
-    /// a node catches up at once instead of at its next periodic catch-up: PostgreSQL's
+    /// Woken (one permit at a time) when some process may have written a revocation or changed
+    /// the signing keys, so that a node catches up with both at once instead of at its next
+    /// periodic catch-up: PostgreSQL's
     /// `LISTEN/NOTIFY`. `None` where the backend has no such signal (SQLite, whose processes
     /// share one file and poll). A hint only: the periodic catch-up stays the safety net.
     fn revocation_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
@@ -450,6 +470,32 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         call: ApprovalKey<'_>,
         now: UnixSeconds,
     ) -> Result<Option<ApprovalRecord>>;
+
+    // Proofs.
+    /// [`Store::append_events`] of one event that spends `spend` in the same transaction:
+    /// `Conflict` (`what` = `"proof"`, nothing written) when the proof was already spent.
+    async fn append_spending(&self, spend: ProofSpend, event: EventBody) -> Result<Event>;
+    /// [`Store::insert_task`] that spends `spend` in the same transaction (`Conflict` with
+    /// `what` = `"proof"` when it was already spent).
+    async fn insert_task_spending(
+        &self,
+        task: &TaskRecord,
+        event: EventBody,
+        spend: ProofSpend,
+    ) -> Result<Event>;
+    /// [`Store::finish_task`] that spends `spend` in the same transaction (`Conflict` with
+    /// `what` = `"proof"` when it was already spent); the proof is spent even when the task
+    /// was no longer active.
+    async fn finish_task_spending(
+        &self,
+        id: &TaskId,
+        to: TaskStatus,
+        event: EventBody,
+        spend: ProofSpend,
+    ) -> Result<Option<Event>>;
+    /// Forgets the spent proofs issued before `before_iat` (seconds), which no verifier
+    /// accepts any more: how many were removed.
+    async fn sweep_proof_spends(&self, before_iat: i64) -> Result<u64>;
 
     // Audit.
     /// Appends events that record decisions rather than state changes (refusals, calls).

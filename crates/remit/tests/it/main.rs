@@ -12,4 +12,5 @@ mod cli;
 mod demo;
 mod listener;
 mod openapi;
+mod replicas;
 mod support;

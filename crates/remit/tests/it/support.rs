@@ -107,6 +107,16 @@ impl Server {
         text
     }
 
+    /// Kills the server at once (SIGKILL: no shutdown, no flush), as a crash would, and
+    /// returns its log.
+    pub fn kill_hard(mut self) -> String {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.log_text()
+    }
+
     /// Stops the server (SIGTERM via kill) and returns its log.
     pub fn stop(mut self) -> String {
         if let Some(mut child) = self.child.take() {

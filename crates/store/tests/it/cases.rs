@@ -2,6 +2,7 @@
 //! every state change lands in the audit chain with it, and concurrent writers keep one chain.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use audit::{EventBody, kinds};
 use model::{AgentStatus, Role, Secret, TaskStatus};
@@ -663,6 +664,12 @@ pub async fn writer_stats_count_every_operation(db: &TestDb) {
         "{batches} batches for 80 operations"
     );
     assert!(after.committing > before.committing);
+    let held = after.chain_lock_held - before.chain_lock_held;
+    assert!(
+        held > Duration::ZERO && held <= after.committing - before.committing,
+        "the chain lock was held {held:?} of {:?} committing",
+        after.committing - before.committing
+    );
     // The lookup filler takes these events in within its interval. That fill is counted,
     // with its time.
     assert!(
@@ -1700,4 +1707,129 @@ pub async fn approval_is_spent_once_under_race(db: &TestDb) {
         .count();
     assert_eq!(consumed, 1);
     drop(other);
+}
+
+fn spend(iat: i64, n: u8) -> store::ProofSpend {
+    store::ProofSpend {
+        iat,
+        digest: [n; 32],
+    }
+}
+
+/// A proof is spent once across every store on the same data (the replicas of a cluster): a
+/// second spend is a `proof` conflict that writes nothing, whichever store tries it, whether
+/// it rides with an append, a task's insert or its end, and whether it meets the first spend
+/// in an earlier transaction or in the same batch. Proofs too old to be accepted are swept.
+pub async fn a_proof_is_spent_once_across_stores(db: &TestDb) {
+    let other = store::open(&db.url).await.unwrap();
+    let stores = [db.store.clone(), other.clone()];
+    fn refused<T>(result: Result<T, StoreError>) -> bool {
+        matches!(result, Err(StoreError::Conflict { what: "proof", .. }))
+    }
+
+    stores[0]
+        .append_spending(spend(1_000, 1), event(kinds::CALL_DECISION))
+        .await
+        .unwrap();
+    assert!(refused(
+        stores[1]
+            .append_spending(spend(1_000, 1), event(kinds::CALL_DECISION))
+            .await
+    ));
+    // The same key and `jti` at another `iat` is another proof.
+    stores[1]
+        .append_spending(spend(1_001, 1), event(kinds::CALL_DECISION))
+        .await
+        .unwrap();
+    assert_eq!(verify(db.store.as_ref()).await, Ok(2));
+
+    // Many concurrent calls on both stores, each with a proof of its own, and eight replays
+    // of one proof among them: batches that hold a replay fall back to the careful path, and
+    // only the replays are refused.
+    let mut writers = Vec::new();
+    for round in 0..4u8 {
+        for (index, store) in stores.iter().enumerate() {
+            for writer in 0..8u8 {
+                let store = store.clone();
+                writers.push(tokio::spawn(async move {
+                    let unique = spend(2_000 + i64::from(round), 10 + writer * 2 + index as u8);
+                    let own = store.append_spending(unique, event(kinds::CALL_DECISION));
+                    let replay =
+                        store.append_spending(spend(3_000, 2), event(kinds::CALL_DECISION));
+                    let (own, replay) = tokio::join!(own, replay);
+                    own.unwrap();
+                    replay.is_ok()
+                }));
+            }
+        }
+    }
+    let mut accepted = 0;
+    for writer in writers {
+        accepted += usize::from(writer.await.unwrap());
+    }
+    assert_eq!(
+        accepted, 1,
+        "one replayed proof was accepted {accepted} times"
+    );
+    assert_eq!(verify(db.store.as_ref()).await, Ok(2 + 64 + 1));
+
+    // The grant path: a task is inserted, or ended, with its proof spent.
+    insert_parent_agent(db).await;
+    let first = task(1, "triage-bot");
+    let before = verify(db.store.as_ref()).await.unwrap();
+    stores[0]
+        .insert_task_spending(&first, event(kinds::TASK_GRANTED), spend(4_000, 3))
+        .await
+        .unwrap();
+    let second = task(2, "triage-bot");
+    assert!(refused(
+        stores[1]
+            .insert_task_spending(&second, event(kinds::TASK_GRANTED), spend(4_000, 3))
+            .await
+    ));
+    assert_eq!(stores[0].get_task(&second.id).await.unwrap(), None);
+    assert!(refused(
+        stores[1]
+            .finish_task_spending(
+                &first.id,
+                TaskStatus::Completed,
+                event(kinds::TASK_COMPLETED),
+                spend(4_000, 3),
+            )
+            .await
+    ));
+    assert_eq!(
+        stores[0].get_task(&first.id).await.unwrap().unwrap().status,
+        TaskStatus::Active
+    );
+    stores[1]
+        .finish_task_spending(
+            &first.id,
+            TaskStatus::Completed,
+            event(kinds::TASK_COMPLETED),
+            spend(4_001, 3),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(verify(db.store.as_ref()).await, Ok(before + 2));
+
+    // Swept proofs are forgotten; later ones are kept.
+    assert_eq!(db.store.sweep_proof_spends(2_000).await.unwrap(), 2);
+    stores[1]
+        .append_spending(spend(1_000, 1), event(kinds::CALL_DECISION))
+        .await
+        .unwrap();
+    assert!(refused(
+        stores[0]
+            .append_spending(spend(3_000, 2), event(kinds::CALL_DECISION))
+            .await
+    ));
+}
+
+async fn insert_parent_agent(db: &TestDb) {
+    db.store
+        .insert_agent(&agent("triage-bot"), event(kinds::AGENT_REGISTERED))
+        .await
+        .unwrap();
 }

@@ -64,6 +64,7 @@ on_both_backends!(
     failure::a_held_write_lock_is_unavailable_within_the_timeout,
     failure::the_operations_waiting_at_once_are_bounded,
     failure::ready_means_a_write_reaches_the_store,
+    cases::a_proof_is_spent_once_across_stores,
     tamper::edited_detail,
     tamper::detail_respelled_with_the_same_meaning,
     tamper::event_numbered_zero,
