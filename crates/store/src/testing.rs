@@ -48,6 +48,32 @@ pub fn required_under_ci(var: &str, what: &str) -> Option<String> {
     }
 }
 
+/// `url` with a password in its user information, and that password: `password` for the user
+/// the URL names (`postgres` if it names none), or the password it already carries. For tests
+/// that check a store URL's password never shows; a server that trusts the test's connections
+/// ignores it.
+pub fn with_password(url: &str, password: &str) -> (String, String) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), password.to_string());
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user, _)) if user.contains(':') => {
+            let existing = user.split_once(':').map_or("", |(_, p)| p);
+            (url.to_string(), existing.to_string())
+        }
+        Some((user, host)) => (
+            format!("{scheme}://{user}:{password}@{host}{tail}"),
+            password.to_string(),
+        ),
+        None => (
+            format!("{scheme}://postgres:{password}@{authority}{tail}"),
+            password.to_string(),
+        ),
+    }
+}
+
 /// A schema created for one test; `url` opens a store whose tables live in it.
 #[derive(Debug)]
 pub struct PostgresSchema {
