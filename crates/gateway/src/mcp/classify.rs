@@ -69,12 +69,9 @@ impl Need {
                     };
                 };
                 let arguments = params.and_then(|p| p.get("arguments"));
-                let classified = tool.classify_mcp_tool(name, arguments);
-                let mut canonical = String::new();
-                audit::canonical_json(arguments.unwrap_or(&json!({})), &mut canonical);
                 Need::Decision {
-                    classified,
-                    arguments: canonical,
+                    classified: tool.classify_mcp_tool(name, arguments),
+                    arguments: canonical(arguments),
                 }
             }
             Some("resources/read") => {
@@ -140,4 +137,76 @@ fn canonical(value: Option<&Value>) -> String {
     let mut out = String::new();
     audit::canonical_json(value.unwrap_or(&json!({})), &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(message: Value) -> String {
+        let catalog = crate::catalog::Catalog::from_raw_with(
+            &[toml::from_str(
+                r#"
+                name = "files"
+                kind = "mcp"
+                upstream = "http://127.0.0.1:1/mcp"
+                sensitivity = ["pii"]
+                mcp_tools = { read_file = { class = "read", resource = "path" } }
+                "#,
+            )
+            .unwrap()],
+            &|_| None,
+        )
+        .unwrap();
+        match Need::of(catalog.get("files").unwrap(), &message) {
+            Need::Session => "session".into(),
+            Need::Decision {
+                classified,
+                arguments,
+            } => format!(
+                "{:?} {} `{}` {:?} {arguments}",
+                classified.class, classified.action, classified.resource, classified.sensitivity
+            ),
+            Need::Refused { code, message } => format!("refused {code}: {message}"),
+        }
+    }
+
+    #[test]
+    fn the_method_decides_what_a_message_needs() {
+        let call = json!({"method": "tools/call", "params": {"name": "read_file", "arguments": {"path": "a.txt", "b": 1}}});
+        let decided = r#"Read read_file `a.txt` ["pii"] {"b":1,"path":"a.txt"}"#;
+        assert_eq!(check(call.clone()), decided);
+        // Without an `id` (a notification's shape) it is still a call.
+        let mut with_id = call;
+        with_id["id"] = json!(7);
+        assert_eq!(check(with_id), decided);
+        for session in [
+            json!({"id": 1, "method": "initialize"}),
+            json!({"id": 2, "method": "tools/list"}),
+            json!({"method": "notifications/initialized"}),
+            json!({"id": 3, "result": {}}),
+        ] {
+            assert_eq!(check(session.clone()), "session", "{session}");
+        }
+        assert_eq!(
+            check(json!({"id": 4, "method": "resources/read", "params": {"uri": "file:///x"}})),
+            r#"Read resources/read `file:///x` ["pii"] {"uri":"file:///x"}"#
+        );
+        assert_eq!(
+            check(json!({"id": 5, "method": "logging/setLevel", "params": {"level": "debug"}})),
+            r#"Admin logging/setLevel `` ["pii"] {"level":"debug"}"#
+        );
+        assert_eq!(
+            check(json!({"id": 6, "method": "tools/call", "params": {}})),
+            "refused -32602: `tools/call` needs `params.name`"
+        );
+        assert_eq!(
+            check(json!([1])),
+            "refused -32600: a JSON-RPC message is an object"
+        );
+        assert_eq!(
+            check(json!({"id": 8})),
+            "refused -32600: a JSON-RPC message needs a `method`"
+        );
+    }
 }
