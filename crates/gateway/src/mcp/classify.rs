@@ -144,21 +144,16 @@ mod tests {
     use super::*;
 
     fn check(message: Value) -> String {
-        let catalog = crate::catalog::Catalog::from_raw_with(
-            &[toml::from_str(
-                r#"
+        let tool = crate::catalog::tool_for_test(
+            r#"
                 name = "files"
                 kind = "mcp"
                 upstream = "http://127.0.0.1:1/mcp"
                 sensitivity = ["pii"]
                 mcp_tools = { read_file = { class = "read", resource = "path" } }
                 "#,
-            )
-            .unwrap()],
-            &|_| None,
-        )
-        .unwrap();
-        match Need::of(catalog.get("files").unwrap(), &message) {
+        );
+        match Need::of(&tool, &message) {
             Need::Session => "session".into(),
             Need::Decision {
                 classified,

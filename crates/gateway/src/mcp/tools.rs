@@ -87,20 +87,15 @@ mod tests {
     use serde_json::json;
 
     fn listed(scopes: Vec<Scope>) -> Vec<String> {
-        let catalog = crate::catalog::Catalog::from_raw_with(
-            &[toml::from_str(
-                r#"
+        let tool = crate::catalog::tool_for_test(
+            r#"
                 name = "files"
                 kind = "mcp"
                 upstream = "http://127.0.0.1:1/mcp"
                 mcp_tools = { read_file = "read", write_file = "write" }
                 "#,
-            )
-            .unwrap()],
-            &|_| None,
-        )
-        .unwrap();
-        let filter = ToolsFilter::new(catalog.get("files").unwrap(), Arc::new(ScopeSet(scopes)));
+        );
+        let filter = ToolsFilter::new(&tool, Arc::new(ScopeSet(scopes)));
         let mut answer = json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [
             {"name": "read_file"}, {"name": "write_file"}, {"name": "undeclared"}, {}
         ]}});
