@@ -165,7 +165,7 @@ impl Authority {
             sqlite_sync: settings.store_sync,
             ..Default::default()
         };
-        let store = store::open_with(&settings.store_url, &options).await?;
+        let store = store::open_with(settings.store_url.expose(), &options).await?;
         let policy = match &settings.policy_dir {
             Some(dir) => load_policies(dir)?,
             None => crate::examples::engine()?,

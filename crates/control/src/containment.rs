@@ -35,8 +35,9 @@ pub struct ContainmentRules {
     pub dead_token_grace_seconds: i64,
     /// A call whose proof is signed by a key other than the token's.
     pub wrong_key: bool,
-    /// Told (POST, JSON) of every quarantine; best effort, never delays the call path.
-    pub webhook: Option<String>,
+    /// Told (POST, JSON) of every quarantine; best effort, never delays the call path. Its
+    /// URL often carries a token (in its path or query), so it is held as a secret.
+    pub webhook: Option<model::Secret<String>>,
 }
 
 impl Default for ContainmentRules {
@@ -294,7 +295,7 @@ impl Authority {
                     .build();
                 let sent = match client {
                     Ok(client) => client
-                        .post(&url)
+                        .post(url.expose())
                         .json(&body)
                         .send()
                         .await

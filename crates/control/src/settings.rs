@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use model::TrustDomain;
+use model::{SecretUrl, TrustDomain};
 
 /// Everything the control plane needs to know, already checked.
 #[derive(Clone, Debug)]
@@ -15,7 +15,8 @@ pub struct Settings {
     /// `iss` and `aud` are this URI; a proof's `htu` is compared with it, never with `Host`.
     pub public_url: String,
     pub listen: SocketAddr,
-    pub store_url: String,
+    /// The store's URL, which may carry a password: printed without it.
+    pub store_url: SecretUrl,
     /// How long any store operation (a connection, a read, a write and its commit) may take
     /// before it fails closed.
     pub store_timeout: Duration,
@@ -71,7 +72,7 @@ impl Settings {
             trust_domain: TrustDomain::default(),
             public_url: format!("http://{listen}"),
             listen,
-            store_url: store_url.into(),
+            store_url: SecretUrl::new(store_url),
             store_timeout: Duration::from_secs(2),
             store_max_waiting: 1024,
             store_create: true,

@@ -685,5 +685,15 @@ fn secret(reference: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Strin
     Err("a credential is given as `env:VAR` or `file:PATH`, never inline".into())
 }
 
+/// The one tool declared by `table` (the keys of a `[[tools]]` entry, credentials from no
+/// environment), for other modules' unit tests.
+#[cfg(test)]
+pub(crate) fn tool_for_test(table: &str) -> Arc<ToolSpec> {
+    let raw: RawTool = toml::from_str(table).unwrap();
+    let name = raw.name.clone();
+    let catalog = Catalog::from_raw_with(&[raw], &|_| None).unwrap();
+    Arc::clone(catalog.get(&name).unwrap())
+}
+
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::client::legacy::Client;
@@ -19,15 +19,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::catalog::UpstreamAuth;
+use crate::scrub::{Needles, StreamScrubber};
 
 pub(crate) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// How long an upstream may take to send its response head. The body then streams for as
 /// long as it needs: downloads may be long, and the agent can hang up at any time.
 pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What replaces every occurrence of an upstream credential on its way back to an agent.
-pub(crate) const REDACTED: &str = "[redacted]";
 
 /// RFC 9110 §7.6.1: headers that describe one connection, never the message.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -44,16 +42,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 #[derive(Debug)]
 pub(crate) struct Upstream {
     pub(crate) client: Client<Connector, Body>,
-    /// Every form in which an upstream credential could travel back to an agent: the whole
-    /// header value, the credential without its scheme (`Bearer …`), and its JSON-escaped
-    /// and percent-encoded spellings. Longest first. Shared with every MCP answer's
-    /// scrubber, not copied into it.
-    pub(crate) secrets: Arc<[String]>,
-    needles: Arc<Needles>,
+    /// Every spelling of every tool's credential, shared with each answer's scrubber, not
+    /// copied into it.
+    pub(crate) needles: Arc<Needles>,
 }
 
 impl Upstream {
-    pub(crate) fn new(secrets: Vec<String>) -> Result<Upstream, String> {
+    /// `secrets` are the tools' credentials as sent upstream ([`crate::Catalog::secrets`]).
+    pub(crate) fn new(secrets: &[&str]) -> Result<Upstream, String> {
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()
             .map_err(|e| format!("cannot load the system's TLS roots: {e}"))?
@@ -62,30 +58,15 @@ impl Upstream {
             .enable_http2()
             .build();
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        let needles = Arc::new(Needles::new(&secrets));
-        let secrets = needles
-            .list
-            .iter()
-            .map(|n| String::from_utf8_lossy(n).into_owned())
-            .collect();
         Ok(Upstream {
             client,
-            secrets,
-            needles,
+            needles: Arc::new(Needles::new(secrets)),
         })
     }
 
     /// True when some tool has a credential, so that answers must be scrubbed.
     pub(crate) fn scrubbing(&self) -> bool {
-        !self.needles.list.is_empty()
-    }
-
-    /// A streaming scrubber for one response body.
-    pub(crate) fn scrubber(&self) -> Scrubber {
-        Scrubber {
-            needles: Arc::clone(&self.needles),
-            carry: BytesMut::new(),
-        }
+        !self.needles.is_empty()
     }
 
     /// The headers sent upstream: the agent's, minus everything that authenticates the agent
@@ -166,145 +147,6 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .flat_map(|value| value.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect()
-}
-
-/// The byte strings to redact, with a table of their first bytes so that scanning a body
-/// costs one lookup per byte.
-#[derive(Debug)]
-struct Needles {
-    /// Longest first, so that the first match at a position is the longest.
-    list: Vec<Vec<u8>>,
-    first: [bool; 256],
-    longest: usize,
-}
-
-impl Needles {
-    fn new(secrets: &[String]) -> Needles {
-        let mut list: Vec<Vec<u8>> = Vec::new();
-        let mut add = |needle: String| {
-            if !needle.is_empty() && !list.iter().any(|n| n == needle.as_bytes()) {
-                list.push(needle.into_bytes());
-            }
-        };
-        for secret in secrets {
-            let mut forms = vec![secret.clone()];
-            // `Bearer abc`: an upstream that echoes the credential may echo `abc` alone.
-            if let Some((_, credential)) = secret.split_once(' ') {
-                forms.push(credential.trim().to_string());
-            }
-            for form in forms {
-                add(json_escaped(&form));
-                add(percent_encoded(&form));
-                add(form);
-            }
-        }
-        list.sort_by_key(|n| std::cmp::Reverse(n.len()));
-        let mut first = [false; 256];
-        for needle in &list {
-            if let Some(byte) = needle.first() {
-                first[usize::from(*byte)] = true;
-            }
-        }
-        let longest = list.first().map_or(0, Vec::len);
-        Needles {
-            list,
-            first,
-            longest,
-        }
-    }
-
-    /// The length of the longest needle at `at`, if any.
-    fn match_at(&self, haystack: &[u8], at: usize) -> Option<usize> {
-        let rest = &haystack[at..];
-        self.list
-            .iter()
-            .find(|needle| rest.starts_with(needle))
-            .map(Vec::len)
-    }
-
-    /// Replaces every needle in `input`, scanning positions before `safe` only. Returns the
-    /// scrubbed output and how much of the input it consumed.
-    fn scrub_prefix(&self, input: &[u8], safe: usize, out: &mut BytesMut) -> usize {
-        let (mut at, mut literal) = (0, 0);
-        while at < safe {
-            if self.first[usize::from(input[at])]
-                && let Some(length) = self.match_at(input, at)
-            {
-                out.extend_from_slice(&input[literal..at]);
-                out.extend_from_slice(REDACTED.as_bytes());
-                at += length;
-                literal = at;
-                continue;
-            }
-            at += 1;
-        }
-        out.extend_from_slice(&input[literal..at]);
-        at
-    }
-
-    /// The whole of `input`, scrubbed; borrowed when there was nothing to redact.
-    fn scrub<'a>(&self, input: &'a [u8]) -> Cow<'a, [u8]> {
-        let found = (0..input.len())
-            .any(|at| self.first[usize::from(input[at])] && self.match_at(input, at).is_some());
-        if !found {
-            return Cow::Borrowed(input);
-        }
-        let mut out = BytesMut::with_capacity(input.len());
-        self.scrub_prefix(input, input.len(), &mut out);
-        Cow::Owned(out.to_vec())
-    }
-}
-
-fn json_escaped(text: &str) -> String {
-    let quoted = serde_json::Value::String(text.to_string()).to_string();
-    quoted[1..quoted.len() - 1].to_string()
-}
-
-fn percent_encoded(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-/// Redacts credentials from a body as it streams. Each chunk's last `longest - 1` bytes are
-/// held back until the next chunk (or the end) shows whether a credential starts there.
-#[derive(Debug)]
-pub(crate) struct Scrubber {
-    needles: Arc<Needles>,
-    carry: BytesMut,
-}
-
-impl Scrubber {
-    /// Scrubs the next chunk; returns what may be sent now.
-    pub(crate) fn push(&mut self, chunk: &[u8]) -> Bytes {
-        self.run(chunk, false)
-    }
-
-    /// Scrubs and returns everything still held back.
-    pub(crate) fn finish(&mut self) -> Bytes {
-        self.run(&[], true)
-    }
-
-    fn run(&mut self, chunk: &[u8], last: bool) -> Bytes {
-        let mut input = std::mem::take(&mut self.carry);
-        input.extend_from_slice(chunk);
-        let hold = if last {
-            0
-        } else {
-            self.needles.longest.saturating_sub(1)
-        };
-        let safe = input.len().saturating_sub(hold);
-        let mut out = BytesMut::with_capacity(input.len());
-        let consumed = self.needles.scrub_prefix(&input, safe, &mut out);
-        self.carry = input.split_off(consumed);
-        out.freeze()
-    }
 }
 
 /// Why a request body was not taken.
@@ -392,7 +234,7 @@ type OnEnd = Box<dyn FnOnce(BodyEnd) + Send>;
 /// counted, and reported once when it ends, fails or is dropped.
 pub(crate) struct Relayed<B> {
     inner: B,
-    scrubber: Option<Scrubber>,
+    scrubber: Option<StreamScrubber>,
     trailers: Option<HeaderMap>,
     done: bool,
     bytes: u64,
@@ -418,7 +260,7 @@ impl<B> Relayed<B> {
         let scrubbing = upstream.scrubbing();
         Relayed {
             inner,
-            scrubber: scrubbing.then(|| upstream.scrubber()),
+            scrubber: scrubbing.then(|| StreamScrubber::new(&upstream.needles)),
             trailers: None,
             done: false,
             bytes: 0,
@@ -440,7 +282,7 @@ impl<B> Relayed<B> {
     fn flush(&mut self) -> Bytes {
         self.scrubber
             .as_mut()
-            .map(Scrubber::finish)
+            .map(StreamScrubber::finish)
             .unwrap_or_default()
     }
 
@@ -555,77 +397,7 @@ mod tests {
     use super::*;
 
     fn upstream(secrets: &[&str]) -> Upstream {
-        Upstream::new(secrets.iter().map(|s| s.to_string()).collect()).unwrap()
-    }
-
-    /// Feeds `input` cut at every pair of points and checks the result equals one pass.
-    fn check_splits(secrets: &[&str], input: &str, expected: &str) {
-        let upstream = upstream(secrets);
-        let whole =
-            String::from_utf8(upstream.needles.scrub(input.as_bytes()).into_owned()).unwrap();
-        assert_eq!(whole, expected, "whole input");
-        let bytes = input.as_bytes();
-        for first in 0..=bytes.len() {
-            for second in first..=bytes.len() {
-                let mut scrubber = upstream.scrubber();
-                let mut out = Vec::new();
-                for chunk in [&bytes[..first], &bytes[first..second], &bytes[second..]] {
-                    out.extend_from_slice(&scrubber.push(chunk));
-                }
-                out.extend_from_slice(&scrubber.finish());
-                assert_eq!(
-                    String::from_utf8(out).unwrap(),
-                    expected,
-                    "cut at {first} and {second}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn scrubs_across_every_chunk_boundary() {
-        check_splits(
-            &["Bearer s3cret-t0ken"],
-            "a s3cret-t0ken b",
-            "a [redacted] b",
-        );
-        check_splits(
-            &["Bearer s3cret-t0ken"],
-            "Authorization: Bearer s3cret-t0ken",
-            "Authorization: [redacted]",
-        );
-        check_splits(
-            &["Bearer s3cret-t0ken"],
-            "s3cret-t0kens3cret-t0ken",
-            "[redacted][redacted]",
-        );
-        check_splits(
-            &["Bearer s3cret-t0ken"],
-            "s3cret-t0ke s3cret-t0",
-            "s3cret-t0ke s3cret-t0",
-        );
-        check_splits(&["Bearer s3cret-t0ken"], "", "");
-    }
-
-    #[test]
-    fn a_secret_that_extends_another_is_redacted_whole() {
-        check_splits(
-            &["abcd", "abcdefgh"],
-            "xabcdefghx abcdx",
-            "x[redacted]x [redacted]x",
-        );
-    }
-
-    #[test]
-    fn escaped_spellings_are_redacted_too() {
-        let upstream = upstream(&["Bearer a+b/c\"d"]);
-        for spelling in ["a+b/c\"d", "a+b/c\\\"d", "a%2Bb%2Fc%22d"] {
-            let scrubbed = upstream
-                .needles
-                .scrub(format!("?t={spelling}&").as_bytes())
-                .into_owned();
-            assert_eq!(scrubbed, b"?t=[redacted]&", "{spelling}");
-        }
+        Upstream::new(secrets).unwrap()
     }
 
     #[test]
@@ -687,7 +459,7 @@ mod tests {
         assert_eq!(out.len(), 3, "{out:?}");
         assert_eq!(out[header::CONTENT_TYPE], "text/plain");
 
-        let plain = Upstream::new(Vec::new()).unwrap();
+        let plain = Upstream::new(&[]).unwrap();
         assert_eq!(
             plain.response_headers(&incoming)[header::CONTENT_LENGTH],
             "10"

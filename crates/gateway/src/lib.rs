@@ -11,6 +11,7 @@ mod http;
 mod mcp;
 pub mod metrics;
 pub mod rate;
+mod scrub;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,8 +50,7 @@ impl Gateway {
         catalog: Catalog,
         limits: Limits,
     ) -> Result<Arc<Gateway>, String> {
-        let upstream =
-            forward::Upstream::new(catalog.secrets().into_iter().map(str::to_string).collect())?;
+        let upstream = forward::Upstream::new(&catalog.secrets())?;
         let metadata_url = authority.settings().url_of(RESOURCE_METADATA_PATH);
         Ok(Arc::new(Gateway {
             authority,

@@ -6,8 +6,16 @@
 //! Batches (removed from MCP in 2025-06-18) pass when they hold at most one message that needs
 //! a decision: a request proof can be spent only once, so a second tool call in the same batch
 //! is refused with a JSON-RPC error and never reaches the upstream.
+//!
+//! This file is the request's journey (read, decide once, forward, answer, record the
+//! outcome); `classify` says what each message needs, `rpc` builds remit's own JSON-RPC
+//! answers, `tools` narrows `tools/list` results, `stream` passes SSE answers event by event,
+//! and `crate::scrub` removes upstream secrets.
 
+mod classify;
+mod rpc;
 mod stream;
+mod tools;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,28 +27,26 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use control::CallVerdict;
 use http_body_util::{BodyExt, Limited};
-use model::ActionClass;
 use serde_json::{Value, json};
 
+use self::classify::{Need, summary};
+use self::rpc::{
+    CALL_DENIED, CALL_LIMITED, INVALID_REQUEST, PARSE_ERROR, json_response, rpc_refusal, shape,
+    sort,
+};
+pub(crate) use self::tools::TOOLS_KEY;
+use self::tools::ToolsFilter;
 use crate::caller::{self, Presented};
-use crate::catalog::{Classified, ToolKind, ToolSpec};
+use crate::catalog::{ToolKind, ToolSpec};
 use crate::error::Refusal;
 use crate::forward::read_limited;
+use crate::scrub::JsonScrubber;
 use crate::{Early, Gateway};
 
 /// Largest JSON answer (or SSE event) read from an upstream before it is filtered.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// How long an upstream may take to send its response head.
 const UPSTREAM_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// JSON-RPC error codes remit answers with.
-const PARSE_ERROR: i64 = -32700;
-const INVALID_REQUEST: i64 = -32600;
-const INVALID_PARAMS: i64 = -32602;
-/// The call is outside the task's scopes or policy denies it.
-const CALL_DENIED: i64 = -32003;
-/// The task's budget is spent or the caller is over its rate.
-const CALL_LIMITED: i64 = -32004;
 
 /// Headers an agent's request may carry to the upstream. Everything else (its
 /// `Authorization`, `DPoP`, `Cookie`, hop-by-hop headers) stays with remit.
@@ -58,20 +64,6 @@ const RESPONSE_HEADERS: [&str; 4] = [
     "mcp-protocol-version",
     "cache-control",
 ];
-
-/// Methods that act on nothing: they pass once the caller is authenticated.
-const DISCOVERY: [&str; 6] = [
-    "initialize",
-    "ping",
-    "tools/list",
-    "resources/list",
-    "resources/templates/list",
-    "prompts/list",
-];
-
-/// The prefix of the methods that are notifications by the MCP specification: they act on
-/// nothing and pass once the caller is authenticated, with or without an `id`.
-const NOTIFICATIONS: &str = "notifications/";
 
 /// Verdict codes that refuse one message but leave its caller authenticated (token, proof,
 /// revocation and task state all passed): the other messages of the request may proceed.
@@ -164,19 +156,6 @@ struct Call<'a> {
     early: &'a Early<'a>,
 }
 
-/// What one JSON-RPC message needs before it may pass.
-enum Need {
-    /// Nothing beyond an authenticated caller.
-    Session,
-    /// A decision of its own.
-    Decision {
-        classified: Classified,
-        arguments: String,
-    },
-    /// Refused here, never forwarded.
-    Refused { code: i64, message: String },
-}
-
 impl Call<'_> {
     async fn post(&self, body: Body) -> Response {
         let limit = self.gateway.body_limit(self.tool);
@@ -202,7 +181,10 @@ impl Call<'_> {
             Value::Array(messages) => (true, messages),
             message => (false, vec![message]),
         };
-        let mut needs: Vec<Need> = messages.iter().map(|message| self.need(message)).collect();
+        let mut needs: Vec<Need> = messages
+            .iter()
+            .map(|message| Need::of(self.tool, message))
+            .collect();
 
         // One proof, one verification: the request is decided once, on its only tool call
         // if it has one, else as a session message.
@@ -324,90 +306,6 @@ impl Call<'_> {
             .await
     }
 
-    /// Classifies one JSON-RPC message.
-    fn need(&self, message: &Value) -> Need {
-        let Some(object) = message.as_object() else {
-            return Need::Refused {
-                code: INVALID_REQUEST,
-                message: "a JSON-RPC message is an object".into(),
-            };
-        };
-        let method = object.get("method").and_then(Value::as_str);
-        let params = object.get("params");
-        let name = || params.and_then(|p| p.get("name")).and_then(Value::as_str);
-        // The method decides, never the presence of an `id`: a `tools/call` shaped as a
-        // notification is still a tool call, and an upstream may well execute it.
-        match method {
-            // Responses from the client (to sampling, elicitation, roots) act on no tool.
-            None if object.contains_key("result") || object.contains_key("error") => Need::Session,
-            None => Need::Refused {
-                code: INVALID_REQUEST,
-                message: "a JSON-RPC message needs a `method`".into(),
-            },
-            // Notifications by the specification's own name, and methods that act on nothing.
-            Some(method) if method.starts_with(NOTIFICATIONS) || DISCOVERY.contains(&method) => {
-                Need::Session
-            }
-            Some("tools/call") => {
-                let Some(name) = name() else {
-                    return Need::Refused {
-                        code: INVALID_PARAMS,
-                        message: "`tools/call` needs `params.name`".into(),
-                    };
-                };
-                let arguments = params.and_then(|p| p.get("arguments"));
-                let classified = self.tool.classify_mcp_tool(name, arguments);
-                let mut canonical = String::new();
-                audit::canonical_json(arguments.unwrap_or(&json!({})), &mut canonical);
-                Need::Decision {
-                    classified,
-                    arguments: canonical,
-                }
-            }
-            Some("resources/read") => {
-                let Some(uri) = params.and_then(|p| p.get("uri")).and_then(Value::as_str) else {
-                    return Need::Refused {
-                        code: INVALID_PARAMS,
-                        message: "`resources/read` needs `params.uri`".into(),
-                    };
-                };
-                self.read_decision("resources/read", uri, params)
-            }
-            Some("prompts/get") => {
-                let Some(name) = name() else {
-                    return Need::Refused {
-                        code: INVALID_PARAMS,
-                        message: "`prompts/get` needs `params.name`".into(),
-                    };
-                };
-                self.read_decision(name, "", params.and_then(|p| p.get("arguments")))
-            }
-            // Anything else may act on the server (subscriptions, log levels, methods of later
-            // protocol versions): it fails closed as an `admin` action named after the method.
-            Some(method) => Need::Decision {
-                classified: Classified {
-                    action: method.to_string(),
-                    class: ActionClass::Admin,
-                    resource: String::new(),
-                    sensitivity: self.tool.sensitivity.clone(),
-                },
-                arguments: canonical(params),
-            },
-        }
-    }
-
-    fn read_decision(&self, action: &str, resource: &str, arguments: Option<&Value>) -> Need {
-        Need::Decision {
-            classified: Classified {
-                action: action.to_string(),
-                class: ActionClass::Read,
-                resource: resource.to_string(),
-                sensitivity: self.tool.sensitivity.clone(),
-            },
-            arguments: canonical(arguments),
-        }
-    }
-
     /// Forwards what may pass and answers the rest with JSON-RPC errors.
     #[expect(
         clippy::too_many_arguments,
@@ -478,33 +376,15 @@ impl Call<'_> {
         }
     }
 
-    /// The tools this task may call, for filtering `tools/list` answers: the scope ceiling
-    /// (a scope of this tool naming the MCP tool or `*` and allowing its class, whatever its
-    /// resources).
+    /// The tools this task may call, for filtering `tools/list` answers: those its scopes
+    /// permit calling on some resource.
     fn tools_filter(&self, verdict: &CallVerdict) -> ToolsFilter {
-        let allowed = verdict.claims.as_ref().map(|claims| {
-            claims
-                .scope
-                .0
-                .iter()
-                .filter(|scope| scope.tool == self.tool.name)
-                .flat_map(|scope| {
-                    scope
-                        .actions
-                        .iter()
-                        .map(|action| (action.clone(), scope.classes.clone()))
-                })
-                .collect::<Vec<_>>()
-        });
-        ToolsFilter {
-            allowed: allowed.unwrap_or_default(),
-            classes: self
-                .tool
-                .mcp_tools
-                .iter()
-                .map(|(name, entry)| (name.clone(), entry.class))
-                .collect(),
-        }
+        let scopes = verdict
+            .claims
+            .as_ref()
+            .map(|claims| Arc::clone(&claims.scope))
+            .unwrap_or_default();
+        ToolsFilter::new(self.tool, scopes)
     }
 
     async fn send(
@@ -565,7 +445,7 @@ impl Call<'_> {
         started: Instant,
     ) -> Response {
         let (parts, body) = upstream.into_parts();
-        let scrubber = Scrubber::new(&self.gateway.upstream.secrets);
+        let scrubber = JsonScrubber::new(&self.gateway.upstream.needles);
         if parts.status == StatusCode::UNAUTHORIZED {
             // The upstream refused remit's own credential; its challenge would mislead the
             // agent's MCP client into an authorization flow with the wrong server.
@@ -658,194 +538,6 @@ impl Call<'_> {
     }
 }
 
-/// The key of a `tools/list` result's tool array, which [`ToolsFilter`] narrows.
-const TOOLS_KEY: &str = "tools";
-
-/// Keeps only the tools a task may call in `tools/list` results.
-#[derive(Debug, Clone)]
-pub(crate) struct ToolsFilter {
-    /// Action names (or `*`) the task's scopes grant on this tool, each with the classes its
-    /// scope allows (empty: every class).
-    allowed: Vec<(String, Vec<ActionClass>)>,
-    /// The class of each declared MCP tool; undeclared tools are `admin`.
-    classes: std::collections::HashMap<String, ActionClass>,
-}
-
-impl ToolsFilter {
-    fn permits(&self, name: &str) -> bool {
-        let class = self
-            .classes
-            .get(name)
-            .copied()
-            .unwrap_or(ActionClass::Admin);
-        self.allowed.iter().any(|(action, classes)| {
-            (action == "*" || action == name) && (classes.is_empty() || classes.contains(&class))
-        })
-    }
-
-    /// Filters every JSON-RPC response in `value` whose result lists tools. Any result with a
-    /// `tools` array is one, whatever the stream it arrives on (a resumed stream may replay
-    /// an earlier answer), so the match is on shape, not on the request's id.
-    pub(crate) fn apply(&self, value: &mut Value) {
-        match value {
-            Value::Array(items) => items.iter_mut().for_each(|item| self.apply(item)),
-            Value::Object(object) => {
-                if let Some(Value::Array(tools)) =
-                    object.get_mut("result").and_then(|r| r.get_mut(TOOLS_KEY))
-                {
-                    tools.retain(|tool| {
-                        tool.get("name")
-                            .and_then(Value::as_str)
-                            .is_some_and(|name| self.permits(name))
-                    });
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Replaces upstream credentials in anything going back to the agent.
-#[derive(Debug, Clone)]
-pub(crate) struct Scrubber {
-    needles: Arc<[String]>,
-}
-
-const REDACTED: &str = "[redacted]";
-
-impl Scrubber {
-    /// `secrets` are `Upstream::secrets`: every spelling of every credential (with and
-    /// without its scheme, escaped and encoded), longest first, so that a secret containing
-    /// another is replaced whole.
-    fn new(secrets: &Arc<[String]>) -> Scrubber {
-        Scrubber {
-            needles: Arc::clone(secrets),
-        }
-    }
-
-    fn finds(&self, text: &str) -> bool {
-        self.needles
-            .iter()
-            .any(|needle| text.contains(needle.as_str()))
-    }
-
-    /// Whether a JSON text may go back to the agent byte for byte: it is one JSON value, no
-    /// string and no key in it holds a credential (compared after unescaping, as [`value`]
-    /// compares), and no key is `tools` (a result [`ToolsFilter`] may narrow). Checked in one
-    /// pass that builds no tree; an answer that fails it (invalid JSON included) takes the
-    /// careful path, which parses, filters, scrubs and writes it out again.
-    ///
-    /// [`value`]: Scrubber::value
-    pub(crate) fn passes_unchanged(&self, json: &[u8]) -> bool {
-        let mut deserializer = serde_json::Deserializer::from_slice(json);
-        let scan = Scan {
-            scrubber: self,
-            key: false,
-        };
-        serde::de::DeserializeSeed::deserialize(scan, &mut deserializer).is_ok()
-            && deserializer.end().is_ok()
-    }
-
-    pub(crate) fn text(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for needle in self.needles.iter() {
-            if out.contains(needle.as_str()) {
-                out = out.replace(needle.as_str(), REDACTED);
-            }
-        }
-        out
-    }
-
-    /// Scrubs every string and key of a JSON value, after JSON unescaping, so that an escaped
-    /// secret cannot slip past a byte comparison.
-    pub(crate) fn value(&self, value: &mut Value) {
-        if self.needles.is_empty() {
-            return;
-        }
-        match value {
-            Value::String(text) if self.finds(text) => *text = self.text(text),
-            Value::Array(items) => items.iter_mut().for_each(|item| self.value(item)),
-            Value::Object(object) => {
-                if object.keys().any(|key| self.finds(key)) {
-                    let entries = std::mem::take(object);
-                    for (key, value) in entries {
-                        object.insert(self.text(&key), value);
-                    }
-                }
-                object.values_mut().for_each(|item| self.value(item));
-            }
-            _ => {}
-        }
-    }
-}
-
-/// [`Scrubber::passes_unchanged`]'s walk over a JSON value (`key: false`) or an object's key
-/// (`key: true`). It fails (and so stops) at the first string or key that needs the careful
-/// path: a credential in either, or a key naming a tool list.
-#[derive(Clone, Copy)]
-struct Scan<'a> {
-    scrubber: &'a Scrubber,
-    key: bool,
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for Scan<'_> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for Scan<'_> {
-    type Value = ();
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<(), E> {
-        if (self.key && text == TOOLS_KEY) || self.scrubber.finds(text) {
-            Err(E::custom("the answer needs rewriting"))
-        } else {
-            Ok(())
-        }
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
-        while items.next_element_seed(self)?.is_some() {}
-        Ok(())
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
-        let key = Scan { key: true, ..self };
-        let value = Scan { key: false, ..self };
-        while entries.next_key_seed(key)?.is_some() {
-            entries.next_value_seed(value)?;
-        }
-        Ok(())
-    }
-}
-
 /// The outcome of a forwarded request, recorded once its answer is complete (`call.outcome`
 /// in the audit log), off the response path: the decision was already durable.
 pub(crate) struct Outcome {
@@ -905,169 +597,10 @@ impl Outcome {
     }
 }
 
-/// Splits a request's messages into those that pass and remit's JSON-RPC errors for those
-/// refused; when none passes, `Err` holds the whole answer.
-#[expect(
-    clippy::result_large_err,
-    reason = "the answer is built once per request, and `Err` ends it"
-)]
-fn sort(
-    batch: bool,
-    messages: Vec<Value>,
-    needs: Vec<Need>,
-    denial_data: Option<Value>,
-) -> Result<(Vec<Value>, Vec<Value>), Response> {
-    let mut errors = Vec::new();
-    let mut passing = Vec::new();
-    // Refusals of messages without an `id` (shaped as notifications), which JSON-RPC
-    // would leave unanswered: with id `null`, sent only when nothing else in the request
-    // is answered, so that the client learns of the refusal all the same.
-    let mut unanswered: Vec<(i64, Value)> = Vec::new();
-    for (message, need) in messages.into_iter().zip(needs) {
-        match need {
-            Need::Refused {
-                code,
-                message: text,
-            } => {
-                let data = denial_data
-                    .clone()
-                    .filter(|_| code == CALL_DENIED || code == CALL_LIMITED);
-                match message.get("id") {
-                    Some(id) => errors.push(rpc_error(id.clone(), code, &text, data)),
-                    None if message.get("method").is_none() => {
-                        errors.push(rpc_error(Value::Null, code, &text, data));
-                    }
-                    None => unanswered.push((code, rpc_error(Value::Null, code, &text, data))),
-                }
-            }
-            Need::Session | Need::Decision { .. } => passing.push(message),
-        }
-    }
-    let answered = !errors.is_empty()
-        || passing
-            .iter()
-            .any(|m| m.get("method").is_some() && m.get("id").is_some());
-    if !answered && let Some((code, _)) = unanswered.first() {
-        // MCP: input that is not a request and is not accepted gets an HTTP error status,
-        // its body a JSON-RPC error without an id.
-        let status = match *code {
-            CALL_DENIED => StatusCode::FORBIDDEN,
-            CALL_LIMITED => StatusCode::TOO_MANY_REQUESTS,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        errors.extend(unanswered.into_iter().map(|(_, error)| error));
-        if passing.is_empty() {
-            return Err(json_response(status, shape(batch, errors)));
-        }
-    }
-    if passing.is_empty() {
-        return Err(json_response(StatusCode::OK, shape(batch, errors)));
-    }
-    Ok((passing, errors))
-}
-
-/// A short name for a request that calls no tool, for the audit record.
-fn summary(messages: &[Value]) -> String {
-    let first = messages
-        .iter()
-        .find_map(|m| m.get("method").and_then(Value::as_str))
-        .unwrap_or("response");
-    if messages.len() > 1 {
-        format!("batch:{first}")
-    } else {
-        first.to_string()
-    }
-}
-
-fn canonical(value: Option<&Value>) -> String {
-    let mut out = String::new();
-    audit::canonical_json(value.unwrap_or(&json!({})), &mut out);
-    out
-}
-
-fn rpc_error(id: Value, code: i64, message: &str, data: Option<Value>) -> Value {
-    let mut error = json!({ "code": code, "message": message });
-    if let (Some(data), Some(object)) = (data, error.as_object_mut()) {
-        object.insert("data".into(), data);
-    }
-    json!({ "jsonrpc": "2.0", "id": id, "error": error })
-}
-
-fn shape(batch: bool, mut items: Vec<Value>) -> Value {
-    if !batch && items.len() == 1 {
-        items.remove(0)
-    } else {
-        Value::Array(items)
-    }
-}
-
-fn json_response(status: StatusCode, body: Value) -> Response {
-    (status, axum::Json(body)).into_response()
-}
-
-/// A request that cannot be read as JSON-RPC: an error without an id.
-fn rpc_refusal(status: StatusCode, code: i64, message: &str) -> Response {
-    json_response(status, rpc_error(Value::Null, code, message, None))
-}
-
 fn upstream_failure(message: &str) -> Response {
     (
         StatusCode::BAD_GATEWAY,
         axum::Json(json!({ "error": "upstream_failed", "message": message })),
     )
         .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SECRET: &str = "sk-upstream-77";
-
-    fn scrubber() -> Scrubber {
-        // Every spelling of the secret, as the gateway's upstream client derives them.
-        let upstream = crate::forward::Upstream::new(vec![format!("Bearer {SECRET}")]);
-        Scrubber::new(&upstream.expect("upstream client").secrets)
-    }
-
-    #[test]
-    fn answers_that_need_nothing_pass_unchanged() {
-        let scrubber = scrubber();
-        for clean in [
-            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"{\"id\":42}"}]}}"#,
-            r#"{"jsonrpc": "2.0", "id": 7, "result": {"isError": false, "n": [1, -2, 3.5e3, null, true]}}"#,
-            r#"[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":2,"error":{"code":-1,"message":"tool\n"}}]"#,
-            r#"{"result":{"toolsets":"sk-upstream"}}"#,
-            r#""a string""#,
-        ] {
-            assert!(scrubber.passes_unchanged(clean.as_bytes()), "{clean}");
-        }
-    }
-
-    #[test]
-    fn answers_with_a_credential_a_tool_list_or_no_json_take_the_careful_path() {
-        let scrubber = scrubber();
-        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        for needs in [
-            // The credential in a value, plain, inside a longer string, escaped, nested.
-            format!(r#"{{"result":{{"text":"{SECRET}"}}}}"#),
-            format!(r#"{{"result":{{"text":"header: Bearer {SECRET}\n"}}}}"#),
-            r#"{"result":{"text":"\u0073k-upstream-77"}}"#.to_string(),
-            format!(r#"{{"a":[1,{{"b":["x","{SECRET}"]}}]}}"#),
-            // The credential as a key, plain and escaped.
-            format!(r#"{{"{SECRET}":1}}"#),
-            r#"{"sk-upstream-\u0037\u0037":1}"#.to_string(),
-            // A tool list, at any depth and however the key is spelled.
-            r#"{"result":{"tools":[]}}"#.to_string(),
-            r#"[{"id":1,"result":{"tool\u0073":[{"name":"x"}]}}]"#.to_string(),
-            // Not one JSON value.
-            String::new(),
-            "not json".to_string(),
-            r#"{"a":1"#.to_string(),
-            r#"{"a":1} {"b":2}"#.to_string(),
-            deep,
-        ] {
-            assert!(!scrubber.passes_unchanged(needs.as_bytes()), "{needs}");
-        }
-    }
 }

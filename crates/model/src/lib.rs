@@ -1,5 +1,5 @@
 //! The vocabulary every other crate speaks: names, scopes and their attenuation, decisions,
-//! roles, states and the redacting `Secret`. No IO, no clock: `now` is always an argument.
+//! roles, states, the redacting `Secret` and `SecretUrl`. No IO, no clock: `now` is always an argument.
 
 mod decision;
 mod ids;
@@ -12,7 +12,7 @@ pub use ids::{
     TrustDomain,
 };
 pub use scope::{Scope, ScopeError, ScopeSet, pattern_covers, pattern_matches};
-pub use secret::Secret;
+pub use secret::{Secret, SecretUrl, redact_url};
 
 /// Seconds since the Unix epoch. Every time in remit's core is one of these, passed in.
 pub type UnixSeconds = i64;

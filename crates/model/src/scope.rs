@@ -130,6 +130,14 @@ impl Scope {
         self.permits(tool, action, resource) && self.allows_class(class)
     }
 
+    /// Does this scope permit `action` of `class` on `tool` on at least one resource? What a
+    /// listing shows: a `tools/list` result names tools, not the resources they will touch.
+    /// Every resource pattern matches some resource, so only the tool, the action and the
+    /// class decide.
+    pub fn permits_on_some_resource(&self, tool: &str, action: &str, class: ActionClass) -> bool {
+        self.tool == tool && self.allows_action(action) && self.allows_class(class)
+    }
+
     fn allows_class(&self, class: ActionClass) -> bool {
         self.classes.is_empty() || self.classes.contains(&class)
     }
@@ -196,6 +204,14 @@ impl ScopeSet {
         self.0
             .iter()
             .any(|s| s.permits_call(tool, action, resource, class))
+    }
+
+    /// Does any scope permit `action` of `class` on `tool` on at least one resource?
+    /// ([`Scope::permits_on_some_resource`].)
+    pub fn permits_on_some_resource(&self, tool: &str, action: &str, class: ActionClass) -> bool {
+        self.0
+            .iter()
+            .any(|s| s.permits_on_some_resource(tool, action, class))
     }
 
     /// True when every scope is limited to `read` actions.
@@ -325,6 +341,22 @@ mod tests {
         let round_trip: ScopeSet =
             serde_json::from_value(serde_json::to_value(&discovery).unwrap()).unwrap();
         assert_eq!(round_trip, discovery);
+    }
+
+    #[test]
+    fn a_listing_shows_what_some_resource_permits() {
+        let mut files = Scope::new("files", &["read_file", "write_file"], &["docs/*"]);
+        files.classes = vec![ActionClass::Read, ActionClass::Write];
+        let scopes = ScopeSet(vec![files, Scope::new("iam", &["*"], &[]).read_only()]);
+        // Resources do not matter: `docs/*` matches some resource.
+        assert!(scopes.permits_on_some_resource("files", "read_file", ActionClass::Read));
+        assert!(!scopes.permits_call("files", "read_file", "", ActionClass::Read));
+        // The tool, the action and the class do.
+        assert!(!scopes.permits_on_some_resource("files", "delete_file", ActionClass::Read));
+        assert!(!scopes.permits_on_some_resource("files", "write_file", ActionClass::Admin));
+        assert!(!scopes.permits_on_some_resource("other", "read_file", ActionClass::Read));
+        assert!(scopes.permits_on_some_resource("iam", "list_roles", ActionClass::Read));
+        assert!(!scopes.permits_on_some_resource("iam", "attach_policy", ActionClass::Write));
     }
 
     #[test]

@@ -353,7 +353,7 @@ impl RawConfig {
                 .dead_token_grace_seconds
                 .unwrap_or(defaults.dead_token_grace_seconds),
             wrong_key: c.wrong_key.unwrap_or(defaults.wrong_key),
-            webhook: c.webhook.clone(),
+            webhook: c.webhook.clone().map(model::Secret::new),
         };
         if !(1..=86_400).contains(&containment.window_seconds) {
             bail!(
@@ -367,10 +367,13 @@ impl RawConfig {
                 containment.dead_token_grace_seconds
             );
         }
-        if let Some(url) = &containment.webhook
+        if let Some(url) = containment.webhook.as_ref().map(model::Secret::expose)
             && !(url.starts_with("https://") || url.starts_with("http://"))
         {
-            bail!("`containment.webhook` must be an http:// or https:// URL, not `{url}`");
+            bail!(
+                "`containment.webhook` must be an http:// or https:// URL, not `{}`",
+                model::redact_url(url)
+            );
         }
         settings.containment = containment;
 
@@ -424,7 +427,7 @@ impl RawConfig {
             let Some(parsed) = store::SqliteSync::parse(sync) else {
                 bail!("`store_sync` must be \"full\" or \"normal\", not {sync:?}");
             };
-            if store::sqlite_path(&settings.store_url).is_none() {
+            if store::sqlite_path(settings.store_url.expose()).is_none() {
                 bail!(
                     "`store_sync` applies to a SQLite store only; PostgreSQL's durability is its \
                      server's `synchronous_commit`"
@@ -512,7 +515,7 @@ mod tests {
     #[test]
     fn defaults_are_the_quick_start() {
         let settings = settle("").unwrap();
-        assert_eq!(settings.store_url, DEFAULT_STORE);
+        assert_eq!(settings.store_url.expose(), DEFAULT_STORE);
         assert_eq!(settings.public_url, "http://127.0.0.1:8470");
         assert_eq!(settings.tasks.default_ttl_seconds, 300);
         assert_eq!(

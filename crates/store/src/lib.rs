@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use audit::{Event, EventBody};
+// The workspace's one `redact_url`, for the store's own messages (`crate::redact_url`).
+use model::redact_url;
 use model::{
     AgentName, AgentStatus, Owner, Role, ScopeSet, Secret, SpiffeId, TaskId, TaskStatus,
     UnixSeconds,
@@ -610,44 +612,4 @@ pub fn sqlite_path(url: &str) -> Option<&str> {
 /// `path`: derived data, recreated and refilled from the log whenever it is missing.
 pub fn sqlite_lookups_path(path: &str) -> String {
     format!("{path}-lookups")
-}
-
-/// `url` with any password replaced, so that a URL can appear in an error or a log.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_string();
-    };
-    let Some(colon) = authority[..at].find(':') else {
-        return url.to_string();
-    };
-    let start = scheme_end + 3 + colon + 1;
-    format!("{}[redacted]{}", &url[..start], &url[scheme_end + 3 + at..])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn urls_lose_their_passwords() {
-        assert_eq!(
-            redact_url("postgres://remit:hunter2@db:5432/remit"),
-            "postgres://remit:[redacted]@db:5432/remit"
-        );
-        assert_eq!(
-            redact_url("postgres://remit@db/remit"),
-            "postgres://remit@db/remit"
-        );
-        assert_eq!(redact_url("sqlite://remit.db"), "sqlite://remit.db");
-        assert_eq!(
-            redact_url("mysql://a:b@c:1/d?x=y@z"),
-            "mysql://a:[redacted]@c:1/d?x=y@z"
-        );
-    }
 }

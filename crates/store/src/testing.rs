@@ -48,6 +48,83 @@ pub fn required_under_ci(var: &str, what: &str) -> Option<String> {
     }
 }
 
+/// A store URL with a password, for tests that check the password never shows: a fresh schema
+/// on the tests' PostgreSQL (a server that trusts the test's connections ignores the
+/// password), or nothing without one, where such a test runs on SQLite and checks the rest.
+#[derive(Debug)]
+pub struct PasswordStore {
+    schema: Option<PostgresSchema>,
+    password: Option<String>,
+}
+
+impl PasswordStore {
+    /// `password` for the user the server's URL names (`postgres` if it names none), or the
+    /// password that URL already carries.
+    pub async fn create(password: &str) -> Result<PasswordStore> {
+        let Some(base) = postgres_url() else {
+            return Ok(PasswordStore {
+                schema: None,
+                password: None,
+            });
+        };
+        let (base, password) = with_password(&base, password);
+        Ok(PasswordStore {
+            schema: Some(PostgresSchema::create(&base).await?),
+            password: Some(password),
+        })
+    }
+
+    /// The store's URL, password included; `None` for a SQLite store of the test's own.
+    pub fn url(&self) -> Option<String> {
+        self.schema.as_ref().map(|schema| schema.url.clone())
+    }
+
+    /// Checks that `printed` names the store without its password.
+    #[expect(
+        clippy::panic,
+        reason = "test support: a shown password fails the test"
+    )]
+    pub fn check_hidden(&self, printed: &str) {
+        if let Some(password) = &self.password
+            && (printed.contains(password.as_str()) || !printed.contains(":[redacted]@"))
+        {
+            panic!("the store's URL is printed with its password: {printed}");
+        }
+    }
+
+    /// Drops the schema, if there is one.
+    pub async fn drop_schema(self) -> Result<()> {
+        match self.schema {
+            Some(schema) => schema.drop_schema().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// `url` with a password in its user information, and that password: `password` for the user
+/// the URL names (`postgres` if it names none), or the password it already carries.
+fn with_password(url: &str, password: &str) -> (String, String) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), password.to_string());
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user, _)) if user.contains(':') => {
+            let existing = user.split_once(':').map_or("", |(_, p)| p);
+            (url.to_string(), existing.to_string())
+        }
+        Some((user, host)) => (
+            format!("{scheme}://{user}:{password}@{host}{tail}"),
+            password.to_string(),
+        ),
+        None => (
+            format!("{scheme}://postgres:{password}@{authority}{tail}"),
+            password.to_string(),
+        ),
+    }
+}
+
 /// A schema created for one test; `url` opens a store whose tables live in it.
 #[derive(Debug)]
 pub struct PostgresSchema {

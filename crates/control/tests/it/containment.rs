@@ -400,7 +400,7 @@ async fn rules_can_be_turned_off_and_a_webhook_is_told() {
     let h = Harness::configured(|s| {
         s.containment = ContainmentRules {
             dead_token: false,
-            webhook: Some(hook),
+            webhook: Some(model::Secret::new(hook)),
             ..ContainmentRules::default()
         };
     })

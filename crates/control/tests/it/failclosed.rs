@@ -82,7 +82,7 @@ async fn a_held_store_refuses_within_the_timeout(h: &Harness) {
     );
     assert_eq!(crate::api::get_json(h, "/readyz").await.0, StatusCode::OK);
 
-    let held = store::testing::HeldWrites::take(&h.authority.settings().store_url)
+    let held = store::testing::HeldWrites::take(h.authority.settings().store_url.expose())
         .await
         .unwrap();
     let started = Instant::now();
@@ -187,7 +187,7 @@ async fn a_deleted_sqlite_file_fails_closed() {
             .is_allow()
     );
     let url = h.authority.settings().store_url.clone();
-    std::fs::remove_file(store::sqlite_path(&url).unwrap()).unwrap();
+    std::fs::remove_file(store::sqlite_path(url.expose()).unwrap()).unwrap();
 
     // The very next call: its decision would be written into the unlinked file.
     let verdict = h
@@ -237,7 +237,7 @@ async fn calls_beyond_the_bound_are_refused_at_once() {
             .await
             .is_allow()
     );
-    let held = store::testing::HeldWrites::take(&h.authority.settings().store_url)
+    let held = store::testing::HeldWrites::take(h.authority.settings().store_url.expose())
         .await
         .unwrap();
     let timed = || async {

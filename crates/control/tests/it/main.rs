@@ -19,6 +19,7 @@ mod delegation;
 mod failclosed;
 mod harness;
 mod openapi;
+mod redaction;
 mod replicas;
 mod tasks;
 mod timeline;

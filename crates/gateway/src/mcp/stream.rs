@@ -8,14 +8,16 @@ use http_body_util::{BodyDataStream, BodyExt};
 use hyper::body::Incoming;
 use serde_json::Value;
 
-use super::{MAX_RESPONSE_BYTES, Outcome, Scrubber, ToolsFilter};
+use super::tools::ToolsFilter;
+use super::{MAX_RESPONSE_BYTES, Outcome};
+use crate::scrub::JsonScrubber;
 
 /// The agent's view of an upstream event stream, led by the JSON-RPC errors of the messages
 /// remit refused itself.
 pub(super) fn filter(
     body: Incoming,
     tools: ToolsFilter,
-    scrubber: Scrubber,
+    scrubber: JsonScrubber,
     errors: Vec<Value>,
     outcome: Outcome,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
@@ -80,7 +82,7 @@ impl Drop for State {
 #[derive(Debug)]
 pub(super) struct Parser {
     tools: ToolsFilter,
-    scrubber: Scrubber,
+    scrubber: JsonScrubber,
     /// Bytes of a line not yet complete.
     pending: Vec<u8>,
     /// Lines of the event not yet complete.
@@ -89,7 +91,7 @@ pub(super) struct Parser {
 }
 
 impl Parser {
-    pub(super) fn new(tools: ToolsFilter, scrubber: Scrubber) -> Parser {
+    pub(super) fn new(tools: ToolsFilter, scrubber: JsonScrubber) -> Parser {
         Parser {
             tools,
             scrubber,
@@ -181,16 +183,9 @@ mod tests {
 
     fn check(secrets: &[&str], allowed: &[&str], chunks: &[&str]) -> String {
         // Every spelling of each secret, as the gateway's upstream client derives them.
-        let upstream =
-            crate::forward::Upstream::new(secrets.iter().map(|s| s.to_string()).collect()).unwrap();
-        let scrubber = Scrubber::new(&upstream.secrets);
-        let tools = ToolsFilter {
-            allowed: allowed
-                .iter()
-                .map(|s| (s.to_string(), Vec::new()))
-                .collect(),
-            classes: Default::default(),
-        };
+        let needles = std::sync::Arc::new(crate::scrub::Needles::new(secrets));
+        let scrubber = JsonScrubber::new(&needles);
+        let tools = ToolsFilter::for_test(allowed);
         let mut parser = Parser::new(tools, scrubber);
         let mut out = Vec::new();
         for chunk in chunks {

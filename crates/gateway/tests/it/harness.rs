@@ -55,7 +55,7 @@ impl Remit {
 
     /// With the default containment rules on (quarantine on off-script behaviour).
     pub async fn start_contained(tools_toml: &str, env: &[(&str, &str)]) -> Remit {
-        Remit::start_inner(tools_toml, env, Limits::default(), None, true).await
+        Remit::start_inner(tools_toml, env, Limits::default(), None, true, |_| {}).await
     }
 
     /// With explicit rate limits and, optionally, a store URL (default: a fresh SQLite file).
@@ -65,7 +65,17 @@ impl Remit {
         limits: Limits,
         store_url: Option<String>,
     ) -> Remit {
-        Remit::start_inner(tools_toml, env, limits, store_url, false).await
+        Remit::start_inner(tools_toml, env, limits, store_url, false, |_| {}).await
+    }
+
+    /// On `store_url` (default: a fresh SQLite file), with settings adjusted by `adjust`.
+    pub async fn start_configured(
+        tools_toml: &str,
+        env: &[(&str, &str)],
+        store_url: Option<String>,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Remit {
+        Remit::start_inner(tools_toml, env, Limits::default(), store_url, false, adjust).await
     }
 
     async fn start_inner(
@@ -74,6 +84,7 @@ impl Remit {
         limits: Limits,
         store_url: Option<String>,
         contained: bool,
+        adjust: impl FnOnce(&mut Settings),
     ) -> Remit {
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -95,6 +106,7 @@ impl Remit {
                 ..Default::default()
             };
         }
+        adjust(&mut settings);
         let base = settings.public_url.clone();
         let authority = Authority::open(settings, Arc::new(SystemClock))
             .await

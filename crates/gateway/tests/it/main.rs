@@ -12,3 +12,4 @@ mod harness;
 mod http;
 mod mcp;
 mod mcp_client;
+mod redaction;
