@@ -16,10 +16,11 @@ pub const POSTGRES_URL_VAR: &str = "REMIT_TEST_POSTGRES_URL";
 /// up): the official MCP SDK for the gateway, schemathesis for the OpenAPI document.
 pub const PYTHON_VAR: &str = "REMIT_TEST_PYTHON";
 
-/// The server URL from the environment; `None` when unset, except under `CI=true`, where a
-/// missing database must fail the run instead of silently skipping PostgreSQL tests.
-pub fn postgres_url() -> Option<String> {
-    required_under_ci(POSTGRES_URL_VAR, "a PostgreSQL test")
+/// The server URL from the environment for the test named `what` (the note a skipped test
+/// prints names it); `None` when unset, except under `CI=true`, where a missing database must
+/// fail the run instead of silently skipping PostgreSQL tests.
+pub fn postgres_url(what: &str) -> Option<String> {
+    required_under_ci(POSTGRES_URL_VAR, what)
 }
 
 /// The test virtual environment's Python for the test named `what`; `None` when unset,

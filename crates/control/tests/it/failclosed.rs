@@ -14,7 +14,9 @@ use crate::harness::Harness;
 
 #[tokio::test]
 async fn an_unreachable_store_denies_every_call() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) = store::testing::postgres_url(
+        "the PostgreSQL test `failclosed::an_unreachable_store_denies_every_call`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();

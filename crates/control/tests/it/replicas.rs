@@ -11,7 +11,9 @@ use crate::harness::Harness;
 
 #[tokio::test]
 async fn a_revocation_on_one_replica_bites_on_the_other_at_once() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) = store::testing::postgres_url(
+        "the PostgreSQL test `replicas::a_revocation_on_one_replica_bites_on_the_other_at_once`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();

@@ -1420,7 +1420,9 @@ async fn challenges_point_at_the_protected_resource_metadata() {
 /// and the upstream sees nothing. PostgreSQL behind a TCP relay that the test cuts.
 #[tokio::test]
 async fn an_unreachable_store_denies_and_forwards_nothing() {
-    let Some(server) = store::testing::postgres_url() else {
+    let Some(server) = store::testing::postgres_url(
+        "the PostgreSQL test `http::an_unreachable_store_denies_and_forwards_nothing`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&server)

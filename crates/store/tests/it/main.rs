@@ -31,7 +31,9 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let Some(db) = crate::harness::TestDb::postgres().await else { return };
+                    let Some(db) = crate::harness::TestDb::postgres(
+                        concat!("postgres::", stringify!($case)),
+                    ).await else { return };
                     crate::$module::$case(&db).await;
                     db.finish().await;
                 }
