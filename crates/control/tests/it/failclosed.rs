@@ -267,3 +267,54 @@ async fn calls_beyond_the_bound_are_refused_at_once() {
         .count();
     assert!(at_once >= 1, "{answers:?}");
 }
+
+/// The PostgreSQL partition test's checks on SQLite: with the file's write lock held by
+/// another connection, the call is denied as failing closed with no audit sequence, the grant
+/// path is refused as unavailable too, and both work again once the lock is gone.
+#[tokio::test]
+async fn a_held_sqlite_store_denies_calls_and_grants() {
+    let h = Harness::new().await;
+    assert_eq!(h.authority.store().kind(), "sqlite");
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    assert!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+
+    let held = store::testing::HeldWrites::take(&h.authority.settings().store_url)
+        .await
+        .unwrap();
+    let verdict = h
+        .call(&agent, &grant, "read_issue", ActionClass::Read)
+        .await;
+    assert_eq!(
+        (verdict.report.decision, verdict.code),
+        (Decision::Deny, "store_unavailable")
+    );
+    assert_eq!(verdict.audit_seq, None);
+    assert!(
+        verdict.message.contains("fails closed"),
+        "{}",
+        verdict.message
+    );
+    let error = h
+        .request(&agent, crate::harness::github_scopes(), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (error.kind, error.code),
+        (control::ErrorKind::Unavailable, "store_unavailable")
+    );
+
+    held.release().await.unwrap();
+    assert!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+    h.request(&agent, crate::harness::github_scopes(), None, None)
+        .await
+        .unwrap();
+}
