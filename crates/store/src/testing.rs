@@ -246,3 +246,21 @@ mod tests {
         relay.cut();
     }
 }
+/// The filters snapshot tests apply (as `insta`'s `filters` setting), in order, so that a
+/// snapshot holds what stays the same from run to run: times, hashes, ids, ports and the
+/// paths of temporary directories become `[TIME]`, `[HASH]`, `[ID]`, `[PORT]` and `[PATH]`.
+pub const SNAPSHOT_FILTERS: &[(&str, &str)] = &[
+    // RFC 3339 times, then Unix times in seconds or milliseconds (2023 to 2033).
+    (
+        r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})",
+        "[TIME]",
+    ),
+    (r"\b1[7-9]\d{8}(?:\d{3})?\b", "[TIME]"),
+    // SHA-256 digests (event hashes, token hashes, key thumbprints in hex).
+    (r"\b[0-9a-f]{64}\b", "[HASH]"),
+    // Task ids, and the 128-bit ids remit issues in hex (`jti`s, approval and event ids).
+    (r"\btask_[a-z2-7]{26}\b", "[ID]"),
+    (r"\b[0-9a-f]{32}\b", "[ID]"),
+    (r"127\.0\.0\.1:\d+", "127.0.0.1:[PORT]"),
+    (r"/tmp/[^\s`'\x22]+", "[PATH]"),
+];

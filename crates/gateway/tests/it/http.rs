@@ -1551,3 +1551,124 @@ routes = [
     assert_ne!(next["approval_id"], id.as_str());
     assert_eq!(upstream.count(), 1);
 }
+
+/// What an agent sees of a refusal: the status, the headers that tell it what to do next,
+/// and the `{"error","message",…}` body.
+pub(crate) async fn refusal(response: reqwest::Response) -> Value {
+    let status = response.status().as_u16();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|value| json!(value.to_str().unwrap()))
+            .unwrap_or(Value::Null)
+    };
+    let (www_authenticate, retry_after) = (header("www-authenticate"), header("retry-after"));
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    json!({
+        "status": status,
+        "www-authenticate": www_authenticate,
+        "retry-after": retry_after,
+        "body": body,
+    })
+}
+
+/// The refusal bodies of the HTTP gateway, one of each kind an agent meets most, as a
+/// snapshot: a change to what an agent is told shows up in review.
+#[tokio::test]
+async fn the_http_refusals_an_agent_sees() {
+    let limits = Limits {
+        per_agent: Rate {
+            per_second: 1000.0,
+            burst: 1000,
+        },
+        per_task: Rate {
+            per_second: 0.0001,
+            burst: 2,
+        },
+    };
+    let s = Setup::start_with(limits, None).await;
+    let path = "/http/gh/repos/octo/hello/issues";
+    let mut refusals = serde_json::Map::new();
+
+    let scoped = s.remit.grant(&s.agent, scopes()).await;
+    let response = s
+        .call_as(
+            &s.agent,
+            &scoped,
+            Method::DELETE,
+            "/http/gh/repos/octo/hello",
+        )
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("out_of_scope".into(), refusal(response).await);
+
+    let revoked = s.remit.grant(&s.agent, scopes()).await;
+    s.remit
+        .authority
+        .revoke(
+            &s.remit.admin,
+            RevocationKind::Task,
+            revoked.task_id.as_str(),
+            "incident 42",
+        )
+        .await
+        .unwrap();
+    let response = s
+        .call_as(&s.agent, &revoked, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("revoked".into(), refusal(response).await);
+
+    let response = s
+        .client
+        .get(format!("{}{path}", s.remit.base))
+        .header("authorization", format!("DPoP {}", s.grant.token.expose()))
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("proof_missing".into(), refusal(response).await);
+
+    // A burst of two per task: the third call is refused.
+    let limited = s.remit.grant(&s.agent, scopes()).await;
+    for _ in 0..2 {
+        let response = s
+            .call_as(&s.agent, &limited, Method::GET, path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let response = s
+        .call_as(&s.agent, &limited, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    let limited = refusal(response).await;
+    refusals.insert("rate_limited".into(), limited);
+
+    let spent = s.remit.grant_with_budget(&s.agent, scopes(), 1).await;
+    let response = s
+        .call_as(&s.agent, &spent, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = s
+        .call_as(&s.agent, &spent, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("budget_exhausted".into(), refusal(response).await);
+
+    let response = s.call(Method::GET, "/http/nope/x").send().await.unwrap();
+    refusals.insert("tool_unknown".into(), refusal(response).await);
+
+    insta::with_settings!({ filters => store::testing::SNAPSHOT_FILTERS.to_vec() }, {
+        insta::assert_json_snapshot!(Value::Object(refusals));
+    });
+    // Three allowed calls reached the upstream, no refused one.
+    assert_eq!(s.upstream.count(), 3);
+}
