@@ -262,5 +262,6 @@ pub const SNAPSHOT_FILTERS: &[(&str, &str)] = &[
     (r"\btask_[a-z2-7]{26}\b", "[ID]"),
     (r"\b[0-9a-f]{32}\b", "[ID]"),
     (r"127\.0\.0\.1:\d+", "127.0.0.1:[PORT]"),
-    (r"/tmp/[^\s`'\x22]+", "[PATH]"),
+    (r"sqlite://[^\s`'\x22,;)]+", "sqlite://[PATH]"),
+    (r"/tmp/[^\s`'\x22,;)]+", "[PATH]"),
 ];
