@@ -258,8 +258,14 @@ pub const SNAPSHOT_FILTERS: &[(&str, &str)] = &[
     (r"\b1[7-9]\d{8}(?:\d{3})?\b", "[TIME]"),
     // SHA-256 digests (event hashes, token hashes, key thumbprints in hex).
     (r"\b[0-9a-f]{64}\b", "[HASH]"),
-    // Task ids, and the 128-bit ids remit issues in hex (`jti`s, approval and event ids).
+    // JWK thumbprints (base64url SHA-256, as JSON strings).
+    (r#""[A-Za-z0-9_-]{43}""#, r#""[HASH]""#),
+    // Task, approval, operator and signing-key ids, and the 128-bit ids remit issues in hex
+    // (`jti`s).
     (r"\btask_[a-z2-7]{26}\b", "[ID]"),
+    (r"\bapr_[0-9a-f]{32}\b", "[ID]"),
+    (r"\bop[-_][0-9a-f]+\b", "[ID]"),
+    (r"\bk[0-9a-f]{16}\b", "[ID]"),
     (r"\b[0-9a-f]{32}\b", "[ID]"),
     (r"127\.0\.0\.1:\d+", "127.0.0.1:[PORT]"),
     (r"sqlite://[^\s`'\x22,;)]+", "sqlite://[PATH]"),

@@ -1350,6 +1350,15 @@ async fn the_outcome_is_recorded_after_the_body_and_metrics_show_the_decisions()
         Some(s.grant.spiffe_id.as_str())
     );
     assert!(!serde_json::to_string(&outcomes).unwrap().contains(SECRET));
+    // The event as the log keeps it, as a snapshot. Its place in the log races the denied
+    // call's decision, and its duration is the machine's: both are checked above, not kept.
+    let mut kept = serde_json::to_value(outcome).unwrap();
+    kept["seq"] = json!("[SEQ]");
+    kept["detail"]["audit_seq"] = json!("[SEQ of the decision]");
+    kept["detail"]["duration_ms"] = json!("[DURATION]");
+    insta::with_settings!({ filters => store::testing::SNAPSHOT_FILTERS.to_vec() }, {
+        insta::assert_json_snapshot!("call_outcome_event", kept);
+    });
 
     let metrics = s
         .client
