@@ -43,7 +43,13 @@ pub fn required_under_ci(var: &str, what: &str) -> Option<String> {
             panic!("{var} must be set under CI")
         }
         _ => {
-            eprintln!("note: skipped {what}: set {var} to run it");
+            // Written to the process's stderr, not through `eprintln!`, which the test harness
+            // captures and shows only for failing tests: a skip must be seen in a green run.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "note: skipped {what}: set {var} to run it"
+            );
             None
         }
     }
@@ -227,25 +233,6 @@ fn authority_span(rest: &str) -> (usize, usize) {
     (at, end)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn urls_are_rerouted_through_the_relay() {
-        let url = "postgres://postgres@127.0.0.1:5432/test?options=x";
-        assert_eq!(host_port(url), "127.0.0.1:5432");
-        assert_eq!(host_port("postgres://db:5432/x"), "db:5432");
-        let relay = Relay::start("127.0.0.1:9".into()).await.unwrap();
-        let rerouted = relay.reroute(url);
-        assert!(
-            rerouted.starts_with("postgres://postgres@127.0.0.1:")
-                && rerouted.ends_with("/test?options=x")
-        );
-        assert_ne!(host_port(&rerouted), "127.0.0.1:5432");
-        relay.cut();
-    }
-}
 /// The filters snapshot tests apply (as `insta`'s `filters` setting), in order, so that a
 /// snapshot holds what stays the same from run to run: times, hashes, ids, ports and the
 /// paths of temporary directories become `[TIME]`, `[HASH]`, `[ID]`, `[PORT]` and `[PATH]`.
@@ -271,3 +258,23 @@ pub const SNAPSHOT_FILTERS: &[(&str, &str)] = &[
     (r"sqlite://[^\s`'\x22,;)]+", "sqlite://[PATH]"),
     (r"/tmp/[^\s`'\x22,;)]+", "[PATH]"),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urls_are_rerouted_through_the_relay() {
+        let url = "postgres://postgres@127.0.0.1:5432/test?options=x";
+        assert_eq!(host_port(url), "127.0.0.1:5432");
+        assert_eq!(host_port("postgres://db:5432/x"), "db:5432");
+        let relay = Relay::start("127.0.0.1:9".into()).await.unwrap();
+        let rerouted = relay.reroute(url);
+        assert!(
+            rerouted.starts_with("postgres://postgres@127.0.0.1:")
+                && rerouted.ends_with("/test?options=x")
+        );
+        assert_ne!(host_port(&rerouted), "127.0.0.1:5432");
+        relay.cut();
+    }
+}

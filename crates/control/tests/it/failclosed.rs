@@ -165,7 +165,9 @@ async fn a_locked_sqlite_store_refuses_within_the_timeout() {
 
 #[tokio::test]
 async fn a_locked_postgres_table_refuses_within_the_timeout() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) = store::testing::postgres_url(
+        "the PostgreSQL test `failclosed::a_locked_postgres_table_refuses_within_the_timeout`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();
