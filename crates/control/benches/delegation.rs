@@ -300,7 +300,9 @@ async fn replica(url: &str, sync: Duration) -> Arc<Authority> {
 }
 
 async fn revocation_across_replicas() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) =
+        store::testing::postgres_url("the revocation across PostgreSQL replicas benchmark")
+    else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base)

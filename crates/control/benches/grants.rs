@@ -22,7 +22,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let sqlite = format!("sqlite://{}", dir.path().join("grants.db").display());
     run("sqlite", sqlite).await;
-    match store::testing::postgres_url() {
+    match store::testing::postgres_url("the PostgreSQL half of the grants benchmark") {
         Some(url) => {
             let schema = store::testing::PostgresSchema::create(&url)
                 .await

@@ -16,10 +16,11 @@ pub const POSTGRES_URL_VAR: &str = "REMIT_TEST_POSTGRES_URL";
 /// up): the official MCP SDK for the gateway, schemathesis for the OpenAPI document.
 pub const PYTHON_VAR: &str = "REMIT_TEST_PYTHON";
 
-/// The server URL from the environment; `None` when unset, except under `CI=true`, where a
-/// missing database must fail the run instead of silently skipping PostgreSQL tests.
-pub fn postgres_url() -> Option<String> {
-    required_under_ci(POSTGRES_URL_VAR, "a PostgreSQL test")
+/// The server URL from the environment for the test named `what` (the note a skipped test
+/// prints names it); `None` when unset, except under `CI=true`, where a missing database must
+/// fail the run instead of silently skipping PostgreSQL tests.
+pub fn postgres_url(what: &str) -> Option<String> {
+    required_under_ci(POSTGRES_URL_VAR, what)
 }
 
 /// The test virtual environment's Python for the test named `what`; `None` when unset,
@@ -42,7 +43,13 @@ pub fn required_under_ci(var: &str, what: &str) -> Option<String> {
             panic!("{var} must be set under CI")
         }
         _ => {
-            eprintln!("note: skipped {what}: set {var} to run it");
+            // Written to the process's stderr, not through `eprintln!`, which the test harness
+            // captures and shows only for failing tests: a skip must be seen in a green run.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "note: skipped {what}: set {var} to run it"
+            );
             None
         }
     }
@@ -302,6 +309,32 @@ fn authority_span(rest: &str) -> (usize, usize) {
     let end = rest[at..].find(['/', '?']).map_or(rest.len(), |i| at + i);
     (at, end)
 }
+
+/// The filters snapshot tests apply (as `insta`'s `filters` setting), in order, so that a
+/// snapshot holds what stays the same from run to run: times, hashes, ids, ports and the
+/// paths of temporary directories become `[TIME]`, `[HASH]`, `[ID]`, `[PORT]` and `[PATH]`.
+pub const SNAPSHOT_FILTERS: &[(&str, &str)] = &[
+    // RFC 3339 times, then Unix times in seconds or milliseconds (2023 to 2033).
+    (
+        r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})",
+        "[TIME]",
+    ),
+    (r"\b1[7-9]\d{8}(?:\d{3})?\b", "[TIME]"),
+    // SHA-256 digests (event hashes, token hashes, key thumbprints in hex).
+    (r"\b[0-9a-f]{64}\b", "[HASH]"),
+    // JWK thumbprints (base64url SHA-256, as JSON strings).
+    (r#""[A-Za-z0-9_-]{43}""#, r#""[HASH]""#),
+    // Task, approval, operator and signing-key ids, and the 128-bit ids remit issues in hex
+    // (`jti`s).
+    (r"\btask_[a-z2-7]{26}\b", "[ID]"),
+    (r"\bapr_[0-9a-f]{32}\b", "[ID]"),
+    (r"\bop[-_][0-9a-f]+\b", "[ID]"),
+    (r"\bk[0-9a-f]{16}\b", "[ID]"),
+    (r"\b[0-9a-f]{32}\b", "[ID]"),
+    (r"127\.0\.0\.1:\d+", "127.0.0.1:[PORT]"),
+    (r"sqlite://[^\s`'\x22,;)]+", "sqlite://[PATH]"),
+    (r"/tmp/[^\s`'\x22,;)]+", "[PATH]"),
+];
 
 #[cfg(test)]
 mod tests {

@@ -18,7 +18,7 @@ use crate::harness::{Agent, BASE, Harness, unique};
 
 const OWNER: &str = "alice@example.org";
 
-fn operator(name: &str, role: Role) -> Operator {
+pub(crate) fn operator(name: &str, role: Role) -> Operator {
     Operator {
         id: unique("op"),
         name: name.to_string(),
@@ -27,7 +27,7 @@ fn operator(name: &str, role: Role) -> Operator {
 }
 
 /// An `ops-bot` holding a task scoped to `iam` `attach_policy`.
-async fn setup(h: &Harness) -> (Agent, control::Grant) {
+pub(crate) async fn setup(h: &Harness) -> (Agent, control::Grant) {
     let agent = h.agent("ops-bot", OWNER).await;
     let scopes = json!([{ "tool": "iam", "actions": ["attach_policy"] }]);
     let grant = h.request(&agent, scopes, None, None).await.unwrap();
@@ -35,7 +35,7 @@ async fn setup(h: &Harness) -> (Agent, control::Grant) {
 }
 
 /// `attach_policy` on `roles/admin` with these (canonical) arguments and a fresh proof.
-async fn attach(
+pub(crate) async fn attach(
     h: &Harness,
     agent: &Agent,
     grant: &control::Grant,
@@ -64,10 +64,10 @@ async fn attach(
     h.authority.authorize(&attempt).await
 }
 
-const ARGS: &str = r#"{"policy":"ReadOnly","role":"auditor"}"#;
+pub(crate) const ARGS: &str = r#"{"policy":"ReadOnly","role":"auditor"}"#;
 const OTHER_ARGS: &str = r#"{"policy":"AdministratorAccess","role":"auditor"}"#;
 
-fn required(verdict: &CallVerdict) -> String {
+pub(crate) fn required(verdict: &CallVerdict) -> String {
     assert_eq!(verdict.code, "approval_required", "{verdict:?}");
     assert!(!verdict.is_allow());
     let id = verdict.approval.clone().expect("an approval id");

@@ -24,8 +24,14 @@ impl Cluster {
         Cluster::on(url, dirs, adjust, None).await
     }
 
-    pub async fn postgres(count: usize, adjust: fn(&mut control::Settings)) -> Option<Cluster> {
-        let base = store::testing::postgres_url()?;
+    /// A cluster on a fresh PostgreSQL schema for the test named `test`; `None` (with a note
+    /// naming it) when no server is set.
+    pub async fn postgres(
+        test: &str,
+        count: usize,
+        adjust: fn(&mut control::Settings),
+    ) -> Option<Cluster> {
+        let base = store::testing::postgres_url(&format!("the PostgreSQL test `{test}`"))?;
         let schema = store::testing::PostgresSchema::create(&base).await.unwrap();
         let dirs = (0..count).map(|_| tempfile::tempdir().unwrap()).collect();
         Some(Cluster::on(schema.url.clone(), dirs, adjust, Some(schema)).await)
@@ -128,7 +134,13 @@ async fn a_budget_holds_across_replicas_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_holds_across_replicas_on_postgres() {
-    let Some(cluster) = Cluster::postgres(3, |_| {}).await else {
+    let Some(cluster) = Cluster::postgres(
+        "budgets::a_budget_holds_across_replicas_on_postgres",
+        3,
+        |_| {},
+    )
+    .await
+    else {
         return;
     };
     budget_of_thirty_on_three_replicas(cluster).await;

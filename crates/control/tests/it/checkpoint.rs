@@ -8,12 +8,15 @@ use control::{Checkpoint, ErrorKind, VerifyReport};
 
 use crate::harness::Harness;
 
-/// A harness on each backend, with the URL a tamperer would connect to.
-async fn backends() -> Vec<(Harness, String, Option<store::testing::PostgresSchema>)> {
+/// A harness on each backend, with the URL a tamperer would connect to, for the test named
+/// `test` (its PostgreSQL half is skipped with a note naming it when no server is set).
+async fn backends(test: &str) -> Vec<(Harness, String, Option<store::testing::PostgresSchema>)> {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("remit.db").display());
     let mut out = vec![(Harness::with_store(url.clone(), dir).await, url, None)];
-    if let Some(base) = store::testing::postgres_url() {
+    if let Some(base) =
+        store::testing::postgres_url(&format!("the PostgreSQL half of `checkpoint::{test}`"))
+    {
         let schema = store::testing::PostgresSchema::create(&base).await.unwrap();
         let url = schema.url.clone();
         let harness = Harness::with_store(url.clone(), tempfile::tempdir().unwrap()).await;
@@ -45,7 +48,7 @@ async fn plain(h: &Harness) -> VerifyReport {
 
 #[tokio::test]
 async fn an_intact_log_matches_its_checkpoint_as_it_grows() {
-    for (h, _, schema) in backends().await {
+    for (h, _, schema) in backends("an_intact_log_matches_its_checkpoint_as_it_grows").await {
         let checkpoint = events_then_checkpoint(&h).await;
         let report = against(&h, &checkpoint.checkpoint).await;
         assert!(report.ok, "{report:?}");
@@ -64,7 +67,7 @@ async fn an_intact_log_matches_its_checkpoint_as_it_grows() {
 
 #[tokio::test]
 async fn a_cut_off_tail_is_named() {
-    for (h, url, schema) in backends().await {
+    for (h, url, schema) in backends("a_cut_off_tail_is_named").await {
         let checkpoint = events_then_checkpoint(&h).await;
         let cut = checkpoint.seq - 1;
         store::testing::tamper(
@@ -88,7 +91,7 @@ async fn a_cut_off_tail_is_named() {
 
 #[tokio::test]
 async fn a_history_rewritten_with_recomputed_hashes_is_named() {
-    for (h, url, schema) in backends().await {
+    for (h, url, schema) in backends("a_history_rewritten_with_recomputed_hashes_is_named").await {
         let checkpoint = events_then_checkpoint(&h).await;
         let blob = |hash: &audit::Hash| {
             let hex = audit::to_hex(hash);

@@ -545,7 +545,13 @@ async fn denials_spread_over_replicas_quarantine_on_sqlite() {
 
 #[tokio::test]
 async fn denials_spread_over_replicas_quarantine_on_postgres() {
-    let Some(cluster) = crate::budgets::Cluster::postgres(3, ten_denials).await else {
+    let Some(cluster) = crate::budgets::Cluster::postgres(
+        "containment::denials_spread_over_replicas_quarantine_on_postgres",
+        3,
+        ten_denials,
+    )
+    .await
+    else {
         return;
     };
     denials_spread_over_replicas_quarantine(cluster).await;

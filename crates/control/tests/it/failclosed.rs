@@ -14,7 +14,9 @@ use crate::harness::Harness;
 
 #[tokio::test]
 async fn an_unreachable_store_denies_every_call() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) = store::testing::postgres_url(
+        "the PostgreSQL test `failclosed::an_unreachable_store_denies_every_call`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();
@@ -163,7 +165,9 @@ async fn a_locked_sqlite_store_refuses_within_the_timeout() {
 
 #[tokio::test]
 async fn a_locked_postgres_table_refuses_within_the_timeout() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) = store::testing::postgres_url(
+        "the PostgreSQL test `failclosed::a_locked_postgres_table_refuses_within_the_timeout`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();
@@ -264,4 +268,55 @@ async fn calls_beyond_the_bound_are_refused_at_once() {
         .filter(|(_, elapsed)| *elapsed < Duration::from_millis(250))
         .count();
     assert!(at_once >= 1, "{answers:?}");
+}
+
+/// The PostgreSQL partition test's checks on SQLite: with the file's write lock held by
+/// another connection, the call is denied as failing closed with no audit sequence, the grant
+/// path is refused as unavailable too, and both work again once the lock is gone.
+#[tokio::test]
+async fn a_held_sqlite_store_denies_calls_and_grants() {
+    let h = Harness::new().await;
+    assert_eq!(h.authority.store().kind(), "sqlite");
+    let agent = h.agent("triage-bot", "alice@example.org").await;
+    let grant = h.grant(&agent).await;
+    assert!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+
+    let held = store::testing::HeldWrites::take(&h.authority.settings().store_url)
+        .await
+        .unwrap();
+    let verdict = h
+        .call(&agent, &grant, "read_issue", ActionClass::Read)
+        .await;
+    assert_eq!(
+        (verdict.report.decision, verdict.code),
+        (Decision::Deny, "store_unavailable")
+    );
+    assert_eq!(verdict.audit_seq, None);
+    assert!(
+        verdict.message.contains("fails closed"),
+        "{}",
+        verdict.message
+    );
+    let error = h
+        .request(&agent, crate::harness::github_scopes(), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (error.kind, error.code),
+        (control::ErrorKind::Unavailable, "store_unavailable")
+    );
+
+    held.release().await.unwrap();
+    assert!(
+        h.call(&agent, &grant, "read_issue", ActionClass::Read)
+            .await
+            .is_allow()
+    );
+    h.request(&agent, crate::harness::github_scopes(), None, None)
+        .await
+        .unwrap();
 }

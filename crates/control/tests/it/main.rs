@@ -16,6 +16,7 @@ mod calls;
 mod checkpoint;
 mod containment;
 mod delegation;
+mod events;
 mod failclosed;
 mod harness;
 mod openapi;

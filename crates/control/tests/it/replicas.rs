@@ -11,7 +11,9 @@ use crate::harness::Harness;
 
 #[tokio::test]
 async fn a_revocation_on_one_replica_bites_on_the_other_at_once() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) = store::testing::postgres_url(
+        "the PostgreSQL test `replicas::a_revocation_on_one_replica_bites_on_the_other_at_once`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();
@@ -83,7 +85,9 @@ async fn two_replicas(store_url: String) -> (Harness, Harness) {
     (first, second)
 }
 
-async fn on_sqlite_and_postgres<F, Fut>(case: F)
+/// `case` on two SQLite replicas, then on two PostgreSQL ones; the PostgreSQL half is skipped
+/// with a note naming `test` when no server is set.
+async fn on_sqlite_and_postgres<F, Fut>(test: &str, case: F)
 where
     F: Fn(Harness, Harness) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -92,7 +96,9 @@ where
     let url = format!("sqlite://{}", dir.path().join("remit.db").display());
     let (first, second) = two_replicas(url).await;
     case(first, second).await;
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) =
+        store::testing::postgres_url(&format!("the PostgreSQL half of `replicas::{test}`"))
+    else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();
@@ -122,145 +128,148 @@ async fn drop_when_idle(schema: store::testing::PostgresSchema) {
 /// `proof_replayed`, records the refusal, and forwards or grants nothing.
 #[tokio::test]
 async fn a_proof_is_accepted_once_whichever_replica_receives_it() {
-    on_sqlite_and_postgres(|first, second| async move {
-        let agent = first.agent("triage-bot", "alice@example.org").await;
-        let ask = || -> control::TaskRequest {
-            serde_json::from_value(serde_json::json!({
-                "agent": agent.name,
-                "intent": "triage new issues",
-                "scopes": crate::harness::github_scopes(),
-            }))
-            .unwrap()
-        };
+    on_sqlite_and_postgres(
+        "a_proof_is_accepted_once_whichever_replica_receives_it",
+        |first, second| async move {
+            let agent = first.agent("triage-bot", "alice@example.org").await;
+            let ask = || -> control::TaskRequest {
+                serde_json::from_value(serde_json::json!({
+                    "agent": agent.name,
+                    "intent": "triage new issues",
+                    "scopes": crate::harness::github_scopes(),
+                }))
+                .unwrap()
+            };
 
-        // A grant.
-        let proof = first.task_proof(&agent);
-        let grant = first
-            .authority
-            .request_task(Some(&proof), ask())
-            .await
-            .unwrap();
-        let again = second
-            .authority
-            .request_task(Some(&proof), ask())
-            .await
-            .unwrap_err();
-        assert_eq!(again.code, "proof_replayed", "{again:?}");
-
-        // A call.
-        let url = format!("{}/http/github/read_issue", crate::harness::BASE);
-        let token = grant.token.expose();
-        let proof = agent
-            .key
-            .sign_proof("POST", &url, Some(token), first.now(), "one-call")
-            .unwrap();
-        let attempt = |h: &Harness| {
-            let (token, proof, url) = (token.to_string(), proof.clone(), url.clone());
-            let authority = h.authority.clone();
-            async move {
-                let attempt = control::CallAttempt {
-                    token: &token,
-                    proof: Some(&proof),
-                    bearer_allowed: false,
-                    method: "POST",
-                    url: &url,
-                    tool: "github",
-                    action: "read_issue",
-                    resource: "acme/api",
-                    class: ActionClass::Read,
-                    sensitivity: &[],
-                    arguments: "{}",
-                    limiter: None,
-                };
-                authority.authorize(&attempt).await
-            }
-        };
-        let allowed = attempt(&first).await;
-        assert!(allowed.is_allow(), "{allowed:?}");
-        let replayed = attempt(&second).await;
-        assert_eq!(replayed.code, "proof_replayed", "{replayed:?}");
-        assert!(!replayed.is_allow());
-        assert!(replayed.audit_seq.is_some(), "the refusal is recorded");
-        // The node that accepted it refuses it too, from its replay cache.
-        assert_eq!(attempt(&first).await.code, "proof_replayed");
-
-        // A delegation (token exchange) and a completion.
-        let helper = first.agent("helper-bot", "alice@example.org").await;
-        let exchange = || control::delegation::TokenExchange {
-            grant_type: control::delegation::GRANT_TYPE.into(),
-            subject_token: token.into(),
-            subject_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
-            agent: helper.name.clone(),
-            scope: Some("github:read_issue@acme/*".into()),
-            ttl_seconds: None,
-            budget: Some(1),
-            intent: None,
-        };
-        let proof = helper
-            .key
-            .sign_proof(
-                "POST",
-                &format!("{}/v1/token", crate::harness::BASE),
-                None,
-                first.now(),
-                "one-exchange",
-            )
-            .unwrap();
-        first
-            .authority
-            .exchange_token(Some(&proof), exchange())
-            .await
-            .unwrap();
-        let again = second
-            .authority
-            .exchange_token(Some(&proof), exchange())
-            .await
-            .unwrap_err();
-        assert_eq!(again.code, "proof_replayed", "{again:?}");
-
-        let complete = format!(
-            "{}/v1/tasks/{}/complete",
-            crate::harness::BASE,
-            grant.task_id
-        );
-        let proof = agent
-            .key
-            .sign_proof(
-                "POST",
-                &complete,
-                Some(token),
-                first.now(),
-                "one-completion",
-            )
-            .unwrap();
-        let again = {
-            first
+            // A grant.
+            let proof = first.task_proof(&agent);
+            let grant = first
                 .authority
-                .complete_task(grant.task_id.as_str(), token, Some(&proof))
+                .request_task(Some(&proof), ask())
                 .await
                 .unwrap();
-            second
+            let again = second
                 .authority
-                .complete_task(grant.task_id.as_str(), token, Some(&proof))
+                .request_task(Some(&proof), ask())
                 .await
-                .unwrap_err()
-        };
-        assert_eq!(again.code, "proof_replayed", "{again:?}");
+                .unwrap_err();
+            assert_eq!(again.code, "proof_replayed", "{again:?}");
 
-        let kinds: Vec<String> = first
-            .authority
-            .store()
-            .events_after(0, 0)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|event| event.body.kind)
-            .collect();
-        let count = |kind: &str| kinds.iter().filter(|k| *k == kind).count();
-        assert_eq!(count("task.granted"), 1, "{kinds:?}");
-        assert_eq!(count("task.delegated"), 1, "{kinds:?}");
-        assert_eq!(count("task.completed"), 1, "{kinds:?}");
-    })
+            // A call.
+            let url = format!("{}/http/github/read_issue", crate::harness::BASE);
+            let token = grant.token.expose();
+            let proof = agent
+                .key
+                .sign_proof("POST", &url, Some(token), first.now(), "one-call")
+                .unwrap();
+            let attempt = |h: &Harness| {
+                let (token, proof, url) = (token.to_string(), proof.clone(), url.clone());
+                let authority = h.authority.clone();
+                async move {
+                    let attempt = control::CallAttempt {
+                        token: &token,
+                        proof: Some(&proof),
+                        bearer_allowed: false,
+                        method: "POST",
+                        url: &url,
+                        tool: "github",
+                        action: "read_issue",
+                        resource: "acme/api",
+                        class: ActionClass::Read,
+                        sensitivity: &[],
+                        arguments: "{}",
+                        limiter: None,
+                    };
+                    authority.authorize(&attempt).await
+                }
+            };
+            let allowed = attempt(&first).await;
+            assert!(allowed.is_allow(), "{allowed:?}");
+            let replayed = attempt(&second).await;
+            assert_eq!(replayed.code, "proof_replayed", "{replayed:?}");
+            assert!(!replayed.is_allow());
+            assert!(replayed.audit_seq.is_some(), "the refusal is recorded");
+            // The node that accepted it refuses it too, from its replay cache.
+            assert_eq!(attempt(&first).await.code, "proof_replayed");
+
+            // A delegation (token exchange) and a completion.
+            let helper = first.agent("helper-bot", "alice@example.org").await;
+            let exchange = || control::delegation::TokenExchange {
+                grant_type: control::delegation::GRANT_TYPE.into(),
+                subject_token: token.into(),
+                subject_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+                agent: helper.name.clone(),
+                scope: Some("github:read_issue@acme/*".into()),
+                ttl_seconds: None,
+                budget: Some(1),
+                intent: None,
+            };
+            let proof = helper
+                .key
+                .sign_proof(
+                    "POST",
+                    &format!("{}/v1/token", crate::harness::BASE),
+                    None,
+                    first.now(),
+                    "one-exchange",
+                )
+                .unwrap();
+            first
+                .authority
+                .exchange_token(Some(&proof), exchange())
+                .await
+                .unwrap();
+            let again = second
+                .authority
+                .exchange_token(Some(&proof), exchange())
+                .await
+                .unwrap_err();
+            assert_eq!(again.code, "proof_replayed", "{again:?}");
+
+            let complete = format!(
+                "{}/v1/tasks/{}/complete",
+                crate::harness::BASE,
+                grant.task_id
+            );
+            let proof = agent
+                .key
+                .sign_proof(
+                    "POST",
+                    &complete,
+                    Some(token),
+                    first.now(),
+                    "one-completion",
+                )
+                .unwrap();
+            let again = {
+                first
+                    .authority
+                    .complete_task(grant.task_id.as_str(), token, Some(&proof))
+                    .await
+                    .unwrap();
+                second
+                    .authority
+                    .complete_task(grant.task_id.as_str(), token, Some(&proof))
+                    .await
+                    .unwrap_err()
+            };
+            assert_eq!(again.code, "proof_replayed", "{again:?}");
+
+            let kinds: Vec<String> = first
+                .authority
+                .store()
+                .events_after(0, 0)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|event| event.body.kind)
+                .collect();
+            let count = |kind: &str| kinds.iter().filter(|k| *k == kind).count();
+            assert_eq!(count("task.granted"), 1, "{kinds:?}");
+            assert_eq!(count("task.delegated"), 1, "{kinds:?}");
+            assert_eq!(count("task.completed"), 1, "{kinds:?}");
+        },
+    )
     .await;
 }
 
@@ -270,46 +279,49 @@ async fn a_proof_is_accepted_once_whichever_replica_receives_it() {
 /// `kid`s cost one read of the store a second and no more.
 #[tokio::test]
 async fn a_key_rotated_on_one_replica_verifies_on_the_other_at_once() {
-    on_sqlite_and_postgres(|first, second| async move {
-        let agent = first.agent("triage-bot", "alice@example.org").await;
-        let before = first.grant(&agent).await;
-        assert!(
-            second
-                .call(&agent, &before, "read_issue", ActionClass::Read)
-                .await
-                .is_allow()
-        );
+    on_sqlite_and_postgres(
+        "a_key_rotated_on_one_replica_verifies_on_the_other_at_once",
+        |first, second| async move {
+            let agent = first.agent("triage-bot", "alice@example.org").await;
+            let before = first.grant(&agent).await;
+            assert!(
+                second
+                    .call(&agent, &before, "read_issue", ActionClass::Read)
+                    .await
+                    .is_allow()
+            );
 
-        // A token from another deployment names a key nobody here knows: one re-read.
-        let stranger = Harness::new().await;
-        let alien = stranger.agent("triage-bot", "alice@example.org").await;
-        let foreign = stranger.grant(&alien).await;
-        let refused = second
-            .call(&alien, &foreign, "read_issue", ActionClass::Read)
-            .await;
-        assert_eq!(refused.code, "token_unknown_kid", "{refused:?}");
+            // A token from another deployment names a key nobody here knows: one re-read.
+            let stranger = Harness::new().await;
+            let alien = stranger.agent("triage-bot", "alice@example.org").await;
+            let foreign = stranger.grant(&alien).await;
+            let refused = second
+                .call(&alien, &foreign, "read_issue", ActionClass::Read)
+                .await;
+            assert_eq!(refused.code, "token_unknown_kid", "{refused:?}");
 
-        let kid = first.authority.rotate_keys(&first.admin).await.unwrap();
-        let after = first.grant(&agent).await;
-        // Within the second after the stranger's re-read, the keys are not read again.
-        let early = second
-            .call(&agent, &after, "read_issue", ActionClass::Read)
-            .await;
-        assert_eq!(early.code, "token_unknown_kid", "{early:?}");
-        second.clock.advance_seconds(1);
-        let verdict = second
-            .call(&agent, &after, "read_issue", ActionClass::Read)
-            .await;
-        assert!(verdict.is_allow(), "{verdict:?}");
-        assert_eq!(second.authority.keys().current_kid(), kid);
-        // Tokens signed before the rotation still verify everywhere.
-        assert!(
-            second
-                .call(&agent, &before, "read_issue", ActionClass::Read)
-                .await
-                .is_allow()
-        );
-    })
+            let kid = first.authority.rotate_keys(&first.admin).await.unwrap();
+            let after = first.grant(&agent).await;
+            // Within the second after the stranger's re-read, the keys are not read again.
+            let early = second
+                .call(&agent, &after, "read_issue", ActionClass::Read)
+                .await;
+            assert_eq!(early.code, "token_unknown_kid", "{early:?}");
+            second.clock.advance_seconds(1);
+            let verdict = second
+                .call(&agent, &after, "read_issue", ActionClass::Read)
+                .await;
+            assert!(verdict.is_allow(), "{verdict:?}");
+            assert_eq!(second.authority.keys().current_kid(), kid);
+            // Tokens signed before the rotation still verify everywhere.
+            assert!(
+                second
+                    .call(&agent, &before, "read_issue", ActionClass::Read)
+                    .await
+                    .is_allow()
+            );
+        },
+    )
     .await;
 }
 
@@ -317,7 +329,9 @@ async fn a_key_rotated_on_one_replica_verifies_on_the_other_at_once() {
 /// periodic catch-up is a minute away signs with the new key within moments.
 #[tokio::test]
 async fn a_rotation_is_announced_to_the_other_replicas() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) = store::testing::postgres_url(
+        "the PostgreSQL test `replicas::a_rotation_is_announced_to_the_other_replicas`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();

@@ -151,6 +151,17 @@ impl Remit {
 
     /// A task with these scopes (a JSON array of `{tool, actions, resources}`).
     pub async fn grant(&self, agent: &Agent, scopes: Value) -> Grant {
+        self.grant_request(agent, json!({ "scopes": scopes })).await
+    }
+
+    /// A task with these scopes and a budget of `budget` calls.
+    pub async fn grant_with_budget(&self, agent: &Agent, scopes: Value, budget: u32) -> Grant {
+        self.grant_request(agent, json!({ "scopes": scopes, "budget": budget }))
+            .await
+    }
+
+    /// A task for `agent` with the fields of `fields` (scopes, budget, …) in its request.
+    async fn grant_request(&self, agent: &Agent, fields: Value) -> Grant {
         let proof = agent
             .key
             .sign_proof(
@@ -161,10 +172,11 @@ impl Remit {
                 &unique("grant"),
             )
             .unwrap();
-        let request: TaskRequest = serde_json::from_value(
-            json!({ "agent": agent.name, "intent": "gateway test", "scopes": scopes }),
-        )
-        .unwrap();
+        let mut request = json!({ "agent": agent.name, "intent": "gateway test" });
+        if let (Some(request), Value::Object(fields)) = (request.as_object_mut(), fields) {
+            request.extend(fields);
+        }
+        let request: TaskRequest = serde_json::from_value(request).unwrap();
         self.authority
             .request_task(Some(&proof), request)
             .await

@@ -1350,6 +1350,15 @@ async fn the_outcome_is_recorded_after_the_body_and_metrics_show_the_decisions()
         Some(s.grant.spiffe_id.as_str())
     );
     assert!(!serde_json::to_string(&outcomes).unwrap().contains(SECRET));
+    // The event as the log keeps it, as a snapshot. Its place in the log races the denied
+    // call's decision, and its duration is the machine's: both are checked above, not kept.
+    let mut kept = serde_json::to_value(outcome).unwrap();
+    kept["seq"] = json!("[SEQ]");
+    kept["detail"]["audit_seq"] = json!("[SEQ of the decision]");
+    kept["detail"]["duration_ms"] = json!("[DURATION]");
+    insta::with_settings!({ filters => store::testing::SNAPSHOT_FILTERS.to_vec() }, {
+        insta::assert_json_snapshot!("call_outcome_event", kept);
+    });
 
     let metrics = s
         .client
@@ -1420,7 +1429,9 @@ async fn challenges_point_at_the_protected_resource_metadata() {
 /// and the upstream sees nothing. PostgreSQL behind a TCP relay that the test cuts.
 #[tokio::test]
 async fn an_unreachable_store_denies_and_forwards_nothing() {
-    let Some(server) = store::testing::postgres_url() else {
+    let Some(server) = store::testing::postgres_url(
+        "the PostgreSQL test `http::an_unreachable_store_denies_and_forwards_nothing`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&server)
@@ -1548,4 +1559,125 @@ routes = [
     let next = check("after", call(), 403, "approval_required").await;
     assert_ne!(next["approval_id"], id.as_str());
     assert_eq!(upstream.count(), 1);
+}
+
+/// What an agent sees of a refusal: the status, the headers that tell it what to do next,
+/// and the `{"error","message",…}` body.
+pub(crate) async fn refusal(response: reqwest::Response) -> Value {
+    let status = response.status().as_u16();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|value| json!(value.to_str().unwrap()))
+            .unwrap_or(Value::Null)
+    };
+    let (www_authenticate, retry_after) = (header("www-authenticate"), header("retry-after"));
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    json!({
+        "status": status,
+        "www-authenticate": www_authenticate,
+        "retry-after": retry_after,
+        "body": body,
+    })
+}
+
+/// The refusal bodies of the HTTP gateway, one of each kind an agent meets most, as a
+/// snapshot: a change to what an agent is told shows up in review.
+#[tokio::test]
+async fn the_http_refusals_an_agent_sees() {
+    let limits = Limits {
+        per_agent: Rate {
+            per_second: 1000.0,
+            burst: 1000,
+        },
+        per_task: Rate {
+            per_second: 0.0001,
+            burst: 2,
+        },
+    };
+    let s = Setup::start_with(limits, None).await;
+    let path = "/http/gh/repos/octo/hello/issues";
+    let mut refusals = serde_json::Map::new();
+
+    let scoped = s.remit.grant(&s.agent, scopes()).await;
+    let response = s
+        .call_as(
+            &s.agent,
+            &scoped,
+            Method::DELETE,
+            "/http/gh/repos/octo/hello",
+        )
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("out_of_scope".into(), refusal(response).await);
+
+    let revoked = s.remit.grant(&s.agent, scopes()).await;
+    s.remit
+        .authority
+        .revoke(
+            &s.remit.admin,
+            RevocationKind::Task,
+            revoked.task_id.as_str(),
+            "incident 42",
+        )
+        .await
+        .unwrap();
+    let response = s
+        .call_as(&s.agent, &revoked, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("revoked".into(), refusal(response).await);
+
+    let response = s
+        .client
+        .get(format!("{}{path}", s.remit.base))
+        .header("authorization", format!("DPoP {}", s.grant.token.expose()))
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("proof_missing".into(), refusal(response).await);
+
+    // A burst of two per task: the third call is refused.
+    let limited = s.remit.grant(&s.agent, scopes()).await;
+    for _ in 0..2 {
+        let response = s
+            .call_as(&s.agent, &limited, Method::GET, path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let response = s
+        .call_as(&s.agent, &limited, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    let limited = refusal(response).await;
+    refusals.insert("rate_limited".into(), limited);
+
+    let spent = s.remit.grant_with_budget(&s.agent, scopes(), 1).await;
+    let response = s
+        .call_as(&s.agent, &spent, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = s
+        .call_as(&s.agent, &spent, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("budget_exhausted".into(), refusal(response).await);
+
+    let response = s.call(Method::GET, "/http/nope/x").send().await.unwrap();
+    refusals.insert("tool_unknown".into(), refusal(response).await);
+
+    insta::with_settings!({ filters => store::testing::SNAPSHOT_FILTERS.to_vec() }, {
+        insta::assert_json_snapshot!(Value::Object(refusals));
+    });
+    // Three allowed calls reached the upstream, no refused one.
+    assert_eq!(s.upstream.count(), 3);
 }

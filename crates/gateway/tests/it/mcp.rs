@@ -960,3 +960,131 @@ async fn every_forwarded_call_records_its_outcome() {
     assert_eq!(call.body.detail.to_value()["status"], 200);
     assert!(call.body.detail.to_value()["duration_ms"].is_u64());
 }
+
+/// The refusals of the MCP gateway, one of each kind an agent meets most, as a snapshot: a
+/// message refused alone is a JSON-RPC error in a 200 answer; a request refused whole
+/// (token, proof, revocation, rate, unknown tool) is an HTTP error with a JSON body.
+#[tokio::test]
+async fn the_mcp_refusals_an_agent_sees() {
+    let upstream = Upstream::start(false).await;
+    let limits = gateway::Limits {
+        per_agent: gateway::Rate {
+            per_second: 1000.0,
+            burst: 1000,
+        },
+        per_task: gateway::Rate {
+            per_second: 0.0001,
+            burst: 4,
+        },
+    };
+    let remit = Remit::start_with(
+        &tools_toml(&upstream),
+        &[("VAULT_TOKEN", SECRET)],
+        limits,
+        None,
+    )
+    .await;
+    let agent = remit.agent(&crate::harness::unique("reader")).await;
+    let mut refusals = serde_json::Map::new();
+    let rpc_error =
+        |answer: &Answer, id: i64| json!({ "status": answer.status, "message": answer.reply(id) });
+    let call = |id: i64, name: &str| {
+        json!({ "jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": { "name": name, "arguments": { "path": "notes.txt" } } })
+    };
+
+    let mut scoped = Session::open(&remit, &agent, &["read_file"]).await;
+    scoped.initialize().await;
+    let answer = scoped.post(&call(7, "write_file")).await;
+    refusals.insert("out_of_scope".into(), rpc_error(&answer, 7));
+
+    let mut spent = Session::open(&remit, &agent, &["read_file"]).await;
+    spent.grant = remit
+        .grant_with_budget(
+            &agent,
+            json!([{ "tool": "vault", "actions": ["read_file"] }]),
+            1,
+        )
+        .await;
+    spent.initialize().await;
+    let allowed = spent.post(&call(7, "read_file")).await;
+    assert!(
+        allowed.reply(7).get("result").is_some(),
+        "{:?}",
+        allowed.messages
+    );
+    let answer = spent.post(&call(8, "read_file")).await;
+    refusals.insert("budget_exhausted".into(), rpc_error(&answer, 8));
+
+    let revoked = Session::open(&remit, &agent, &["read_file"]).await;
+    remit
+        .authority
+        .revoke(
+            &remit.admin,
+            store::RevocationKind::Task,
+            revoked.grant.task_id.as_ref(),
+            "incident 42",
+        )
+        .await
+        .unwrap();
+    let response = revoked
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .body(call(1, "read_file").to_string())
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("revoked".into(), crate::http::refusal(response).await);
+
+    let response = reqwest::Client::new()
+        .post(&scoped.url)
+        .header(
+            "authorization",
+            format!("DPoP {}", scoped.grant.token.expose()),
+        )
+        .header("content-type", "application/json")
+        .body(call(1, "read_file").to_string())
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("proof_missing".into(), crate::http::refusal(response).await);
+
+    // A burst of four requests per task; the loop stops at the first refusal.
+    let limited = Session::open(&remit, &agent, &["read_file"]).await;
+    let mut answer = None;
+    for _ in 0..8 {
+        let response = limited
+            .request(reqwest::Method::POST)
+            .header("content-type", "application/json")
+            .body(json!({ "jsonrpc": "2.0", "id": 1, "method": "ping" }).to_string())
+            .send()
+            .await
+            .unwrap();
+        if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            answer = Some(crate::http::refusal(response).await);
+            break;
+        }
+    }
+    let limited = answer.expect("no request was rate limited");
+    refusals.insert("rate_limited".into(), limited);
+
+    let unknown = format!("{}/mcp/nope", remit.base);
+    let response = reqwest::Client::new()
+        .post(&unknown)
+        .header(
+            "authorization",
+            format!("DPoP {}", scoped.grant.token.expose()),
+        )
+        .header("dpop", remit.proof(&agent, "POST", &unknown, &scoped.grant))
+        .header("content-type", "application/json")
+        .body(call(1, "read_file").to_string())
+        .send()
+        .await
+        .unwrap();
+    refusals.insert("tool_unknown".into(), crate::http::refusal(response).await);
+
+    insta::with_settings!({ filters => store::testing::SNAPSHOT_FILTERS.to_vec() }, {
+        insta::assert_json_snapshot!(Value::Object(refusals));
+    });
+    assert!(!upstream.saw("write_file"));
+}

@@ -12,7 +12,9 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/dpop_cli
 
 #[tokio::test]
 async fn the_official_python_sdk_lists_calls_and_is_refused_through_remit() {
-    let Some(python) = store::testing::python("the Python MCP client test") else {
+    let Some(python) = store::testing::python(
+        "the Python test `mcp_client::the_official_python_sdk_lists_calls_and_is_refused_through_remit`",
+    ) else {
         return;
     };
     let (upstream, remit) = setup(false).await;

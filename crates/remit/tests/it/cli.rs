@@ -253,7 +253,9 @@ async fn a_scripted_session() {
 /// The same binary on PostgreSQL: `--store postgres://…` and nothing else changes.
 #[tokio::test]
 async fn a_session_on_postgres() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) =
+        store::testing::postgres_url("the PostgreSQL test `cli::a_session_on_postgres`")
+    else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();

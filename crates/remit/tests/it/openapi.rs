@@ -22,8 +22,9 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(240);
 
 #[test]
 fn every_answer_is_the_documented_one() {
-    let Some(python) = store::testing::python("the schemathesis test of the OpenAPI document")
-    else {
+    let Some(python) = store::testing::python(
+        "the schemathesis test `openapi::every_answer_is_the_documented_one`",
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -236,7 +236,9 @@ routes = [{{ method = "GET", path = "/issues/{{id}}", action = "read_issue", cla
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_behave_as_one_node() {
-    let Some(base) = store::testing::postgres_url() else {
+    let Some(base) = store::testing::postgres_url(
+        "the PostgreSQL test `replicas::three_replicas_behave_as_one_node`",
+    ) else {
         return;
     };
     let schema = store::testing::PostgresSchema::create(&base).await.unwrap();

@@ -11,9 +11,6 @@ use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use store::{AgentRecord, Store, TaskRecord};
 
-/// The environment variable naming the PostgreSQL server the tests use.
-pub const POSTGRES_URL_VAR: &str = "REMIT_TEST_POSTGRES_URL";
-
 /// A direct connection to the test database, bypassing the store: the attacker's view.
 #[derive(Debug)]
 pub enum Raw {
@@ -131,10 +128,11 @@ impl TestDb {
         }
     }
 
-    /// `None` (with a note) when no PostgreSQL is configured, except under CI, where a
-    /// missing server must not turn into silently skipped tests.
-    pub async fn postgres() -> Option<TestDb> {
-        let base = postgres_url()?;
+    /// A fresh schema for the test named `test`; `None` (with a note naming it) when no
+    /// PostgreSQL is configured, except under CI, where a missing server must not turn into
+    /// silently skipped tests.
+    pub async fn postgres(test: &str) -> Option<TestDb> {
+        let base = store::testing::postgres_url(&format!("the PostgreSQL test `{test}`"))?;
         let admin = PgPool::connect(&base).await.unwrap();
         let schema = format!("remit_test_{:016x}", random());
         sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
@@ -181,19 +179,6 @@ impl TestDb {
 
     pub fn is_postgres(&self) -> bool {
         matches!(self.raw, Raw::Postgres(_))
-    }
-}
-
-pub fn postgres_url() -> Option<String> {
-    match std::env::var(POSTGRES_URL_VAR) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{POSTGRES_URL_VAR} must be set under CI")
-        }
-        _ => {
-            eprintln!("note: skipping a PostgreSQL test: set {POSTGRES_URL_VAR} to run it");
-            None
-        }
     }
 }
 

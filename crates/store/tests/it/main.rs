@@ -31,7 +31,9 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let Some(db) = crate::harness::TestDb::postgres().await else { return };
+                    let Some(db) = crate::harness::TestDb::postgres(
+                        concat!("postgres::", stringify!($case)),
+                    ).await else { return };
                     crate::$module::$case(&db).await;
                     db.finish().await;
                 }
@@ -100,4 +102,38 @@ mod sqlite_only {
         crate::cases::a_lost_lookup_file_is_rebuilt(&db).await;
         db.finish().await;
     }
+}
+
+/// A PostgreSQL test without a server says, in a green run, that it was skipped and which test
+/// it was; under `CI=true` the same test fails. Runs this test binary again on one such test.
+#[test]
+fn a_skipped_postgres_test_names_itself_and_fails_under_ci() {
+    let run = |ci: Option<&str>| {
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["--exact", "postgres::agents", "--test-threads=1"])
+            .env_remove(store::testing::POSTGRES_URL_VAR)
+            .env_remove("CI");
+        if let Some(ci) = ci {
+            command.env("CI", ci);
+        }
+        command.output().unwrap()
+    };
+    let skipped = run(None);
+    let stderr = String::from_utf8_lossy(&skipped.stderr);
+    assert!(skipped.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "note: skipped the PostgreSQL test `postgres::agents`: set REMIT_TEST_POSTGRES_URL to run it"
+        ),
+        "{stderr}"
+    );
+    let under_ci = run(Some("true"));
+    assert!(!under_ci.status.success());
+    assert!(
+        String::from_utf8_lossy(&under_ci.stdout)
+            .contains("REMIT_TEST_POSTGRES_URL must be set under CI"),
+        "{}",
+        String::from_utf8_lossy(&under_ci.stdout)
+    );
 }
