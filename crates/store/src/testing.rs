@@ -68,7 +68,7 @@ impl PasswordStore {
     /// `password` for the user the server's URL names (`postgres` if it names none), or the
     /// password that URL already carries.
     pub async fn create(password: &str) -> Result<PasswordStore> {
-        let Some(base) = postgres_url() else {
+        let Some(base) = postgres_url("the password half of the redaction tests") else {
             return Ok(PasswordStore {
                 schema: None,
                 password: None,

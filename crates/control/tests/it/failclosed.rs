@@ -285,7 +285,7 @@ async fn a_held_sqlite_store_denies_calls_and_grants() {
             .is_allow()
     );
 
-    let held = store::testing::HeldWrites::take(&h.authority.settings().store_url)
+    let held = store::testing::HeldWrites::take(h.authority.settings().store_url.expose())
         .await
         .unwrap();
     let verdict = h
