@@ -9,7 +9,7 @@ use audit::GENESIS;
 use sqlx::pool::PoolConnection;
 use tokio::sync::oneshot;
 
-use super::rows::Fields;
+use super::rows::{Fields, fetch_row};
 use super::writer::{WriterCounters, discard_connection, kept_connection};
 use super::{Arg, Backend, Conn, db_error};
 use crate::{Result, StoreError};
@@ -74,19 +74,19 @@ impl<B: Backend> Filler<B> {
     async fn fill(&mut self, checked: bool) -> Result<bool> {
         let conn = kept_connection(&mut self.conn, self.backend.pool()).await?;
         if checked {
-            let row = conn
-                .fetch_optional(
-                    "SELECT (SELECT through_seq FROM audit_lookup_mark) AS mark, \
-                     (SELECT COALESCE(MAX(seq), 0) FROM audit_events) AS head",
-                    vec![],
-                )
-                .await
-                .map_err(db_error)?;
-            if let Some(row) = row {
-                let fields = Fields::keyed_by_int(&row, "audit lookup mark", "mark")?;
-                if fields.int("mark")? == fields.int("head")? {
-                    return Ok(false);
-                }
+            let at_head = fetch_row(
+                &mut **conn,
+                "SELECT (SELECT through_seq FROM audit_lookup_mark) AS mark, \
+                 (SELECT COALESCE(MAX(seq), 0) FROM audit_events) AS head",
+                vec![],
+                |row| {
+                    let fields = Fields::keyed_by_int(row, "audit lookup mark", "mark")?;
+                    Ok(fields.int("mark")? == fields.int("head")?)
+                },
+            )
+            .await?;
+            if at_head == Some(true) {
+                return Ok(false);
             }
         }
         let filling = Instant::now();
@@ -123,31 +123,21 @@ async fn fill_lookups<B: Backend>(backend: &B, conn: &mut B::Conn) -> Result<boo
 
 /// The statements of [`fill_lookups`] inside its transaction.
 async fn fill_in_transaction<B: Backend>(conn: &mut B::Conn) -> Result<bool> {
-    let row = conn
-        .fetch_optional(
-            "SELECT through_seq, through_hash FROM audit_lookup_mark",
-            vec![],
-        )
-        .await
-        .map_err(db_error)?
-        .ok_or_else(|| StoreError::Corrupt("the audit lookup mark is missing".to_string()))?;
-    let (mut mark, mark_hash) = {
-        let fields = Fields::keyed_by_int(&row, "audit lookup mark", "through_seq")?;
-        (fields.int("through_seq")?, fields.hash("through_hash")?)
-    };
-    drop(row);
+    let sql = "SELECT through_seq, through_hash FROM audit_lookup_mark";
+    let (mut mark, mark_hash) = fetch_row(conn, sql, vec![], |row| {
+        let fields = Fields::keyed_by_int(row, "audit lookup mark", "through_seq")?;
+        Ok((fields.int("through_seq")?, fields.hash("through_hash")?))
+    })
+    .await?
+    .ok_or_else(|| StoreError::Corrupt("the audit lookup mark is missing".to_string()))?;
     let matches_the_log = if mark == 0 {
         mark_hash == GENESIS
     } else {
-        let at_mark = conn
-            .fetch_optional(
-                "SELECT seq, hash FROM audit_events WHERE seq = $1",
-                vec![Arg::Int(mark)],
-            )
-            .await
-            .map_err(db_error)?
-            .map(|row| Fields::keyed_by_int(&row, "audit event", "seq")?.hash("hash"))
-            .transpose()?;
+        let sql = "SELECT seq, hash FROM audit_events WHERE seq = $1";
+        let at_mark = fetch_row(conn, sql, vec![Arg::Int(mark)], |row| {
+            Fields::keyed_by_int(row, "audit event", "seq")?.hash("hash")
+        })
+        .await?;
         at_mark == Some(mark_hash)
     };
     if !matches_the_log {
@@ -164,15 +154,18 @@ async fn fill_in_transaction<B: Backend>(conn: &mut B::Conn) -> Result<bool> {
         mark = 0;
     }
     let limit = mark.saturating_add(LOOKUP_CHUNK);
-    let Some(row) = conn
-        .fetch_optional(
-            "SELECT seq, hash FROM audit_events WHERE seq > $1 AND seq <= $2 \
-             ORDER BY seq DESC LIMIT 1",
-            vec![Arg::Int(mark), Arg::Int(limit)],
-        )
-        .await
-        .map_err(db_error)?
-    else {
+    let bound = fetch_row(
+        conn,
+        "SELECT seq, hash FROM audit_events WHERE seq > $1 AND seq <= $2 \
+         ORDER BY seq DESC LIMIT 1",
+        vec![Arg::Int(mark), Arg::Int(limit)],
+        |row| {
+            let fields = Fields::keyed_by_int(row, "audit event", "seq")?;
+            Ok((fields.int("seq")?, fields.hash("hash")?))
+        },
+    )
+    .await?;
+    let Some((bound, bound_hash)) = bound else {
         if mark == 0 {
             // Emptied above (or already empty): record the empty mark.
             conn.execute(
@@ -184,11 +177,6 @@ async fn fill_in_transaction<B: Backend>(conn: &mut B::Conn) -> Result<bool> {
         }
         return Ok(false);
     };
-    let (bound, bound_hash) = {
-        let fields = Fields::keyed_by_int(&row, "audit event", "seq")?;
-        (fields.int("seq")?, fields.hash("hash")?)
-    };
-    drop(row);
     let (insert, skip) = B::INSERT_SKIPPING;
     for (table, column) in [
         ("audit_agent_events", "agent"),

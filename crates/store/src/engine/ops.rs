@@ -5,7 +5,7 @@ use audit::{Detail, Event, EventBody};
 use model::{AgentName, AgentStatus, TaskId, TaskStatus, UnixSeconds};
 
 use super::append::{append_one, insert_events, insert_spends, seal, spends_json};
-use super::rows::{APPROVAL_COLUMNS, Fields, approval_from_row, to_i64, to_json};
+use super::rows::{APPROVAL_COLUMNS, Fields, approval_from_row, fetch_row, to_i64, to_json};
 use super::writer::Head;
 use super::{Arg, Conn, db_error, wrong_outcome};
 use crate::{
@@ -178,15 +178,12 @@ pub(super) async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -
         }
         WriteOp::InsertSigningKey(key, event) => {
             if key.retired_at.is_none() {
-                let current = conn
-                    .fetch_optional(
-                        "SELECT kid FROM signing_keys WHERE retired_at IS NULL",
-                        vec![],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                if let Some(row) = current {
-                    let kid = Fields::keyed_by_text(&row, "signing key", "kid")?.key;
+                let sql = "SELECT kid FROM signing_keys WHERE retired_at IS NULL";
+                let current = fetch_row(conn, sql, vec![], |row| {
+                    Ok(Fields::keyed_by_text(row, "signing key", "kid")?.key)
+                })
+                .await?;
+                if let Some(kid) = current {
                     return Err(StoreError::Conflict {
                         what: "current signing key",
                         key: kid,
@@ -233,13 +230,9 @@ pub(super) async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -
                 .map_err(db_error)?
             };
             if changed == 0 {
-                let exists = conn
-                    .fetch_optional(
-                        "SELECT id FROM tasks WHERE id = $1",
-                        vec![Arg::Text(id.to_string())],
-                    )
-                    .await
-                    .map_err(db_error)?;
+                let sql = "SELECT id FROM tasks WHERE id = $1";
+                let exists =
+                    fetch_row(conn, sql, vec![Arg::Text(id.to_string())], |_| Ok(())).await?;
                 return match exists {
                     Some(_) => Ok(Outcome::Finished(None)),
                     None => Err(StoreError::NotFound {
@@ -284,15 +277,14 @@ pub(super) async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -
                 Arg::Text(revocation.reason.clone()),
                 Arg::Int(revocation.created_at),
             ];
-            let row = conn
-                .fetch_optional(
-                    "INSERT INTO revocations (kind, target, reason, created_at) VALUES ($1, $2, $3, $4) RETURNING seq",
-                    args,
-                )
-                .await
-                .map_err(db_error)?
-                .ok_or_else(wrong_outcome)?;
-            let seq = Fields::keyed_by_int(&row, "revocation", "seq")?.int("seq")?;
+            let seq = fetch_row(
+                conn,
+                "INSERT INTO revocations (kind, target, reason, created_at) VALUES ($1, $2, $3, $4) RETURNING seq",
+                args,
+                |row| Fields::keyed_by_int(row, "revocation", "seq")?.int("seq"),
+            )
+            .await?
+            .ok_or_else(wrong_outcome)?;
             if let Some(notify) = C::NOTIFY_REVOCATION {
                 conn.execute(notify, vec![]).await.map_err(db_error)?;
             }
@@ -364,10 +356,9 @@ pub(super) async fn apply<C: Conn>(conn: &mut C, head: &mut Head, op: WriteOp) -
             );
             let mut args = call.args();
             args.push(Arg::Int(now));
-            let Some(row) = conn.fetch_optional(&sql, args).await.map_err(db_error)? else {
+            let Some(mut approval) = fetch_row(conn, &sql, args, approval_from_row).await? else {
                 return Ok(Outcome::Approval(None));
             };
-            let mut approval = approval_from_row(&row)?;
             let changed = conn
                 .execute(
                     "UPDATE approvals SET status = 'consumed' WHERE id = $1 AND status = 'approved'",
@@ -548,11 +539,13 @@ pub(super) async fn select_approval<C: Conn>(
     id: &str,
 ) -> Result<Option<ApprovalRecord>> {
     let sql = format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1");
-    let row = conn
-        .fetch_optional(&sql, vec![Arg::Text(id.to_string())])
-        .await
-        .map_err(db_error)?;
-    row.as_ref().map(approval_from_row).transpose()
+    fetch_row(
+        conn,
+        &sql,
+        vec![Arg::Text(id.to_string())],
+        approval_from_row,
+    )
+    .await
 }
 
 async fn insert_signing_key<C: Conn>(
@@ -611,13 +604,9 @@ async fn insert_task<C: Conn>(conn: &mut C, task: &TaskRecord) -> Result<()> {
             conn.execute("ROLLBACK TO SAVEPOINT remit_op", vec![])
                 .await
                 .map_err(db_error)?;
-            let agent = conn
-                .fetch_optional(
-                    "SELECT name FROM agents WHERE name = $1",
-                    vec![Arg::Text(task.agent.to_string())],
-                )
-                .await
-                .map_err(db_error)?;
+            let sql = "SELECT name FROM agents WHERE name = $1";
+            let args = vec![Arg::Text(task.agent.to_string())];
+            let agent = fetch_row(conn, sql, args, |_| Ok(())).await?;
             match (agent, &task.parent) {
                 (None, _) => Err(StoreError::NotFound {
                     what: "agent",

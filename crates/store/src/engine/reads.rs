@@ -11,7 +11,7 @@ use super::ops::{Outcome, OwnedCall, WriteOp, select_approval};
 use super::rows::{
     AGENT_COLUMNS, APPROVAL_COLUMNS, EVENT_COLUMNS, Fields, OPERATOR_COLUMNS, RowExt,
     SIGNING_KEY_COLUMNS, TASK_COLUMNS, agent_from_row, approval_from_row, event_from_row,
-    operator_from_row, revocation_from_row, signing_key_from_row, stored_event_from_row,
+    fetch_row, operator_from_row, revocation_from_row, signing_key_from_row, stored_event_from_row,
     task_from_row, to_i64, unpack_events,
 };
 use super::{Arg, Backend, Conn, SqlStore, db_error, wrong_outcome};
@@ -77,13 +77,8 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn get_agent(&self, name: &AgentName) -> Result<Option<AgentRecord>> {
         let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE name = $1");
-        let row = self
-            .read()
-            .await?
-            .fetch_optional(&sql, vec![Arg::Text(name.to_string())])
-            .await
-            .map_err(db_error)?;
-        row.as_ref().map(agent_from_row).transpose()
+        let args = vec![Arg::Text(name.to_string())];
+        fetch_row(&mut *self.read().await?, &sql, args, agent_from_row).await
     }
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
@@ -117,25 +112,17 @@ impl<B: Backend> Store for SqlStore<B> {
         token_hash: &[u8; 32],
     ) -> Result<Option<OperatorRecord>> {
         let sql = format!("SELECT {OPERATOR_COLUMNS} FROM operators WHERE token_hash = $1");
-        let row = self
-            .read()
-            .await?
-            .fetch_optional(&sql, vec![Arg::Bytes(token_hash.to_vec())])
-            .await
-            .map_err(db_error)?;
-        row.as_ref().map(operator_from_row).transpose()
+        let args = vec![Arg::Bytes(token_hash.to_vec())];
+        fetch_row(&mut *self.read().await?, &sql, args, operator_from_row).await
     }
 
     async fn count_operators(&self) -> Result<u64> {
-        let row = self
-            .read()
-            .await?
-            .fetch_optional("SELECT COUNT(*) AS n FROM operators", vec![])
-            .await
-            .map_err(db_error)?;
-        let row = row
-            .ok_or_else(|| StoreError::Corrupt("counting operators returned no row".to_string()))?;
-        let count = row.int("n").map_err(db_error)?;
+        let sql = "SELECT COUNT(*) AS n FROM operators";
+        let count = fetch_row(&mut *self.read().await?, sql, vec![], |row| {
+            row.int("n").map_err(db_error)
+        })
+        .await?
+        .ok_or_else(|| StoreError::Corrupt("counting operators returned no row".to_string()))?;
         u64::try_from(count)
             .map_err(|_| StoreError::Corrupt(format!("operator count `{count}` is negative")))
     }
@@ -182,13 +169,8 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>> {
         let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
-        let row = self
-            .read()
-            .await?
-            .fetch_optional(&sql, vec![Arg::Text(id.to_string())])
-            .await
-            .map_err(db_error)?;
-        row.as_ref().map(task_from_row).transpose()
+        let args = vec![Arg::Text(id.to_string())];
+        fetch_row(&mut *self.read().await?, &sql, args, task_from_row).await
     }
 
     async fn finish_task(
@@ -207,27 +189,30 @@ impl<B: Backend> Store for SqlStore<B> {
     }
 
     async fn count_task_calls(&self, id: &TaskId) -> Result<TaskCalls> {
-        let row = self
-            .read()
-            .await?
-            .fetch_optional(count_task_calls_sql(), vec![Arg::Text(id.to_string())])
-            .await
-            .map_err(db_error)?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "task",
-                key: id.to_string(),
-            })?;
-        let fields = Fields::keyed_by_int(&row, "task call count", "head")?;
-        let used = [
-            fields.int("used")?,
-            fields.int("looked_up")?,
-            fields.int("recent")?,
-        ]
-        .into_iter()
-        .fold(0i64, i64::saturating_add);
-        Ok(TaskCalls {
-            used: u32::try_from(used).unwrap_or(u32::MAX),
-            through_seq: fields.u64("head")?,
+        let args = vec![Arg::Text(id.to_string())];
+        fetch_row(
+            &mut *self.read().await?,
+            count_task_calls_sql(),
+            args,
+            |row| {
+                let fields = Fields::keyed_by_int(row, "task call count", "head")?;
+                let used = [
+                    fields.int("used")?,
+                    fields.int("looked_up")?,
+                    fields.int("recent")?,
+                ]
+                .into_iter()
+                .fold(0i64, i64::saturating_add);
+                Ok(TaskCalls {
+                    used: u32::try_from(used).unwrap_or(u32::MAX),
+                    through_seq: fields.u64("head")?,
+                })
+            },
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "task",
+            key: id.to_string(),
         })
     }
 
@@ -411,13 +396,7 @@ impl<B: Backend> Store for SqlStore<B> {
         );
         let mut args = OwnedCall::of(call).args();
         args.push(Arg::Int(now));
-        let row = self
-            .read()
-            .await?
-            .fetch_optional(&sql, args)
-            .await
-            .map_err(db_error)?;
-        row.as_ref().map(approval_from_row).transpose()
+        fetch_row(&mut *self.read().await?, &sql, args, approval_from_row).await
     }
 
     async fn append_spending(&self, spend: ProofSpend, event: EventBody) -> Result<Event> {
@@ -569,16 +548,12 @@ impl<B: Backend> Store for SqlStore<B> {
             // Events up to the mark are found through the lookup table, the ones after it
             // (at most a lookup interval's worth) in the log itself. Both parts take the
             // same mark, so a concurrent fill changes neither answer.
-            let mark = conn
-                .fetch_optional("SELECT through_seq FROM audit_lookup_mark", vec![])
-                .await
-                .map_err(db_error)?
-                .map(|row| {
-                    Fields::keyed_by_int(&row, "audit lookup mark", "through_seq")?
-                        .int("through_seq")
-                })
-                .transpose()?
-                .unwrap_or(0);
+            let sql = "SELECT through_seq FROM audit_lookup_mark";
+            let mark = fetch_row(&mut *conn, sql, vec![], |row| {
+                Fields::keyed_by_int(row, "audit lookup mark", "through_seq")?.int("through_seq")
+            })
+            .await?
+            .unwrap_or(0);
             let mut args = vec![Arg::Text(key.to_string()), Arg::Int(mark)];
             let conditions = event_conditions(filter, "e.", Some(column), &mut args);
             args.push(Arg::Int(limit));

@@ -9,6 +9,7 @@ use model::Secret;
 use serde::de::DeserializeOwned;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
+use super::{Arg, Conn, db_error};
 use crate::{
     AgentRecord, ApprovalRecord, ApprovalStatus, OperatorRecord, Result, Revocation,
     RevocationKind, SigningKeyRecord, StoreError, TaskRecord,
@@ -393,6 +394,19 @@ pub(super) const APPROVAL_COLUMNS: &str = "id, task, agent, owner, tool, action,
 pub(super) const EVENT_COLUMNS: &str =
     "seq, time_ms, kind, actor, agent, task, decision, detail, prev_hash, hash";
 
+/// Runs `sql`, which finds at most one row, and decodes that row with `decode`: `None` when
+/// there is none. The one form of a read by key (a record, a count, a mark), so that a missing
+/// row and a database error read the same way everywhere.
+pub(super) async fn fetch_row<C: Conn, T>(
+    conn: &mut C,
+    sql: &str,
+    args: Vec<Arg>,
+    decode: impl FnOnce(&C::Row) -> Result<T>,
+) -> Result<Option<T>> {
+    let row = conn.fetch_optional(sql, args).await.map_err(db_error)?;
+    row.as_ref().map(decode).transpose()
+}
+
 pub(super) fn to_i64(value: u64, what: &str) -> Result<i64> {
     i64::try_from(value)
         .map_err(|_| StoreError::Corrupt(format!("{what} number `{value}` is out of range")))
@@ -401,4 +415,37 @@ pub(super) fn to_i64(value: u64, what: &str) -> Result<i64> {
 pub(super) fn to_json(value: &impl serde::Serialize, what: &str) -> Result<String> {
     serde_json::to_string(value)
         .map_err(|error| StoreError::Corrupt(format!("cannot encode {what}: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection as _;
+
+    use super::{Fields, fetch_row};
+    use crate::StoreError;
+    use crate::engine::Arg;
+
+    /// A row found is decoded, no row is `None` (not an error), and a row that does not decode
+    /// is `Corrupt`, named by its row and column.
+    #[tokio::test]
+    async fn fetch_row_decodes_one_row_or_none() {
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let sql = "SELECT id, n FROM (SELECT 'a' AS id, 7 AS n UNION ALL SELECT 'b', 'seven') \
+                   WHERE id = $1";
+        let n = |id: &str| vec![Arg::Text(id.to_string())];
+        let decode =
+            |row: &sqlx::sqlite::SqliteRow| Fields::keyed_by_text(row, "thing", "id")?.int("n");
+
+        let found = fetch_row(&mut conn, sql, n("a"), decode).await.unwrap();
+        assert_eq!(found, Some(7));
+        let missing = fetch_row(&mut conn, sql, n("c"), decode).await.unwrap();
+        assert_eq!(missing, None);
+        let corrupt = fetch_row(&mut conn, sql, n("b"), decode).await.unwrap_err();
+        assert!(
+            matches!(&corrupt, StoreError::Corrupt(message) if message.starts_with("thing `b`, column `n`")),
+            "{corrupt:?}"
+        );
+    }
 }
