@@ -364,17 +364,13 @@ pub(crate) fn migrate_error(error: sqlx::migrate::MigrateError) -> StoreError {
 }
 
 #[cfg(test)]
-mod tests {
-    use audit::{ChainVerifier, EventBody};
-    use sqlx::Row as _;
-
-    use super::Backend as _;
-    use super::rows::unpack_events;
+mod test_stores {
     use crate::sqlite::SqliteBackend;
 
     /// A store on a new SQLite file: the directory (kept alive by the caller), its URL, the
     /// store.
-    async fn sqlite_store() -> (tempfile::TempDir, String, std::sync::Arc<dyn crate::Store>) {
+    pub(super) async fn sqlite_store()
+    -> (tempfile::TempDir, String, std::sync::Arc<dyn crate::Store>) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("remit.db").display());
         let store = crate::open(&url).await.unwrap();
@@ -383,7 +379,8 @@ mod tests {
 
     /// A store on a new SQLite file without the bound around it, so that a test can reach its
     /// writer's queue: the directory, the file's URL, the store.
-    async fn unbounded_sqlite() -> (tempfile::TempDir, String, super::SqlStore<SqliteBackend>) {
+    pub(super) async fn unbounded_sqlite()
+    -> (tempfile::TempDir, String, super::SqlStore<SqliteBackend>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("remit.db").display().to_string();
         let url = format!("sqlite://{path}");
@@ -391,202 +388,5 @@ mod tests {
             .await
             .unwrap();
         (dir, url, store)
-    }
-
-    /// Queues `op` as a caller would, returning the receiver of its answer.
-    async fn queue(
-        store: &super::SqlStore<SqliteBackend>,
-        op: super::WriteOp,
-    ) -> tokio::sync::oneshot::Receiver<crate::Result<super::Outcome>> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        store
-            .writer
-            .send(super::Pending { op, reply })
-            .await
-            .unwrap();
-        answer
-    }
-
-    /// The kinds and actors of the events in the store, in order.
-    async fn logged(store: &super::SqlStore<SqliteBackend>) -> Vec<(String, String)> {
-        use crate::Store as _;
-        store
-            .events_after(0, 1_000)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|event| (event.body.kind, event.body.actor))
-            .collect()
-    }
-
-    /// A caller whose timeout passed while its write was queued was told the store is
-    /// unavailable: the writer must not perform the write after all.
-    #[tokio::test]
-    async fn the_writer_drops_a_write_whose_caller_gave_up() {
-        use crate::Store as _;
-        let (_dir, _url, store) = unbounded_sqlite().await;
-        let given_up = queue(
-            &store,
-            super::WriteOp::Append(vec![EventBody::new(1, "call.decision", "gave-up")]),
-        )
-        .await;
-        drop(given_up);
-        store
-            .append_events(vec![EventBody::new(2, "call.decision", "waited")])
-            .await
-            .unwrap();
-        assert_eq!(
-            logged(&store).await,
-            [("call.decision".to_string(), "waited".to_string())]
-        );
-    }
-
-    /// A caller that gave up while its write was already committing: the write lands, and
-    /// the log says at once that its caller was refused.
-    #[tokio::test]
-    async fn a_write_committed_after_its_caller_gave_up_is_marked() {
-        use crate::Store as _;
-        let (_dir, url, store) = unbounded_sqlite().await;
-        let mut lock = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        sqlx::raw_sql("BEGIN IMMEDIATE")
-            .execute(&mut lock)
-            .await
-            .unwrap();
-        let before = store.writer_stats().batches;
-        let answer = queue(
-            &store,
-            super::WriteOp::Append(vec![EventBody::new(1, "call.decision", "gave-up")]),
-        )
-        .await;
-        // The writer has taken the write into a batch (and waits for the lock) ...
-        while store.writer_stats().batches == before {
-            tokio::task::yield_now().await;
-        }
-        // ... when its caller gives up; then the lock goes.
-        drop(answer);
-        sqlx::Connection::close(lock).await.unwrap();
-        store
-            .append_events(vec![EventBody::new(2, "call.decision", "waited")])
-            .await
-            .unwrap();
-        let events = store.events_after(0, 1_000).await.unwrap();
-        let kinds: Vec<_> = events
-            .iter()
-            .map(|event| (event.body.kind.as_str(), event.body.actor.as_str()))
-            .collect();
-        assert_eq!(
-            kinds,
-            [
-                ("call.decision", "gave-up"),
-                (audit::kinds::STORE_UNANSWERED, "remit"),
-                ("call.decision", "waited"),
-            ]
-        );
-        assert_eq!(
-            events[1].body.detail.to_value()["events"],
-            serde_json::json!([events[0].seq])
-        );
-    }
-
-    /// The packed page is only an accelerator (any failure falls back to rows), so a broken
-    /// query would go unnoticed by the chain tests: check that real SQLite output unpacks.
-    #[tokio::test]
-    async fn sqlite_packs_pages_that_verify() {
-        let (_dir, url, store) = sqlite_store().await;
-        let bodies: Vec<_> = (0..1_500)
-            .map(|i| {
-                // Spaces, colons, multi-byte text and absent fields must not upset the framing.
-                let body = EventBody::new(1_700_000_000_000 - i, "call.decision", "a: b c")
-                    .detail(serde_json::json!({"note": "é: 1 -1:x", "i": i}));
-                if i % 2 == 0 {
-                    body.agent("bot ü").decision("allow")
-                } else {
-                    body.task("")
-                }
-            })
-            .collect();
-        store.append_events(bodies).await.unwrap();
-        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-        let sql = SqliteBackend::PACKED_EVENTS_SQL.unwrap();
-        let mut verifier = ChainVerifier::default();
-        for (from, last) in [(i64::MIN, 1_000), (1_001, 1_500)] {
-            let row = sqlx::query(sql).bind(from).fetch_one(&pool).await.unwrap();
-            let page: String = row.get(0);
-            assert!(unpack_events(&page, &mut verifier));
-            assert_eq!(row.get::<i64, _>(1), last);
-        }
-        assert_eq!(verifier.checked(), 1_500);
-        let past_the_head = sqlx::query(sql)
-            .bind(1_501i64)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(past_the_head.get::<Option<String>, _>(0), None);
-    }
-
-    /// The one-round-trip append is only a shortcut (any failure falls back to the careful
-    /// path), so the chain tests cannot tell whether it works: drive it directly, across chunk
-    /// sizes, then with a head that moved, which must insert nothing at all.
-    #[tokio::test]
-    async fn sqlite_appends_many_chunks_in_one_round_trip() {
-        use super::WriteOp;
-        use super::append::{PADDED_ROWS, appends_in_one_round_trip};
-        use super::writer::Head;
-        let (_dir, url, store) = sqlite_store().await;
-        let first = store
-            .append_events(vec![EventBody::new(1, "call.decision", "remit")])
-            .await
-            .unwrap()
-            .remove(0);
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-            .await
-            .unwrap();
-        let ops = |count: usize| {
-            (0..count)
-                .map(|i| WriteOp::Append(vec![EventBody::new(i as i64, "call.outcome", "remit")]))
-                .collect::<Vec<_>>()
-        };
-        let mut head = Head {
-            seq: first.seq,
-            hash: first.hash,
-        };
-        // Every shape of the last chunk, full and padded, alone and after full chunks.
-        let counts = [
-            1,
-            4,
-            5,
-            16,
-            17,
-            33,
-            64,
-            65,
-            97,
-            PADDED_ROWS,
-            PADDED_ROWS + 1,
-        ];
-        for count in counts
-            .into_iter()
-            .chain([2 * PADDED_ROWS + 96, 3 * PADDED_ROWS + 5])
-        {
-            let Ok((results, after)) = appends_in_one_round_trip(&mut conn, head, ops(count)).await
-            else {
-                panic!("{count} appends fell back to the careful path");
-            };
-            assert_eq!(results.len(), count);
-            assert_eq!(after.seq, head.seq + count as u64);
-            head = after;
-        }
-        // Sealed after a head that is no longer the head: nothing may be inserted.
-        let stale = Head {
-            seq: first.seq,
-            hash: first.hash,
-        };
-        let refused = appends_in_one_round_trip(&mut conn, stale, ops(2 * PADDED_ROWS + 1)).await;
-        assert!(matches!(refused, Err(ref ops) if ops.len() == 2 * PADDED_ROWS + 1));
-        let mut verifier = ChainVerifier::default();
-        assert_eq!(store.verify_chain(&mut verifier).await.unwrap(), Ok(()));
-        assert_eq!(verifier.checked(), head.seq);
     }
 }

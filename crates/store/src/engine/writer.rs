@@ -325,3 +325,106 @@ async fn begin<B: Backend>(backend: &B, conn: &mut B::Conn) -> Result<Head> {
         hash: fields.hash("hash")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use audit::EventBody;
+
+    use super::Pending;
+    use crate::engine::test_stores::unbounded_sqlite;
+    use crate::engine::{Outcome, SqlStore, WriteOp};
+    use crate::sqlite::SqliteBackend;
+
+    /// Queues `op` as a caller would, returning the receiver of its answer.
+    async fn queue(
+        store: &SqlStore<SqliteBackend>,
+        op: WriteOp,
+    ) -> tokio::sync::oneshot::Receiver<crate::Result<Outcome>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        store.writer.send(Pending { op, reply }).await.unwrap();
+        answer
+    }
+
+    /// The kinds and actors of the events in the store, in order.
+    async fn logged(store: &SqlStore<SqliteBackend>) -> Vec<(String, String)> {
+        use crate::Store as _;
+        store
+            .events_after(0, 1_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|event| (event.body.kind, event.body.actor))
+            .collect()
+    }
+
+    /// A caller whose timeout passed while its write was queued was told the store is
+    /// unavailable: the writer must not perform the write after all.
+    #[tokio::test]
+    async fn the_writer_drops_a_write_whose_caller_gave_up() {
+        use crate::Store as _;
+        let (_dir, _url, store) = unbounded_sqlite().await;
+        let given_up = queue(
+            &store,
+            WriteOp::Append(vec![EventBody::new(1, "call.decision", "gave-up")]),
+        )
+        .await;
+        drop(given_up);
+        store
+            .append_events(vec![EventBody::new(2, "call.decision", "waited")])
+            .await
+            .unwrap();
+        assert_eq!(
+            logged(&store).await,
+            [("call.decision".to_string(), "waited".to_string())]
+        );
+    }
+
+    /// A caller that gave up while its write was already committing: the write lands, and
+    /// the log says at once that its caller was refused.
+    #[tokio::test]
+    async fn a_write_committed_after_its_caller_gave_up_is_marked() {
+        use crate::Store as _;
+        let (_dir, url, store) = unbounded_sqlite().await;
+        let mut lock = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut lock)
+            .await
+            .unwrap();
+        let before = store.writer_stats().batches;
+        let answer = queue(
+            &store,
+            WriteOp::Append(vec![EventBody::new(1, "call.decision", "gave-up")]),
+        )
+        .await;
+        // The writer has taken the write into a batch (and waits for the lock) ...
+        while store.writer_stats().batches == before {
+            tokio::task::yield_now().await;
+        }
+        // ... when its caller gives up; then the lock goes.
+        drop(answer);
+        sqlx::Connection::close(lock).await.unwrap();
+        store
+            .append_events(vec![EventBody::new(2, "call.decision", "waited")])
+            .await
+            .unwrap();
+        let events = store.events_after(0, 1_000).await.unwrap();
+        let kinds: Vec<_> = events
+            .iter()
+            .map(|event| (event.body.kind.as_str(), event.body.actor.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("call.decision", "gave-up"),
+                (audit::kinds::STORE_UNANSWERED, "remit"),
+                ("call.decision", "waited"),
+            ]
+        );
+        assert_eq!(
+            events[1].body.detail.to_value()["events"],
+            serde_json::json!([events[0].seq])
+        );
+    }
+}
