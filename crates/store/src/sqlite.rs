@@ -8,7 +8,7 @@
 //! fill would hold the chain lock and stall the call path's commits. Apart, the fill locks
 //! only its own file, while it reads the log from a snapshot like any reader. A lost lookup
 //! file is recreated and refilled from the log; one that no longer matches the log (the log
-//! restored from a backup, say) is emptied and refilled (see `engine::fill_lookups`).
+//! restored from a backup, say) is emptied and refilled (see `engine::lookups`).
 
 use std::sync::Arc;
 
