@@ -1,3 +1,6 @@
+//! Unit tests of the tool catalog: parsing `[[tools]]`, the checks that refuse a bad
+//! declaration, and classification.
+
 use super::*;
 
 fn raw(text: &str) -> Vec<RawTool> {

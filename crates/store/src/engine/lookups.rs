@@ -19,7 +19,7 @@ use crate::{Result, StoreError};
 /// the lag from the log itself, so it bounds their work, not what they see. Each fill
 /// rewrites a leaf page per task in flight, however few events it adds: at 100 ms the fills
 /// wrote twice as much to the disk as the log itself did, at 1 s under a third of what the
-/// log did (BENCHMARKS.md).
+/// log did (docs/benchmarks-history.md).
 const LOOKUP_INTERVAL: Duration = Duration::from_secs(1);
 /// Most events one lookup fill takes in, so that a refill of a whole log (a lost lookup file)
 /// runs as a series of short transactions.
