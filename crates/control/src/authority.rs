@@ -225,6 +225,11 @@ impl Authority {
         self.clock.now()
     }
 
+    /// The node's clock in milliseconds, for what the edges record.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
     pub fn keys(&self) -> &KeyRing {
         &self.keys
     }

@@ -23,9 +23,11 @@ use crate::scrub::{Needles, StreamScrubber};
 
 pub(crate) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// How long an upstream may take to send its response head. The body then streams for as
-/// long as it needs: downloads may be long, and the agent can hang up at any time.
-pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an upstream, HTTP or MCP, may take to send its response head: a tool call whose
+/// answer is one JSON body sends its head only when the tool is done, so this is also how
+/// long a tool may work. The body then streams for as long as it needs: downloads and SSE
+/// streams may be long, and the agent can hang up at any time.
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// RFC 9110 §7.6.1: headers that describe one connection, never the message.
 const HOP_BY_HOP: [HeaderName; 8] = [

@@ -11,11 +11,11 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use control::CallVerdict;
-use control::clock::{Clock, SystemClock};
 
 use crate::catalog::{Classified, ToolKind, ToolSpec};
 use crate::error::Refusal;
 use crate::forward::{BodyEnd, HEAD_TIMEOUT, Relayed, bounded_body};
+use crate::outcome::{CallOutcome, Ending};
 use crate::{Early, Gateway, caller};
 
 /// Where the route's path starts, after `/http/`.
@@ -199,8 +199,7 @@ impl Call {
         .into_response()
     }
 
-    /// Appends the `call.outcome` event, off the response path and batched: the decision is
-    /// already durable, and an agent must not wait for the record of what it already received.
+    /// Records the call's `call.outcome` (see [`CallOutcome`]).
     fn record(self, status: StatusCode, end: BodyEnd, took: Duration, reached: bool) {
         let Call {
             gateway,
@@ -209,34 +208,19 @@ impl Call {
             verdict,
             ..
         } = self;
-        let agent = verdict.agent.clone().unwrap_or_default();
-        let mut event = audit::EventBody::new(
-            SystemClock.now_ms(),
-            audit::kinds::CALL_OUTCOME,
-            agent.clone(),
+        CallOutcome::new(
+            gateway.authority(),
+            &verdict,
+            &tool.name,
+            &classified.action,
         )
-        .agent(agent)
-        .detail(
-            // Keys in byte order: written as the canonical text, with no map in between.
-            audit::Detail::object()
-                .str("action", &classified.action)
-                .opt_u64("audit_seq", verdict.audit_seq)
-                .u64("bytes", end.bytes)
-                .bool("complete", end.complete)
-                .u64(
-                    "duration_ms",
-                    u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
-                )
-                .u64("status", status.as_u16().into())
-                .str("tool", &tool.name)
-                .bool("upstream_reached", reached)
-                .finish(),
-        );
-        if let Some(task) = &verdict.task {
-            event = event.task(task.clone());
-        }
-        // Batched with other outcomes a few milliseconds apart.
-        gateway.authority().record_later(event);
+        .finish(Ending {
+            status: status.as_u16(),
+            bytes: end.bytes,
+            complete: end.complete,
+            upstream_reached: reached,
+            took,
+        });
     }
 }
 

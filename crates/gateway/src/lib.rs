@@ -10,6 +10,7 @@ mod forward;
 mod http;
 mod mcp;
 pub mod metrics;
+mod outcome;
 pub mod rate;
 mod scrub;
 

@@ -39,14 +39,13 @@ use self::tools::ToolsFilter;
 use crate::caller::{self, Presented};
 use crate::catalog::{ToolKind, ToolSpec};
 use crate::error::Refusal;
-use crate::forward::read_limited;
+use crate::forward::{HEAD_TIMEOUT, read_limited};
+use crate::outcome::{CallOutcome, Ending};
 use crate::scrub::JsonScrubber;
 use crate::{Early, Gateway};
 
 /// Largest JSON answer (or SSE event) read from an upstream before it is filtered.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
-/// How long an upstream may take to send its response head.
-const UPSTREAM_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Headers an agent's request may carry to the upstream. Everything else (its
 /// `Authorization`, `DPoP`, `Cookie`, hop-by-hop headers) stays with remit.
@@ -336,7 +335,7 @@ impl Call<'_> {
         let upstream = match self.send(Method::POST, Body::from(body)).await {
             Ok(upstream) => upstream,
             Err(response) => {
-                self.outcome(verdict, action, response.status(), started);
+                self.outcome(verdict, action, started, unreached(&response));
                 return response;
             }
         };
@@ -370,7 +369,7 @@ impl Call<'_> {
                 .await
             }
             Err(response) => {
-                self.outcome(&verdict, action, response.status(), started);
+                self.outcome(&verdict, action, started, unreached(&response));
                 response
             }
         }
@@ -409,11 +408,8 @@ impl Call<'_> {
             .body(body)
             .map_err(|_| upstream_failure("the upstream request could not be built"))?;
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            UPSTREAM_HEAD_TIMEOUT,
-            self.gateway.upstream.client.request(request),
-        )
-        .await;
+        let result =
+            tokio::time::timeout(HEAD_TIMEOUT, self.gateway.upstream.client.request(request)).await;
         let failed = !matches!(result, Ok(Ok(_)));
         self.gateway
             .metrics
@@ -449,7 +445,7 @@ impl Call<'_> {
         if parts.status == StatusCode::UNAUTHORIZED {
             // The upstream refused remit's own credential; its challenge would mislead the
             // agent's MCP client into an authorization flow with the wrong server.
-            self.outcome(verdict, action, parts.status, started);
+            self.outcome(verdict, action, started, replaced(parts.status));
             return upstream_failure("the MCP server refused remit's credential");
         }
         let mut headers = HeaderMap::new();
@@ -467,8 +463,14 @@ impl Call<'_> {
             .unwrap_or("")
             .to_ascii_lowercase();
         if content_type.starts_with("text/event-stream") {
-            let outcome = Outcome::new(self, verdict, action, parts.status, started);
-            let events = stream::filter(body, filter, scrubber, errors, outcome);
+            let outcome = self.call_outcome(verdict, action);
+            let events = stream::filter(
+                body,
+                filter,
+                scrubber,
+                errors,
+                (outcome, parts.status.as_u16(), started),
+            );
             let mut response = Response::new(Body::from_stream(events));
             *response.status_mut() = parts.status;
             *response.headers_mut() = headers;
@@ -477,11 +479,10 @@ impl Call<'_> {
         let bytes = match Limited::new(body, MAX_RESPONSE_BYTES).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(_) => {
-                self.outcome(verdict, action, StatusCode::BAD_GATEWAY, started);
+                self.outcome(verdict, action, started, replaced(StatusCode::BAD_GATEWAY));
                 return upstream_failure("the MCP server's answer is too large or broken");
             }
         };
-        self.outcome(verdict, action, parts.status, started);
         let status = if parts.status == StatusCode::ACCEPTED && !errors.is_empty() {
             StatusCode::OK
         } else {
@@ -527,73 +528,54 @@ impl Call<'_> {
             }
             None => Bytes::from(scrubber.text(&String::from_utf8_lossy(&bytes))),
         };
+        self.outcome(
+            verdict,
+            action,
+            started,
+            Ending {
+                status: parts.status.as_u16(),
+                bytes: u64::try_from(body.len()).unwrap_or(u64::MAX),
+                complete: true,
+                upstream_reached: true,
+                took: Duration::ZERO,
+            },
+        );
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
         *response.headers_mut() = headers;
         response
     }
 
-    fn outcome(&self, verdict: &CallVerdict, action: &str, status: StatusCode, started: Instant) {
-        Outcome::new(self, verdict, action, status, started).finish();
+    fn call_outcome(&self, verdict: &CallVerdict, action: &str) -> CallOutcome {
+        CallOutcome::new(self.gateway.authority(), verdict, &self.tool.name, action)
+    }
+
+    /// Records the request's `call.outcome`, timed from `started`.
+    fn outcome(&self, verdict: &CallVerdict, action: &str, started: Instant, ending: Ending) {
+        self.call_outcome(verdict, action).finish(Ending {
+            took: started.elapsed(),
+            ..ending
+        });
     }
 }
 
-/// The outcome of a forwarded request, recorded once its answer is complete (`call.outcome`
-/// in the audit log), off the response path: the decision was already durable.
-pub(crate) struct Outcome {
-    authority: Arc<control::Authority>,
-    agent: Option<String>,
-    task: Option<String>,
-    tool: String,
-    action: String,
-    status: u16,
-    started: Instant,
+/// The ending of a request whose upstream was never reached: remit answered it (502, 504).
+fn unreached(response: &Response) -> Ending {
+    Ending {
+        upstream_reached: false,
+        ..replaced(response.status())
+    }
 }
 
-impl Outcome {
-    fn new(
-        call: &Call<'_>,
-        verdict: &CallVerdict,
-        action: &str,
-        status: StatusCode,
-        started: Instant,
-    ) -> Outcome {
-        Outcome {
-            authority: Arc::clone(call.gateway.authority()),
-            agent: verdict.agent.clone(),
-            task: verdict.task.clone(),
-            tool: call.tool.name.clone(),
-            action: action.to_string(),
-            status: status.as_u16(),
-            started,
-        }
-    }
-
-    pub(crate) fn finish(self) {
-        let duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let time_ms = self.authority.now().saturating_mul(1000);
-        let mut event = audit::EventBody::new(
-            time_ms,
-            audit::kinds::CALL_OUTCOME,
-            self.agent
-                .clone()
-                .unwrap_or_else(|| "unauthenticated".into()),
-        )
-        .detail(
-            audit::Detail::object()
-                .str("action", &self.action)
-                .u64("duration_ms", duration_ms)
-                .u64("status", self.status.into())
-                .str("tool", &self.tool)
-                .finish(),
-        );
-        if let Some(agent) = self.agent {
-            event = event.agent(agent);
-        }
-        if let Some(task) = self.task {
-            event = event.task(task);
-        }
-        self.authority.record_later(event);
+/// The ending of a request the upstream answered, but whose answer remit replaced with an
+/// error of its own (the upstream refused remit's credential, or its answer was too large).
+fn replaced(status: StatusCode) -> Ending {
+    Ending {
+        status: status.as_u16(),
+        bytes: 0,
+        complete: false,
+        upstream_reached: true,
+        took: Duration::ZERO,
     }
 }
 

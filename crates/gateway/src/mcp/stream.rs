@@ -2,24 +2,28 @@
 //! is filtered (`tools/list` results) and scrubbed of upstream secrets before the agent sees
 //! it. Events are cut at blank lines, so a secret split across network chunks is still found.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http_body_util::{BodyDataStream, BodyExt};
 use hyper::body::Incoming;
 use serde_json::Value;
 
+use super::MAX_RESPONSE_BYTES;
 use super::tools::ToolsFilter;
-use super::{MAX_RESPONSE_BYTES, Outcome};
+use crate::outcome::{CallOutcome, Ending};
 use crate::scrub::JsonScrubber;
 
 /// The agent's view of an upstream event stream, led by the JSON-RPC errors of the messages
-/// remit refused itself.
+/// remit refused itself. `outcome` (with the upstream's status and when the request was
+/// forwarded) is recorded when the stream ends, with the bytes the agent was sent.
 pub(super) fn filter(
     body: Incoming,
     tools: ToolsFilter,
     scrubber: JsonScrubber,
     errors: Vec<Value>,
-    outcome: Outcome,
+    outcome: (CallOutcome, u16, Instant),
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     let mut lead = String::new();
     for error in errors {
@@ -32,17 +36,24 @@ pub(super) fn filter(
         parser: Parser::new(tools, scrubber),
         lead: (!lead.is_empty()).then(|| Bytes::from(lead)),
         outcome: Some(outcome),
+        sent: 0,
+        complete: false,
         done: false,
     };
     futures::stream::unfold(state, |mut state| async move {
         if let Some(lead) = state.lead.take() {
+            state.count(&lead);
             return Some((Ok(lead), state));
         }
         while !state.done {
             match state.body.next().await {
                 Some(Ok(chunk)) => match state.parser.feed(&chunk) {
                     Ok(out) if out.is_empty() => {}
-                    Ok(out) => return Some((Ok(Bytes::from(out)), state)),
+                    Ok(out) => {
+                        let out = Bytes::from(out);
+                        state.count(&out);
+                        return Some((Ok(out), state));
+                    }
                     Err(error) => {
                         state.done = true;
                         return Some((Err(error), state));
@@ -54,7 +65,10 @@ pub(super) fn filter(
                     state.done = true;
                     return Some((Err(std::io::Error::other(error)), state));
                 }
-                None => state.done = true,
+                None => {
+                    state.done = true;
+                    state.complete = true;
+                }
             }
         }
         None
@@ -65,15 +79,33 @@ struct State {
     body: BodyDataStream<Incoming>,
     parser: Parser,
     lead: Option<Bytes>,
-    outcome: Option<Outcome>,
+    outcome: Option<(CallOutcome, u16, Instant)>,
+    /// Bytes handed to the agent so far.
+    sent: u64,
+    /// The upstream's stream ended normally (not broken off, not cut by the agent leaving).
+    complete: bool,
     done: bool,
+}
+
+impl State {
+    fn count(&mut self, bytes: &Bytes) {
+        self.sent = self
+            .sent
+            .saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+    }
 }
 
 impl Drop for State {
     /// The stream ended, or the agent went away: either way the outcome is recorded once.
     fn drop(&mut self) {
-        if let Some(outcome) = self.outcome.take() {
-            outcome.finish();
+        if let Some((outcome, status, started)) = self.outcome.take() {
+            outcome.finish(Ending {
+                status,
+                bytes: self.sent,
+                complete: self.complete,
+                upstream_reached: true,
+                took: started.elapsed(),
+            });
         }
     }
 }

@@ -922,15 +922,10 @@ async fn a_tools_own_body_limit_overrides_the_nodes() {
     assert!(!upstream.saw(&path));
 }
 
-#[tokio::test]
-async fn every_forwarded_call_records_its_outcome() {
-    let (_upstream, remit) = setup(false).await;
-    let agent = remit.agent(&crate::harness::unique("reader")).await;
-    let mut session = Session::open(&remit, &agent, &["read_file"]).await;
-    session.initialize().await;
-    session.call("read_file", json!({ "path": "a" })).await;
-    let mut outcomes = Vec::new();
-    for _ in 0..50 {
+/// The `call.outcome` event of the first call of `action`, once the batched outcomes are
+/// written.
+async fn outcome_of(remit: &Remit, action: &str) -> audit::Event {
+    for _ in 0..100 {
         let filter = store::AuditFilter {
             limit: 1000,
             ..Default::default()
@@ -940,25 +935,113 @@ async fn every_forwarded_call_records_its_outcome() {
             .audit_events(&remit.admin, &filter)
             .await
             .unwrap();
-        outcomes = events
-            .into_iter()
-            .filter(|e| e.body.kind == audit::kinds::CALL_OUTCOME)
-            .collect::<Vec<_>>();
-        if outcomes
-            .iter()
-            .any(|e| e.body.detail.to_value()["action"] == "read_file")
-        {
-            break;
+        if let Some(outcome) = events.into_iter().find(|e| {
+            e.body.kind == audit::kinds::CALL_OUTCOME
+                && e.body.detail.to_value()["action"] == action
+        }) {
+            return outcome;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let call = outcomes
+    panic!("no outcome for `{action}`");
+}
+
+/// The keys every `call.outcome` carries, HTTP and MCP alike.
+const OUTCOME_KEYS: [&str; 8] = [
+    "action",
+    "audit_seq",
+    "bytes",
+    "complete",
+    "duration_ms",
+    "status",
+    "tool",
+    "upstream_reached",
+];
+
+#[tokio::test]
+async fn every_forwarded_call_records_its_outcome() {
+    let (_upstream, remit) = setup(false).await;
+    let agent = remit.agent(&crate::harness::unique("reader")).await;
+    let mut session = Session::open(&remit, &agent, &["read_file"]).await;
+    session.initialize().await;
+    session.call("read_file", json!({ "path": "a" })).await;
+    let call = outcome_of(&remit, "read_file").await;
+    let detail = call.body.detail.to_value();
+    let keys: Vec<&str> = detail
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys, OUTCOME_KEYS,
+        "the same shape as an HTTP call's outcome"
+    );
+    assert_eq!(detail["tool"], "vault");
+    assert_eq!(detail["status"], 200);
+    assert!(detail["duration_ms"].is_u64());
+    assert!(detail["bytes"].as_u64().unwrap() > 0, "{detail}");
+    assert_eq!(detail["complete"], true);
+    assert_eq!(detail["upstream_reached"], true);
+    assert_eq!(
+        call.body.actor,
+        format!("spiffe://remit.local/agent/{}", agent.name)
+    );
+
+    // It names the call's decision, and was written after it, in milliseconds.
+    let decisions = remit
+        .authority
+        .audit_events(
+            &remit.admin,
+            &store::AuditFilter {
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let decision = decisions
         .iter()
-        .find(|e| e.body.detail.to_value()["action"] == "read_file")
-        .expect("an outcome for the call");
-    assert_eq!(call.body.detail.to_value()["tool"], "vault");
-    assert_eq!(call.body.detail.to_value()["status"], 200);
-    assert!(call.body.detail.to_value()["duration_ms"].is_u64());
+        .find(|e| {
+            e.body.kind == audit::kinds::CALL_DECISION
+                && e.body.detail.to_value()["action"] == "read_file"
+        })
+        .expect("the call's decision");
+    assert_eq!(detail["audit_seq"], decision.seq);
+    assert!(call.body.time_ms >= decision.body.time_ms);
+    assert!(call.body.time_ms - decision.body.time_ms < 60_000);
+}
+
+#[tokio::test]
+async fn an_unreachable_mcp_server_is_recorded_as_not_reached() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = format!("http://{}/mcp", listener.local_addr().unwrap());
+    drop(listener);
+    let remit = Remit::start(
+        &format!(
+            r#"
+[[tools]]
+name = "vault"
+kind = "mcp"
+upstream = "{down}"
+auth = {{ bearer = "env:VAULT_TOKEN" }}
+mcp_tools = {{ read_file = {{ class = "read", resource = "path" }} }}
+"#
+        ),
+        &[("VAULT_TOKEN", SECRET)],
+    )
+    .await;
+    let agent = remit.agent(&crate::harness::unique("reader")).await;
+    let mut session = Session::open(&remit, &agent, &["read_file"]).await;
+    let answer = session
+        .post(&json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": { "name": "read_file", "arguments": { "path": "a" } } }))
+        .await;
+    assert_eq!(answer.status, 502);
+    let detail = outcome_of(&remit, "read_file").await.body.detail.to_value();
+    assert_eq!(detail["upstream_reached"], false, "{detail}");
+    assert_eq!(detail["complete"], false);
+    assert_eq!(detail["bytes"], 0);
+    assert_eq!(detail["status"], 502);
 }
 
 /// The refusals of the MCP gateway, one of each kind an agent meets most, as a snapshot: a
