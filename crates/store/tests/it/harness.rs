@@ -47,23 +47,27 @@ impl Raw {
     /// Takes the lock that lookup fills take (SQLite: the lookup file's write lock;
     /// PostgreSQL: the lookup mark's row lock) and holds it until released.
     pub async fn hold_lookups(&self) -> HeldLookups {
+        // Not BEGIN IMMEDIATE, which would lock the log's file too: a write to the lookup file
+        // before any read of the log locks that file alone.
+        self.hold(
+            "BEGIN; UPDATE lookups.audit_lookup_mark SET id = 1",
+            "BEGIN; SELECT 1 FROM audit_lookup_mark FOR UPDATE",
+        )
+        .await
+    }
+
+    /// Opens a transaction on a connection of its own with the statements of this backend,
+    /// which take a lock, and keeps it open until released.
+    async fn hold(&self, sqlite: &str, postgres: &str) -> HeldLookups {
         match self {
             Raw::Sqlite(pool) => {
                 let mut conn = pool.acquire().await.unwrap();
-                // Not BEGIN IMMEDIATE, which would lock the log's file too: a write to the
-                // lookup file before any read of the log locks that file alone.
-                sqlx::raw_sql("BEGIN; UPDATE lookups.audit_lookup_mark SET id = 1")
-                    .execute(&mut *conn)
-                    .await
-                    .unwrap();
+                sqlx::raw_sql(sqlite).execute(&mut *conn).await.unwrap();
                 HeldLookups::Sqlite(conn)
             }
             Raw::Postgres(pool) => {
                 let mut conn = pool.acquire().await.unwrap();
-                sqlx::raw_sql("BEGIN; SELECT 1 FROM audit_lookup_mark FOR UPDATE")
-                    .execute(&mut *conn)
-                    .await
-                    .unwrap();
+                sqlx::raw_sql(postgres).execute(&mut *conn).await.unwrap();
                 HeldLookups::Postgres(conn)
             }
         }
@@ -333,24 +337,13 @@ pub struct HeldWrites(HeldLookups);
 
 impl Raw {
     pub async fn hold_writes(&self) -> HeldWrites {
-        HeldWrites(match self {
-            Raw::Sqlite(pool) => {
-                let mut conn = pool.acquire().await.unwrap();
-                sqlx::raw_sql("BEGIN IMMEDIATE")
-                    .execute(&mut *conn)
-                    .await
-                    .unwrap();
-                HeldLookups::Sqlite(conn)
-            }
-            Raw::Postgres(pool) => {
-                let mut conn = pool.acquire().await.unwrap();
-                sqlx::raw_sql("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-                    .execute(&mut *conn)
-                    .await
-                    .unwrap();
-                HeldLookups::Postgres(conn)
-            }
-        })
+        HeldWrites(
+            self.hold(
+                "BEGIN IMMEDIATE",
+                "BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE",
+            )
+            .await,
+        )
     }
 }
 
