@@ -203,6 +203,19 @@ impl From<Error> for Denial {
     }
 }
 
+/// What steps 1 to 7 hand to the record of an allowed attempt.
+struct Allowed {
+    claims: Arc<VerifiedToken>,
+    mode: ProofMode,
+    report: DecisionReport,
+    /// The step-up approval the call spent.
+    approval: Option<String>,
+    /// The call's hold on its task's budget (none for a session message).
+    budget: Option<BudgetHold>,
+    /// The proof to spend with the decision (none in bearer mode).
+    proof_spend: Option<store::ProofSpend>,
+}
+
 /// What the call path needs to know about a task beyond its token, loaded once per node.
 #[derive(Debug)]
 pub(crate) struct TaskState {
@@ -469,7 +482,14 @@ impl Authority {
         let started = Instant::now();
         let now = self.now();
         let mut verdict = match self.decide(attempt, now, check).await {
-            Ok((claims, mode, report, approval, budget, proof_spend)) => CallVerdict {
+            Ok(Allowed {
+                claims,
+                mode,
+                report,
+                approval,
+                budget,
+                proof_spend,
+            }) => CallVerdict {
                 code: "allowed",
                 message: "allowed".to_string(),
                 report,
@@ -514,17 +534,7 @@ impl Authority {
         attempt: &CallAttempt<'_>,
         now: i64,
         check: Check,
-    ) -> Result<
-        (
-            Arc<VerifiedToken>,
-            ProofMode,
-            DecisionReport,
-            Option<String>,
-            Option<BudgetHold>,
-            Option<store::ProofSpend>,
-        ),
-        (Denial, Option<Arc<VerifiedToken>>),
-    > {
+    ) -> Result<Allowed, (Denial, Option<Arc<VerifiedToken>>)> {
         // 1. The token, verified once and then cached by its hash until it expires.
         if attempt.token.len() > MAX_TOKEN_BYTES {
             return Err((
@@ -653,7 +663,14 @@ impl Authority {
                 Vec::new(),
                 vec!["the caller is authenticated; the message calls no tool".to_string()],
             );
-            return Ok((Arc::clone(&claims), mode, report, None, None, spend));
+            return Ok(Allowed {
+                claims: Arc::clone(&claims),
+                mode,
+                report,
+                approval: None,
+                budget: None,
+                proof_spend: spend,
+            });
         }
 
         // 6. Scope: the call must lie inside the token's scopes.
@@ -731,14 +748,14 @@ impl Authority {
                 ),
             )));
         };
-        Ok((
-            Arc::clone(&claims),
+        Ok(Allowed {
+            claims: Arc::clone(&claims),
             mode,
             report,
             approval,
-            Some(budget),
-            spend,
-        ))
+            budget: Some(budget),
+            proof_spend: spend,
+        })
     }
 
     /// The task's state on this node, loaded from the store on first sight.
